@@ -1,0 +1,82 @@
+"""Routes each MSA op to its Triton kernel on CUDA and to the PyTorch reference elsewhere.
+
+The backend is ``auto`` by default; ``set_backend("reference" | "triton" | "auto")`` or the
+environment variable ``TSFM_MSA_BACKEND`` forces one. Forcing ``triton`` on CPU tensors is what the
+tests do under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+from . import reference
+
+Backend = Literal["auto", "triton", "reference"]
+_BACKENDS = ("auto", "triton", "reference")
+_backend: str | None = None
+
+
+def set_backend(name: Backend) -> None:
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown MSA kernel backend {name!r}; choose one of {_BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    name = _backend or os.environ.get("TSFM_MSA_BACKEND", "auto")
+    if name not in _BACKENDS:
+        raise ValueError(f"TSFM_MSA_BACKEND={name!r} is not one of {_BACKENDS}")
+    return name
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    name = get_backend()
+    if name == "reference":
+        return False
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("TSFM_MSA_BACKEND=triton but triton is not installed; pip install triton")
+        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
+        return True
+    return t.is_cuda and triton_available()
+
+
+def _triton_op(module: str, name: str):
+    """The Triton implementation ``name`` from ``kernels/<module>.py`` (imported lazily so that the
+    references work where triton is missing)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def select_blocks(qi, ki, q_time, k_time, block_size, k, allowed=None, forced=None, return_scores=False):
+    """See :func:`reference.select_blocks_reference`."""
+    if _use_triton(qi):
+        return _triton_op("select_blocks", "select_blocks_triton")(qi, ki, q_time, k_time, block_size, k, allowed, forced, return_scores)
+    return reference.select_blocks_reference(qi, ki, q_time, k_time, block_size, k, allowed, forced, return_scores)
+
+
+def sparse_attention(q, k, v, block_idx, q_time, k_time, block_size, scale=None):
+    """See :func:`reference.sparse_attention_reference`; returns ``(out, lse)``."""
+    if _use_triton(q):
+        return _triton_op("sparse_attention", "sparse_attention_triton")(q, k, v, block_idx, q_time, k_time, block_size, scale)
+    return reference.sparse_attention_reference(q, k, v, block_idx, q_time, k_time, block_size, scale)
+
+
+def indexer_kl(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale=None, index_scale=None):
+    """See :func:`reference.indexer_kl_reference`; gradients reach ``qi`` and ``ki`` only."""
+    if _use_triton(qi):
+        return _triton_op("indexer_kl", "indexer_kl_triton")(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale, index_scale)
+    return reference.indexer_kl_reference(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale, index_scale)

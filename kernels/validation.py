@@ -1,0 +1,91 @@
+"""Input checks shared by the references and the Triton kernels: one clear message per mistake,
+raised before any kernel or einsum can fail deep inside torch."""
+from __future__ import annotations
+
+import torch
+
+
+class KernelInputError(ValueError):
+    """An MSA op was called with inputs that break its contract (DESIGN.md section 5)."""
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise KernelInputError(message)
+
+
+def _check_dims(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    _need(t.dim() == ndim, f"{name} must have shape {layout}, got {tuple(t.shape)}")
+
+
+def _check_times(q_time: torch.Tensor, k_time: torch.Tensor, batch: int, seq_len: int) -> None:
+    for name, t in (("q_time", q_time), ("k_time", k_time)):
+        _check_dims(name, t, 2, "[B, L]")
+        _need(tuple(t.shape) == (batch, seq_len), f"{name} must be [B={batch}, L={seq_len}], got {tuple(t.shape)}")
+        _need(t.dtype == torch.int32, f"{name} must be int32 (padding keys carry INT32_MAX), got {t.dtype}")
+
+
+def _check_block_size(block_size: int) -> None:
+    _need(isinstance(block_size, int) and block_size > 0, f"block_size must be a positive int, got {block_size!r}")
+
+
+def check_select_inputs(qi, ki, q_time, k_time, block_size, k, allowed, forced) -> None:
+    _check_dims("qi", qi, 4, "[B, G, L, Di]")
+    _check_dims("ki", ki, 3, "[B, L, Di]")
+    batch, groups, seq_len, index_dim = qi.shape
+    _need(tuple(ki.shape) == (batch, seq_len, index_dim),
+          f"ki must be [B={batch}, L={seq_len}, Di={index_dim}] to match qi, got {tuple(ki.shape)}")
+    _check_times(q_time, k_time, batch, seq_len)
+    _check_block_size(block_size)
+    nb = (seq_len + block_size - 1) // block_size
+    _need(isinstance(k, int) and k > 0, f"k (blocks per query) must be a positive int, got {k!r}")
+    _need(k <= nb, f"k={k} is larger than the number of KV blocks ({nb} = ceil(L={seq_len} / block_size={block_size})); "
+                   f"lower k or block_size")
+    if allowed is not None:
+        _need(tuple(allowed.shape) == (batch, groups, nb) and allowed.dtype == torch.bool,
+              f"allowed must be a bool mask [B={batch}, G={groups}, NB={nb}], got {tuple(allowed.shape)} {allowed.dtype}")
+    if forced is not None:
+        _need(forced.dim() == 4 and tuple(forced.shape[:3]) == (batch, groups, seq_len),
+              f"forced must be [B={batch}, G={groups}, L={seq_len}, F], got {tuple(forced.shape)}")
+        _need(forced.shape[-1] <= k, f"forced has {forced.shape[-1]} slots but only k={k} blocks are kept")
+        _need(forced.dtype in (torch.int32, torch.int64), f"forced must be an integer tensor, got {forced.dtype}")
+
+
+def _check_block_idx(block_idx, batch, groups, seq_len, block_size) -> None:
+    _check_dims("block_idx", block_idx, 4, "[B, G, L, K]")
+    _need(tuple(block_idx.shape[:3]) == (batch, groups, seq_len),
+          f"block_idx must be [B={batch}, G={groups}, L={seq_len}, K], got {tuple(block_idx.shape)}")
+    _need(block_idx.dtype == torch.int32, f"block_idx must be int32 (-1 = empty slot), got {block_idx.dtype}")
+    _check_block_size(block_size)
+
+
+def check_attention_inputs(q, k, v, block_idx, q_time, k_time, block_size) -> None:
+    _check_dims("q", q, 4, "[B, Hq, L, D]")
+    _check_dims("k", k, 4, "[B, G, L, D]")
+    _check_dims("v", v, 4, "[B, G, L, D]")
+    batch, n_heads, seq_len, head_dim = q.shape
+    groups = k.shape[1]
+    _need(tuple(k.shape) == (batch, groups, seq_len, head_dim) and k.shape == v.shape,
+          f"k and v must both be [B={batch}, G, L={seq_len}, D={head_dim}], got k {tuple(k.shape)} v {tuple(v.shape)}")
+    _need(groups > 0 and n_heads % groups == 0,
+          f"query heads ({n_heads}) must be a multiple of KV heads / GQA groups ({groups})")
+    _need(q.dtype == k.dtype == v.dtype, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_block_idx(block_idx, batch, groups, seq_len, block_size)
+    _check_times(q_time, k_time, batch, seq_len)
+
+
+def check_kl_inputs(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size) -> None:
+    _check_dims("qi", qi, 4, "[B, G, L, Di]")
+    _check_dims("ki", ki, 3, "[B, L, Di]")
+    _check_dims("q", q, 4, "[B, Hq, L, D]")
+    _check_dims("k", k, 4, "[B, G, L, D]")
+    batch, groups, seq_len, index_dim = qi.shape
+    _need(tuple(ki.shape) == (batch, seq_len, index_dim), f"ki must be [B, L, Di] matching qi, got {tuple(ki.shape)}")
+    _need(q.shape[0] == batch and q.shape[2] == seq_len and q.shape[1] % groups == 0,
+          f"q must be [B={batch}, Hq (multiple of G={groups}), L={seq_len}, D], got {tuple(q.shape)}")
+    _need(tuple(k.shape) == (batch, groups, seq_len, q.shape[-1]),
+          f"k must be [B={batch}, G={groups}, L={seq_len}, D={q.shape[-1]}], got {tuple(k.shape)}")
+    _need(tuple(lse.shape) == (batch, q.shape[1], seq_len), f"lse must be [B, Hq, L], got {tuple(lse.shape)}")
+    _check_block_idx(block_idx, batch, groups, seq_len, block_size)
+    _check_times(q_time, k_time, batch, seq_len)
