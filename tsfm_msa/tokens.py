@@ -213,6 +213,9 @@ def patch_tokens(
     var_idx = layout.token_variate.clamp(min=0)
     patch_idx = layout.token_patch.clamp(min=0)
     shown = ~(layout.is_hidden | (layout.token_variate < 0))  # [L]
-    token_values = values[:, var_idx, patch_idx] * shown[None, :, None]
     token_mask = mask[:, var_idx, patch_idx] & shown[None, :, None]
+    token_values = values[:, var_idx, patch_idx]
+    # NaN/inf never enter the model: unobserved or non-finite values become 0 with mask False.
+    token_mask = token_mask & torch.isfinite(token_values)
+    token_values = torch.where(token_mask, token_values, torch.zeros_like(token_values))
     return token_values, token_mask

@@ -119,31 +119,35 @@ class PatchTransformer(nn.Module):
             self._layouts[key] = layout
         return self._layouts[key]
 
-    def forward(self, batch: dict[str, torch.Tensor], phase: str = "sparse") -> ModelOutput:
+    def encode(self, batch: dict[str, torch.Tensor], phase: str = "sparse") -> tuple[torch.Tensor, TokenLayout, list[AttentionAux]]:
+        """Hidden states of every token ``[B, L, d_model]`` after the final norm, the layout, and
+        each layer's attention report."""
         if phase not in PHASES:
             raise ModelConfigError(f"phase must be one of {PHASES}, got {phase!r}")
         context, horizon = batch["context"], batch["horizon"]
         if context.shape[-1] != len(self.roles):
             raise ModelConfigError(f"the batch has {context.shape[-1]} variates but the model was built for "
                                    f"{len(self.roles)}; the data config does not match the checkpoint")
-        n_h = horizon.shape[1]
-        layout = self.layout(context.shape[1], n_h, context.device)
+        layout = self.layout(context.shape[1], horizon.shape[1], context.device)
         values, mask = patch_tokens(context, batch["context_mask"], horizon, batch["horizon_mask"], layout)
         x = self.input_proj(torch.cat([values, mask.to(values.dtype)], dim=-1))  # [B, L, d_model]
         x = x + self.variate_embed(layout.token_variate.clamp(min=0)) + self.role_embed(layout.token_role.clamp(min=0))
         x = x + layout.is_hidden[:, None] * self.hidden_embed
         x = x * (layout.token_variate >= 0)[:, None]  # padding tokens carry nothing
-        auxes, kls = [], []
+        auxes = []
         for layer in self.layers:
             x, aux = layer(x, layout, phase)
             auxes.append(aux)
-            if aux.kl is not None:
-                kls.append(aux.kl)
-        x = self.norm(x)
+        return self.norm(x), layout, auxes
+
+    def forward(self, batch: dict[str, torch.Tensor], phase: str = "sparse") -> ModelOutput:
+        x, layout, auxes = self.encode(batch, phase)
+        n_h = batch["horizon"].shape[1]
         n_t, n_hp = layout.forecast_index.shape
         tokens = x[:, layout.forecast_index.flatten()]  # [B, n_targets * n_hp, d_model]
         raw = self.head(tokens).view(x.shape[0], n_t, n_hp * self.patch_len, -1)[:, :, :n_h]
         quantiles = torch.sort(raw, dim=-1).values  # monotone in the level
+        kls = [a.kl for a in auxes if a.kl is not None]
         kl = torch.stack(kls).mean() if kls else x.new_zeros(())
         return ModelOutput(quantiles=quantiles, kl=kl, aux=auxes)
 

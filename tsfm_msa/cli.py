@@ -1,0 +1,114 @@
+"""`tsfm-msa` console script: one subcommand per job, each a Hydra app over the packaged configs.
+
+    tsfm-msa train model=msa_small data=vic_elec trainer.max_steps=200
+    tsfm-msa train -m model=dense_small,msa_small seed=0,1,2      # Hydra multirun
+
+This module is the only reader of Hydra configs: it turns them into objects and hands those on.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONFIGS = "pkg://tsfm_msa.configs"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which key and how to fix it."""
+
+
+def _run_dir() -> Path:
+    return Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+
+
+def _run_name() -> str:
+    choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
+    return f"{choices.get('model')}-{choices.get('data')}"
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path):
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    # Checkpoints: last + best on validation loss. Lightning writes them atomically (temp file, then rename).
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{step}", monitor="val_loss",
+                                 mode="min", save_last=True, save_top_k=1)
+    logger = CSVLogger(save_dir=str(run_dir), name="logs", version="")
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs.pop("_target_", None)
+    return L.Trainer(default_root_dir=str(run_dir), logger=logger,
+                     callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")], **trainer_kwargs)
+
+
+def train_command(cfg: DictConfig) -> dict:
+    import lightning as L
+
+    from tsfm_msa.train.module import ForecastModule
+    from tsfm_msa.train.run import fit_and_summarize
+
+    if cfg.trainer.get("max_steps") is None or int(cfg.trainer.max_steps) <= 0:
+        raise ConfigError(f"trainer.max_steps must be a positive integer, got {cfg.trainer.get('max_steps')}")
+    L.seed_everything(int(cfg.seed), workers=True)
+    run_dir = _run_dir()
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    module = ForecastModule(
+        model_config=model_config,
+        schema=datamodule.schema.to_dict(),
+        context_len=int(cfg.data.context_len),
+        horizon=int(cfg.data.horizon),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        kl_weight=float(cfg.kl_weight),
+        indexer_warmup=OmegaConf.to_container(cfg.indexer_warmup, resolve=True),
+        max_steps=int(cfg.trainer.max_steps),
+    )
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    trainer = build_trainer(cfg, run_dir)
+    return fit_and_summarize(module, datamodule, trainer, run_dir, _run_name())
+
+
+def _hydra_app(config_name: str, command):
+    @hydra.main(version_base=None, config_path=CONFIGS, config_name=config_name)
+    def app(cfg: DictConfig) -> None:
+        try:
+            command(cfg)
+        except (ValueError, FileNotFoundError) as err:
+            # Our own errors on bad data or config: one clear line, no traceback.
+            if not (isinstance(err, FileNotFoundError) or type(err).__module__.startswith("tsfm_msa")):
+                raise
+            print(f"tsfm-msa: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return app
+
+
+COMMANDS = {
+    "train": ("train", train_command, "train a dense or MSA forecaster (Lightning + Hydra)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        lines = ["usage: tsfm-msa <command> [hydra overrides ...]", "", "commands:"]
+        lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+        lines += ["", "Each command takes Hydra overrides (key=value, group=option, -m for multirun, --cfg job).",
+                  "Example: tsfm-msa train model=msa_small data=vic_elec trainer.max_steps=200"]
+        print("\n".join(lines))
+        return
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"tsfm-msa: unknown command {name!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    config_name, command, _ = COMMANDS[name]
+    sys.argv = [f"tsfm-msa {name}"] + argv[1:]
+    _hydra_app(config_name, command)()
+
+
+if __name__ == "__main__":
+    main()
