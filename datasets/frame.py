@@ -1,0 +1,452 @@
+"""SeriesFrame: one validated multivariate series item, and its construction from a DataFrame."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from pandas.api import types as pdt
+from pandas.tseries.frequencies import to_offset
+
+from .errors import DataValidationError
+from .schema import ROLES, SeriesSchema, Variate, normalize_freq
+
+Names = str | Sequence[str]
+
+_TRUE_FALSE = {"true": 1.0, "false": 0.0}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class SeriesFrame:
+    """One multivariate series on a regular time grid.
+
+    values: float32 [T, V], columns in schema order; NaN marks a missing value (+/-inf is turned
+    into NaN with a warning). Construction validates everything; a SeriesFrame that exists is valid.
+    """
+
+    item_id: str
+    timestamps: pd.DatetimeIndex  # [T]
+    values: np.ndarray  # float32 [T, V]
+    schema: SeriesSchema
+
+    def __post_init__(self) -> None:
+        item = str(self.item_id)
+        object.__setattr__(self, "item_id", item)
+        ts = _as_naive_index(self.timestamps, f"timestamps of item {item!r}")
+        object.__setattr__(self, "timestamps", ts)
+
+        values = np.array(self.values, dtype=np.float32, copy=True)  # [T, V]; own copy, frame is immutable
+        if values.ndim == 1:
+            values = values[:, None]
+        if values.ndim != 2:
+            raise DataValidationError(f"item {item!r}: values must be 2-D [time, variate], got shape {values.shape}")
+        if values.shape[1] != self.schema.n_variates:
+            raise DataValidationError(
+                f"item {item!r}: values have {values.shape[1]} columns but the schema has "
+                f"{self.schema.n_variates} variates {list(self.schema.names)}"
+            )
+        if values.shape[0] != len(ts):
+            raise DataValidationError(
+                f"item {item!r}: {values.shape[0]} rows of values but {len(ts)} timestamps"
+            )
+        inf = np.isinf(values)
+        if inf.any():
+            cols = [self.schema.names[j] for j in np.flatnonzero(inf.any(axis=0))]
+            warnings.warn(
+                f"item {item!r}: {int(inf.sum())} infinite values in {cols} were replaced by NaN (missing)",
+                stacklevel=3,
+            )
+            values[inf] = np.nan
+        values.setflags(write=False)
+        object.__setattr__(self, "values", values)
+
+        check_timestamps(ts, item)
+        check_grid(ts, self.schema.freq, item, freq_source="the schema")
+        _check_values(values, self.schema, item)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def freq(self) -> str:
+        return self.schema.freq
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool [T, V], True where observed."""
+        return ~np.isnan(self.values)
+
+    def column(self, name: str) -> np.ndarray:
+        """float32 [T] values of one variate."""
+        return self.values[:, self.schema.index(name)]
+
+    def with_schema(self, schema: SeriesSchema) -> "SeriesFrame":
+        return dataclasses.replace(self, schema=schema)
+
+    def to_dataframe(self, timestamp: str = "timestamp", item_col: str | None = None) -> pd.DataFrame:
+        """Wide DataFrame: a timestamp column, then one column per variate (optionally an item column)."""
+        df = pd.DataFrame(self.values, columns=list(self.schema.names))
+        df.insert(0, timestamp, self.timestamps)
+        if item_col is not None:
+            df.insert(0, item_col, self.item_id)
+        return df
+
+    def __repr__(self) -> str:
+        return (
+            f"SeriesFrame(item_id={self.item_id!r}, length={self.length}, freq={self.freq!r}, "
+            f"start={self.timestamps[0]}, variates={list(self.schema.names)}, roles={list(self.schema.roles)})"
+        )
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dataframe(
+        cls,
+        df: pd.DataFrame,
+        *,
+        timestamp: str | None,
+        targets: Names,
+        past_covariates: Names = (),
+        future_covariates: Names = (),
+        actions: Names = (),
+        groups: Mapping[str, str] | None = None,
+        freq: str | None = None,
+        item_id: str = "0",
+        fill_missing_steps: bool = False,
+    ) -> "SeriesFrame":
+        """Build a validated frame from a wide DataFrame (one row per time step, one column per variate).
+
+        timestamp: name of the time column (None: use the DataFrame's DatetimeIndex). Timezone-aware
+            times are converted to UTC and the zone dropped, so DST does not break the grid.
+        groups: variate name -> sensor group; variates not listed get the group named after their role.
+        freq: pandas frequency string; inferred from the timestamps when None.
+        fill_missing_steps: insert NaN rows for time steps absent from the grid instead of raising.
+        Boolean columns (bool dtype or TRUE/FALSE strings) become 0/1; non-target 0/1 columns are
+        flagged binary (left unscaled).
+        """
+        if not isinstance(df, pd.DataFrame):
+            raise DataValidationError(f"expected a pandas DataFrame, got {type(df).__name__}")
+        roles = resolve_roles(targets, past_covariates, future_covariates, actions)
+        names = [n for n, _ in roles]
+        check_columns_exist(df, names + ([timestamp] if timestamp is not None else []))
+        group_of = resolve_groups(roles, groups)
+
+        if timestamp is None:
+            if not isinstance(df.index, pd.DatetimeIndex):
+                raise DataValidationError(
+                    f"item {item_id!r}: timestamp=None needs a DatetimeIndex, but the index is "
+                    f"{type(df.index).__name__}; pass timestamp='<time column>'"
+                )
+            ts = _as_naive_index(df.index, "the DataFrame index")
+        else:
+            ts = parse_timestamps(df[timestamp], timestamp, item_id)
+        check_timestamps(ts, str(item_id))
+
+        values = np.empty((len(df), len(names)), dtype=np.float32)  # [T, V]
+        for j, (name, role) in enumerate(roles):
+            values[:, j] = column_to_float(df[name], name, role)
+
+        freq_source = "given as freq="
+        if freq is None:
+            freq, freq_source = infer_freq(ts, str(item_id))
+        freq = normalize_freq(freq)
+        if fill_missing_steps:
+            ts, values = reindex_to_grid(ts, values, freq, str(item_id))
+        else:
+            check_grid(ts, freq, str(item_id), freq_source=freq_source)
+
+        binary = detect_binary(values, [r for _, r in roles])
+        schema = SeriesSchema(
+            variates=tuple(Variate(n, r, group_of[n], b) for (n, r), b in zip(roles, binary)), freq=freq
+        )
+        return cls(item_id=str(item_id), timestamps=ts, values=values, schema=schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# collections
+
+
+def validate_collection(frames: Sequence[SeriesFrame]) -> SeriesSchema:
+    """Check that frames share one schema and have unique item ids; return the common schema.
+
+    Binary flags are agreed across items: a variate is binary only if it is binary in every item.
+    """
+    if isinstance(frames, SeriesFrame):
+        frames = [frames]
+    if len(frames) == 0:
+        raise DataValidationError("the collection of series is empty; load at least one SeriesFrame")
+    for i, f in enumerate(frames):
+        if not isinstance(f, SeriesFrame):
+            raise DataValidationError(
+                f"element {i} of the collection is a {type(f).__name__}, not a SeriesFrame; build frames "
+                "with SeriesFrame.from_dataframe / from_pandas / from_gluonts"
+            )
+    ref = frames[0]
+    for f in frames[1:]:
+        diffs = ref.schema.differences(f.schema)
+        if diffs:
+            raise DataValidationError(
+                f"item {f.item_id!r} does not match item {ref.item_id!r}: " + "; ".join(diffs)
+            )
+    seen: set[str] = set()
+    for f in frames:
+        if f.item_id in seen:
+            raise DataValidationError(f"item id {f.item_id!r} appears more than once; item ids must be unique")
+        seen.add(f.item_id)
+    binary = tuple(all(f.schema.binary[j] for f in frames) for j in range(ref.schema.n_variates))
+    return ref.schema.with_binary(binary)
+
+
+def harmonize(frames: Sequence[SeriesFrame]) -> list[SeriesFrame]:
+    """Validate a collection and give every frame the agreed common schema."""
+    schema = validate_collection(frames)
+    return [f if f.schema.binary == schema.binary else f.with_schema(schema) for f in frames]
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks (shared with the tabular / GluonTS loaders)
+
+
+def _as_tuple(names: Names, arg: str) -> tuple[str, ...]:
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        return (names,)
+    out = tuple(names)
+    for n in out:
+        if not isinstance(n, str):
+            raise DataValidationError(f"{arg} must be column names (str), got {n!r} of type {type(n).__name__}")
+    return out
+
+
+def resolve_roles(targets: Names, past: Names, future: Names, actions: Names) -> list[tuple[str, str]]:
+    """[(name, role)] in layout order: targets, past covariates, future covariates, actions."""
+    lists = {
+        "target": _as_tuple(targets, "targets"),
+        "past_covariate": _as_tuple(past, "past_covariates"),
+        "future_covariate": _as_tuple(future, "future_covariates"),
+        "action": _as_tuple(actions, "actions"),
+    }
+    if not lists["target"]:
+        raise DataValidationError(
+            "no target variates given (targets is empty); pass targets=['<column>', ...] naming at "
+            "least one column to forecast"
+        )
+    role_of: dict[str, str] = {}
+    out: list[tuple[str, str]] = []
+    for role in ROLES:
+        for n in lists[role]:
+            if n in role_of:
+                if role_of[n] == role:
+                    raise DataValidationError(f"variate {n!r} is listed twice as {role}; list it once")
+                raise DataValidationError(
+                    f"variate {n!r} is listed both as {role_of[n]} and as {role}; a variate has exactly one role"
+                )
+            role_of[n] = role
+            out.append((n, role))
+    return out
+
+
+def resolve_groups(roles: list[tuple[str, str]], groups: Mapping[str, str] | None) -> dict[str, str]:
+    """variate -> sensor group; default group = the variate's role."""
+    group_of = {n: r for n, r in roles}
+    if groups is None:
+        return group_of
+    if not isinstance(groups, Mapping):
+        raise DataValidationError(f"groups must be a dict variate -> group name, got {type(groups).__name__}")
+    unknown = [k for k in groups if k not in group_of]
+    if unknown:
+        raise DataValidationError(
+            f"groups has keys {unknown} that are not variates of this series; keys must be among "
+            f"{list(group_of)} (targets, covariates and actions)"
+        )
+    for k, g in groups.items():
+        if not isinstance(g, str) or not g:
+            raise DataValidationError(f"groups[{k!r}] must be a non-empty group name (str), got {g!r}")
+        group_of[k] = g
+    return group_of
+
+
+def check_columns_exist(df: pd.DataFrame, names: Sequence[str]) -> None:
+    missing = [n for n in names if n not in df.columns]
+    if missing:
+        raise DataValidationError(
+            f"columns {missing} not found in the data; available columns are {[str(c) for c in df.columns]}"
+        )
+    doubled = [n for n in names if (df.columns == n).sum() > 1]
+    if doubled:
+        raise DataValidationError(f"columns {doubled} appear more than once in the data; rename or drop the copies")
+
+
+def parse_timestamps(col: pd.Series, name: str, item_id: object) -> pd.DatetimeIndex:
+    try:
+        ts = pd.to_datetime(col)
+    except (ValueError, TypeError) as err:
+        raise DataValidationError(
+            f"timestamp column {name!r} cannot be parsed as dates/times ({err}); pass a column of "
+            "datetimes or ISO-8601 strings"
+        ) from err
+    return _as_naive_index(pd.DatetimeIndex(ts), f"timestamp column {name!r}")
+
+
+def _as_naive_index(ts: object, what: str) -> pd.DatetimeIndex:
+    """DatetimeIndex without timezone (aware times -> UTC wall clock) and without NaT."""
+    try:
+        idx = pd.DatetimeIndex(ts)
+    except (ValueError, TypeError) as err:
+        raise DataValidationError(f"{what} are not datetimes: {err}") from err
+    if idx.tz is not None:
+        idx = idx.tz_convert("UTC").tz_localize(None)
+    if idx.hasnans:
+        row = int(np.flatnonzero(idx.isna())[0])
+        raise DataValidationError(f"{what} has a missing time (NaT) at row {row}; drop or fill that row")
+    return idx.as_unit("ns")
+
+
+def detect_binary(values: np.ndarray, roles: Sequence[str]) -> tuple[bool, ...]:
+    """Per variate of values [T, V]: a non-target whose observed values are all 0 or 1 (left unscaled)."""
+    flags = []
+    for j, role in enumerate(roles):
+        col = values[:, j]
+        col = col[~np.isnan(col)]
+        flags.append(role != "target" and col.size > 0 and bool(np.isin(col, (0.0, 1.0)).all()))
+    return tuple(flags)
+
+
+def column_to_float(col: pd.Series, name: str, role: str) -> np.ndarray:
+    """float64 [T] values of one column, NaN = missing; booleans become 0/1."""
+    if pdt.is_bool_dtype(col.dtype) or (
+        pdt.is_numeric_dtype(col.dtype) and not pdt.is_complex_dtype(col.dtype)
+    ):
+        return col.to_numpy(dtype=np.float64, na_value=np.nan)
+    if pdt.is_object_dtype(col.dtype) or pdt.is_string_dtype(col.dtype):
+        present = col[col.notna()]
+        # Booleans that arrive as Python bools or TRUE/FALSE strings (CSV exports from R, Excel).
+        as_bool = present.map(
+            lambda x: float(x) if isinstance(x, (bool, np.bool_))
+            else _TRUE_FALSE.get(x.strip().lower()) if isinstance(x, str) else None
+        )
+        if len(present) and as_bool.notna().all():
+            out = np.full(len(col), np.nan)
+            out[col.notna().to_numpy()] = as_bool.to_numpy(dtype=np.float64)
+            return out
+        num = pd.to_numeric(col, errors="coerce")
+        bad = num.isna() & col.notna()
+        if not bad.any():
+            return num.to_numpy(dtype=np.float64, na_value=np.nan)
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataValidationError(
+            f"column {name!r} ({role}) is not numeric: value {col.iloc[row]!r} at row {row} is not a number "
+            "or TRUE/FALSE; convert it to numbers (e.g. one-hot encode categories into 0/1 columns) or drop it"
+        )
+    raise DataValidationError(
+        f"column {name!r} ({role}) has dtype {col.dtype}, which is not numeric; targets, covariates and "
+        "actions must be numbers or booleans (one-hot encode categories, convert dates to features)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# time-axis checks
+
+
+def check_timestamps(ts: pd.DatetimeIndex, item_id: str) -> None:
+    """Strictly increasing timestamps; errors show the first offending row."""
+    if len(ts) == 0:
+        raise DataValidationError(f"item {item_id!r} has no rows")
+    t = ts.asi8  # int64 [T] nanoseconds
+    step = np.diff(t)
+    back = np.flatnonzero(step < 0)
+    if back.size:
+        i = int(back[0]) + 1
+        raise DataValidationError(
+            f"timestamps of item {item_id!r} are not in increasing order: row {i} ({ts[i]}) comes after "
+            f"row {i - 1} ({ts[i - 1]}); sort the data by time first (df.sort_values(<timestamp column>))"
+        )
+    same = np.flatnonzero(step == 0)
+    if same.size:
+        i = int(same[0]) + 1
+        raise DataValidationError(
+            f"item {item_id!r} has duplicate timestamps: {ts[i]} appears at rows {i - 1} and {i}; "
+            "aggregate duplicates (e.g. df.groupby(<timestamp column>).mean()) or drop them"
+        )
+
+
+def infer_freq(ts: pd.DatetimeIndex, item_id: str) -> tuple[str, str]:
+    """(freq, how it was found). Exact pandas inference first, else the most common step."""
+    if len(ts) < 3:
+        raise DataValidationError(
+            f"item {item_id!r} has only {len(ts)} time steps, too few to infer the frequency; pass freq="
+        )
+    freq = pd.infer_freq(ts)
+    if freq is not None:
+        return normalize_freq(freq), "inferred"
+    steps, counts = np.unique(np.diff(ts.asi8), return_counts=True)
+    step = pd.Timedelta(int(steps[np.argmax(counts)]), unit="ns")
+    return to_offset(step).freqstr, "inferred from the most common step"
+
+
+def check_grid(ts: pd.DatetimeIndex, freq: str, item_id: str, *, freq_source: str) -> None:
+    """Every step equals one `freq` period; error shows the first gap or misaligned time."""
+    offset = to_offset(freq)
+    if not offset.is_on_offset(ts[0]):
+        raise DataValidationError(
+            f"item {item_id!r}: first timestamp {ts[0]} is not on the {freq!r} grid (freq {freq_source}); "
+            "pass the right freq= (e.g. 'ME' vs 'MS' for month ends vs starts) or resample the data"
+        )
+    expected = pd.date_range(start=ts[0], periods=len(ts), freq=offset)
+    bad = np.flatnonzero(expected.asi8 != ts.asi8)
+    if bad.size:
+        i = int(bad[0])
+        raise DataValidationError(
+            f"item {item_id!r}: timestamps are not on a regular {freq!r} grid (freq {freq_source}): "
+            f"after {ts[i - 1]} (row {i - 1}) comes {ts[i]} but the next step should be {expected[i]}. "
+            "Pass the right freq=..., resample to a regular grid (df.resample(freq).mean()), or pass "
+            "fill_missing_steps=True to insert missing steps as NaN"
+        )
+
+
+def reindex_to_grid(
+    ts: pd.DatetimeIndex, values: np.ndarray, freq: str, item_id: str
+) -> tuple[pd.DatetimeIndex, np.ndarray]:
+    """Place rows on the full regular grid between first and last time; absent steps become NaN rows."""
+    offset = to_offset(freq)
+    if not offset.is_on_offset(ts[0]):
+        raise DataValidationError(
+            f"item {item_id!r}: first timestamp {ts[0]} is not on the {freq!r} grid; pass the right freq="
+        )
+    grid = pd.date_range(start=ts[0], end=ts[-1], freq=offset)  # [T']
+    pos = grid.get_indexer(ts)  # [T] position of each row on the grid, -1 if off-grid
+    if (pos < 0).any():
+        i = int(np.flatnonzero(pos < 0)[0])
+        raise DataValidationError(
+            f"item {item_id!r}: timestamp {ts[i]} (row {i}) is off the regular {freq!r} grid that starts at "
+            f"{ts[0]}; resample the data (df.resample(freq).mean()) or pass the right freq="
+        )
+    out = np.full((len(grid), values.shape[1]), np.nan, dtype=np.float32)  # [T', V]
+    out[pos] = values
+    return grid, out
+
+
+def _check_values(values: np.ndarray, schema: SeriesSchema, item_id: str) -> None:
+    """No all-missing variate; no constant target."""
+    observed = ~np.isnan(values)  # [T, V]
+    n_obs = observed.sum(axis=0)
+    for j, v in enumerate(schema.variates):
+        if n_obs[j] == 0:
+            raise DataValidationError(
+                f"variate {v.name!r} ({v.role}) of item {item_id!r} has no observed values (all NaN); "
+                "drop the column or the item"
+            )
+        if v.role == "target":
+            col = values[observed[:, j], j]
+            if col.min() == col.max():
+                raise DataValidationError(
+                    f"target {v.name!r} of item {item_id!r} is constant (every observed value is {col[0]:g}); "
+                    "there is nothing to forecast and its scale is zero. Drop the item, or pass the column "
+                    "as a covariate instead"
+                )
