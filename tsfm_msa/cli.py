@@ -87,8 +87,22 @@ def _hydra_app(config_name: str, command):
     return app
 
 
+def evaluate_command(cfg: DictConfig):
+    from tsfm_msa.evaluate.command import run_evaluate
+
+    return run_evaluate(cfg)
+
+
+def probe_command(cfg: DictConfig):
+    from tsfm_msa.probes.command import run_probe
+
+    return run_probe(cfg)
+
+
 COMMANDS = {
     "train": ("train", train_command, "train a dense or MSA forecaster (Lightning + Hydra)"),
+    "evaluate": ("evaluate", evaluate_command, "GluonTS evaluation: our models next to seasonal naive, PatchTST, DeepAR"),
+    "probe": ("probe", probe_command, "preservation probes: what does block selection drop?"),
 }
 
 

@@ -6,6 +6,7 @@ time (key j visible to query i iff ``k_time[j] <= q_time[i]``), never by flatten
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -105,6 +106,9 @@ class MSAAttention(_QKV):
                 raise ModelConfigError(f"hybrid policy needs 1 <= k_own <= top_k ({top_k}), got k_own={k_own}")
         self.index_dim, self.top_k, self.group_policy, self.k_own = index_dim, top_k, group_policy, k_own
         self.collect_stats = collect_stats
+        # Probes swap the learned indexer for a baseline selector (local window, random-k, oracle, ...):
+        # called as selector(layer, q, k, qi, ki, layout) -> block_idx [B, G, L, K] in the sparse phase.
+        self.selector: Callable[..., torch.Tensor] | None = None
         self.index_q = nn.Linear(d_model, n_kv_heads * index_dim, bias=False)
         self.index_k = nn.Linear(d_model, index_dim, bias=False)
 
@@ -159,6 +163,8 @@ class MSAAttention(_QKV):
             # learns from the dense teacher.
             all_blocks = torch.arange(layout.n_blocks, dtype=torch.int32, device=x.device)
             block_idx = all_blocks.expand(batch, self.n_kv_heads, seq_len, layout.n_blocks).contiguous()
+        elif self.selector is not None:
+            block_idx = self.selector(self, q, k, qi, ki, layout)
         else:
             block_idx = self.select(qi, ki, layout)
         out, lse = kernels.sparse_attention(q, k, v, block_idx, q_time, k_time, layout.block_size)
