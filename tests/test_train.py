@@ -1,0 +1,132 @@
+"""Training: phase switch, loss goes down, CLI end to end, checkpoints, clear errors."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tsfm_msa.cli import main
+from tsfm_msa.datasets import SeriesDataModule, make_synthetic
+from tsfm_msa.train.module import ForecastModule
+from tsfm_msa.train.optim import decay_param_groups
+from tsfm_msa.train.schedule import PhaseSchedule, cosine_with_warmup
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"_target_": "tsfm_msa.model.transformer.PatchTransformer", "attention": "msa", "patch_len": 8,
+              "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "head_dim": 8, "block_size": 8,
+              "top_k": 2, "index_dim": 8}
+# Small, fast settings for the CLI on the synthetic data.
+FAST = ["data=synthetic", "data.context_len=64", "data.horizon=16", "data.batch_size=16",
+        "data.train_samples_per_epoch=320", "data.loader.length=800", "data.loader.n_items=1",
+        # A strong trend: learnable within a few dozen steps, so a working loop must cut the loss.
+        "+data.loader.trend=50.0", "+data.loader.seasonal_amplitude=0.5", "+data.loader.covariate_effect=0.0",
+        "model.patch_len=8", "model.d_model=32", "model.n_layers=1", "model.top_k=2",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def test_phase_schedule():
+    steps = PhaseSchedule(steps=3)
+    assert [steps.phase(s, 0) for s in range(5)] == ["indexer_warmup"] * 3 + ["sparse"] * 2
+    tokens = PhaseSchedule(tokens=1000)
+    assert tokens.phase(10, 999) == "indexer_warmup" and tokens.phase(0, 1000) == "sparse"
+    assert PhaseSchedule(steps=0).phase(0, 0) == "sparse"
+    with pytest.raises(ValueError, match="indexer_warmup.steps"):
+        PhaseSchedule(steps=-1)
+
+
+def test_cosine_schedule_shape():
+    values = [cosine_with_warmup(s, 10, 100, 0.1) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(0.1, abs=0.01) and all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_weight_decay_only_on_linear_weights():
+    module = ForecastModule(TINY_MODEL, _schema(), 64, 16)
+    decay, no_decay = decay_param_groups(module.model, 0.1)
+    decay_ids = {id(p) for p in decay["params"]}
+    for name, p in module.model.named_parameters():
+        is_linear_weight = name.endswith("weight") and "norm" not in name and "embed" not in name
+        assert (id(p) in decay_ids) == is_linear_weight, name
+
+
+def _schema() -> dict:
+    return make_synthetic(n_items=1, length=400, seed=0)[0].schema.to_dict()
+
+
+class _PhaseRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.phases: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.phases.append(pl_module.current_phase())
+
+
+def test_warmup_switches_to_sparse_at_the_configured_step(tmp_path):
+    frames = make_synthetic(n_items=1, length=600, seed=1)
+    dm = SeriesDataModule(frames=frames, context_len=64, horizon=16, train_samples_per_epoch=64, batch_size=8)
+    module = ForecastModule(TINY_MODEL, frames[0].schema.to_dict(), 64, 16, indexer_warmup={"steps": 3}, max_steps=6)
+    recorder = _PhaseRecorder()
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[recorder], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert recorder.phases == ["indexer_warmup"] * 3 + ["sparse"] * 3
+
+
+def _read_metric(path: Path, key: str) -> list[float]:
+    with open(path) as fh:
+        return [float(row[key]) for row in csv.DictReader(fh) if row.get(key)]
+
+
+def test_cli_train_reduces_loss_and_writes_outputs(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    main(["train", *FAST, "trainer.max_steps=60", "trainer.val_check_interval=30", "indexer_warmup.steps=20",
+          "optim.warmup_steps=5", "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert Path(summary["best_checkpoint"]).exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "summary.md").read_text().startswith("# Training run")
+    losses = _read_metric(run_dir / "logs" / "metrics.csv", "train/forecast_loss")
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:3]) / 3, losses
+    assert "seasonal naive" in capsys.readouterr().out
+    # The checkpoint rebuilds the model on its own and reproduces its forecasts.
+    module = ForecastModule.load_from_checkpoint(summary["best_checkpoint"])
+    assert module.model.has_msa and module.hparams.context_len == 64
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *args])
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    err = _cli_error([*FAST, "model.top_k=500", f"hydra.run.dir={tmp_path / 'a'}"], capsys)
+    assert "top_k=500 is larger than the number of KV blocks" in err and "Traceback" not in err
+    err = _cli_error([*FAST, "model.group_policy=sensor", f"hydra.run.dir={tmp_path / 'b'}"], capsys)
+    assert "must equal the number of sensor groups" in err
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("date,load\n2024-01-01,1\n2024-01-02,2\n")
+    err = _cli_error(["data=csv", f"data.loader.path={csv_path}", "data.loader.timestamp=date",
+                      "data.loader.targets=[demand]", f"hydra.run.dir={tmp_path / 'c'}"], capsys)
+    assert "demand" in err and "load" in err
+    err = _cli_error(["data=csv", f"data.loader.path={tmp_path / 'missing.csv'}", "data.loader.timestamp=date",
+                      "data.loader.targets=[load]", f"hydra.run.dir={tmp_path / 'd'}"], capsys)
+    assert "missing.csv" in err
+    err = _cli_error([*FAST, "trainer.max_steps=0", f"hydra.run.dir={tmp_path / 'e'}"], capsys)
+    assert "trainer.max_steps must be a positive integer" in err
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"```bash\n(python3 -m venv .*?)\n```", readme)
+    assert len(commands) == 2, "README must open with exactly two set-up commands"
+    test_command = commands[1].split("&& ", 2)[2]  # after venv creation and activation
+    assert test_command in ci
