@@ -130,3 +130,18 @@ def test_readme_test_command_is_what_ci_runs():
     assert len(commands) == 2, "README must open with exactly two set-up commands"
     test_command = commands[1].split("&& ", 2)[2]  # after venv creation and activation
     assert test_command in ci
+
+
+def test_dense_checkpoint_converts_to_msa(tmp_path, capsys):
+    dense_dir, msa_dir = tmp_path / "dense", tmp_path / "msa"
+    main(["train", *FAST, "model=dense_small", "model.patch_len=8", "trainer.max_steps=4",
+          "trainer.val_check_interval=4", f"hydra.run.dir={dense_dir}"])
+    dense_ckpt = dense_dir / "checkpoints" / "last.ckpt"
+    main(["train", *FAST, "trainer.max_steps=4", "trainer.val_check_interval=4", f"init_from={dense_ckpt}",
+          f"hydra.run.dir={msa_dir}"])
+    dense = torch.load(dense_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    msa = ForecastModule.load_from_checkpoint(msa_dir / "checkpoints" / "last.ckpt")
+    assert msa.model.has_msa
+    assert set(dense) < set(msa.state_dict())
+    err = _cli_error([*FAST, "model.head_dim=4", f"init_from={dense_ckpt}", f"hydra.run.dir={tmp_path / 'x'}"], capsys)
+    assert "does not fit this model" in err

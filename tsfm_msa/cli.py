@@ -44,6 +44,27 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
                      callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")], **trainer_kwargs)
 
 
+def load_backbone(module, checkpoint_path: str) -> None:
+    """Dense-to-sparse adaptation: start from a (dense) checkpoint's weights; only parameters the
+    checkpoint lacks (the MSA index projections) keep their fresh initialization."""
+    import torch
+
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise ConfigError(f"init_from={checkpoint_path}: no such checkpoint file")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ConfigError(f"init_from={checkpoint_path} does not fit this model ({str(err).splitlines()[-1].strip()}); "
+                          f"use the same architecture (model.*) as the checkpoint's run") from None
+    bad_missing = [k for k in missing if ".index_q." not in k and ".index_k." not in k]
+    if bad_missing or unexpected:
+        raise ConfigError(
+            f"init_from={checkpoint_path} does not fit this model: missing {bad_missing[:5]}, unexpected "
+            f"{list(unexpected)[:5]}; use the same architecture (model.*) as the checkpoint's run")
+
+
 def train_command(cfg: DictConfig) -> dict:
     import lightning as L
 
@@ -67,6 +88,8 @@ def train_command(cfg: DictConfig) -> dict:
         indexer_warmup=OmegaConf.to_container(cfg.indexer_warmup, resolve=True),
         max_steps=int(cfg.trainer.max_steps),
     )
+    if cfg.get("init_from"):
+        load_backbone(module, str(cfg.init_from))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     trainer = build_trainer(cfg, run_dir)
     return fit_and_summarize(module, datamodule, trainer, run_dir, _run_name())
