@@ -1,0 +1,126 @@
+"""indexer_kl_triton against indexer_kl_reference: loss value and gradients for qi and ki.
+
+CPU: Triton interpreter (TRITON_INTERPRET=1) in fp32/fp16 on small shapes. GPU (@pytest.mark.gpu): bf16
+at realistic sizes; run them with the interpreter off:
+``TRITON_INTERPRET=0 python -m pytest -m gpu tests/test_kernel_select_blocks.py tests/test_kernel_indexer_kl.py``.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from tsfm_msa.kernels.indexer_kl import indexer_kl_triton  # noqa: E402
+from tsfm_msa.kernels.reference import (  # noqa: E402
+    INT32_MAX,
+    indexer_kl_reference,
+    num_blocks,
+    select_blocks_reference,
+    sparse_attention_reference,
+)
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+needs_cpu_interp = pytest.mark.skipif(not INTERP, reason="CPU tests run under TRITON_INTERPRET=1")
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERP, reason="needs CUDA (and no interpreter)")
+
+
+def _problem(batch, groups, rep, seq_len, head_dim, index_dim, bs, k, dtype, share=1, pad_tail=0, pattern="select",
+             device="cpu", seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    qi, ki = rnd(batch, groups, seq_len, index_dim), rnd(batch, seq_len, index_dim)
+    q, kk, v = rnd(batch, groups * rep, seq_len, head_dim), rnd(batch, groups, seq_len, head_dim), rnd(
+        batch, groups, seq_len, head_dim)
+    t = (torch.arange(seq_len, dtype=torch.int32, device=device) // share).repeat(batch, 1)
+    q_time, k_time = t.clone(), t.clone()
+    if pad_tail and batch > 1:
+        k_time[1, -pad_tail:] = INT32_MAX
+        q_time[1, -pad_tail:] = -1
+    nb = num_blocks(seq_len, bs)
+    if pattern == "select":
+        local = (torch.arange(seq_len, device=device) // bs).to(torch.int32)
+        forced = local.view(1, 1, seq_len, 1).expand(batch, groups, seq_len, 1).contiguous()
+        block_idx = select_blocks_reference(qi, ki, q_time, k_time, bs, k, None, forced)
+    else:  # random distinct blocks per row, visible or not, with -1 holes
+        scores = torch.rand(batch, groups, seq_len, nb, generator=gen).to(device)
+        block_idx = scores.topk(k, -1).indices.to(torch.int32)
+        holes = torch.rand(batch, groups, seq_len, k, generator=gen).to(device) < 0.2
+        block_idx = torch.where(holes, -1, block_idx)
+    _, lse = sparse_attention_reference(q, kk, v, block_idx, q_time, k_time, bs)
+    return qi, ki, block_idx, q, kk, lse, q_time, k_time
+
+
+def _both(args, bs, scale=None, index_scale=None):
+    qi, ki, block_idx, q, kk, lse, q_time, k_time = args
+    out = {}
+    for name, fn in (("ref", indexer_kl_reference), ("tri", indexer_kl_triton)):
+        a = qi.detach().clone().requires_grad_()
+        b = ki.detach().clone().requires_grad_()
+        qq = q.detach().clone().requires_grad_()
+        loss = fn(a, b, block_idx, qq, kk, lse, q_time, k_time, bs, scale, index_scale)
+        loss.backward()
+        assert qq.grad is None or not qq.grad.abs().sum(), "q must get no gradient"
+        out[name] = (loss.detach(), a.grad, b.grad)
+    return out
+
+
+def _check(out, atol, rtol, gtol):
+    (lr, gqr, gkr), (lt, gqt, gkt) = out["ref"], out["tri"]
+    assert torch.isfinite(lt)
+    torch.testing.assert_close(lt.float(), lr.float(), atol=atol, rtol=rtol)
+    for got, ref in ((gqt, gqr), (gkt, gkr)):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        scale = ref.float().abs().max().clamp_min(1e-12)
+        err = (got.float() - ref.float()).abs().max() / scale
+        assert err < gtol, f"gradient relative error {err:.3g}"
+
+
+@needs_cpu_interp
+def test_kl_selected_support_fp32_padding_shared_times():
+    args = _problem(2, 2, 2, 100, 16, 16, 16, 3, torch.float32, share=3, pad_tail=9)
+    args[2][0, 0, 5, 1] = -1  # an empty slot inside a row
+    _check(_both(args, 16), atol=1e-5, rtol=1e-5, gtol=1e-4)
+
+
+@needs_cpu_interp
+def test_kl_random_blocks_odd_heads_custom_scales():
+    """Per-row random blocks (some invisible, some -1), GQA ratio 3 (padded to 4), Di=24, D=32, bs=32,
+    explicit scale and index_scale; padding queries have empty support and lse=-inf."""
+    args = _problem(2, 1, 3, 90, 32, 24, 32, 2, torch.float32, share=2, pad_tail=20, pattern="random", seed=1)
+    _check(_both(args, 32, scale=0.2, index_scale=0.3), atol=1e-5, rtol=1e-5, gtol=1e-4)
+
+
+@needs_cpu_interp
+def test_kl_fp16():
+    args = _problem(1, 2, 2, 80, 16, 16, 16, 2, torch.float16, share=2, seed=2)
+    _check(_both(args, 16), atol=2e-3, rtol=2e-3, gtol=2e-2)
+
+
+@needs_cpu_interp
+def test_kl_deterministic_backward():
+    args = _problem(1, 2, 1, 64, 16, 16, 16, 2, torch.float32, pattern="random", seed=3)
+    qi, ki, block_idx, q, kk, lse, q_time, k_time = args
+    grads = []
+    for _ in range(2):
+        a = qi.clone().requires_grad_()
+        b = ki.clone().requires_grad_()
+        indexer_kl_triton(a, b, block_idx, q, kk, lse, q_time, k_time, 16).backward()
+        grads.append((a.grad, b.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+# ------------------------------------------------------------------ GPU (bf16, realistic sizes)
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rep,head_dim,index_dim,bs", [(4, 128, 64, 128), (16, 128, 128, 64), (1, 64, 64, 64)])
+def test_kl_gpu_bf16(rep, head_dim, index_dim, bs):
+    args = _problem(2, 4 if rep < 16 else 2, rep, 2048 + 21, head_dim, index_dim, bs, 8, torch.bfloat16, share=2,
+                    pad_tail=50, device="cuda", seed=4)
+    _check(_both(args, bs), atol=2e-3, rtol=1e-2, gtol=3e-2)
