@@ -124,6 +124,7 @@ def probe_command(cfg: DictConfig):
 
 COMMANDS = {
     "train": ("train", train_command, "train a dense or MSA forecaster (Lightning + Hydra)"),
+    "convert": ("convert", train_command, "dense-to-sparse: a dense checkpoint + fresh index projections, warmup, sparse"),
     "evaluate": ("evaluate", evaluate_command, "GluonTS evaluation: our models next to seasonal naive, PatchTST, DeepAR"),
     "probe": ("probe", probe_command, "preservation probes: what does block selection drop?"),
 }

@@ -1,0 +1,683 @@
+"""Block-sparse attention for MSA in Triton: forward and backward, two loop orders.
+
+Semantics are exactly :func:`reference.sparse_attention_reference`: every query head of group ``g``
+attends over the tokens of the blocks that ``block_idx[b, g, i]`` lists, token-level time mask
+``k_time[j] <= q_time[i]``, natural-log ``lse``, ``out = 0`` and ``lse = -inf`` on an empty support.
+
+Both variants pack the ``R = Hq / G`` query heads of a group into the rows of one tensor-core tile
+(row ``r`` = head ``r // TQ`` of query ``r % TQ``), so one K/V block load serves all of them.
+
+- ``query_outer``: a program per (batch, group, tile of ``TQ`` queries) walks the union of the
+  blocks its queries chose, with a per-row membership mask. No partials; wasteful when the tile's
+  queries disagree (the union grows while each query still uses only its own ``K`` blocks).
+- ``kv_outer``: ``block_idx`` is inverted into a CSR "KV block -> (query, slot) pairs that chose it";
+  each block's list is cut into chunks of ``TQ`` queries (the chunk list is the schedule, so a
+  popular block is spread over many programs); a program per chunk loads its K/V block once and
+  writes a partial ``(out, lse)`` per (query, head, slot); a combine kernel merges the ``K``
+  partials of each (query, head) through their LSEs. No atomics: deterministic.
+- Backward: ``dk, dv`` by one owner program per KV block looping over the CSR list of its pairs
+  (programs launched heaviest first); ``dq`` either by a query-outer walk over the tile union, or
+  (kv_outer) as per-slot partials written by the owner programs and summed per query afterwards.
+
+Long sequences run the kv_outer order in query segments so the partial buffers stay bounded.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .validation import check_attention_inputs
+
+INT32_MAX = 2**31 - 1
+_I32_MAX = tl.constexpr(INT32_MAX)  # jit code may only read constexpr globals
+_LOG2E = 1.4426950408889634
+
+# Bytes one kv_outer segment may spend on its partial buffer ([B, Hq, Ls, K, D] in the input dtype).
+_PARTIAL_BYTES = 4 << 30
+
+# Launch configuration; the benchmark overrides entries to sweep them. ``*_rows`` is the number of
+# tile rows (queries x padded heads) per program.
+CONFIG = {
+    "qo_rows": 128, "qo_keys": 64, "qo_warps": 8, "qo_stages": 2,  # query-outer forward (keys a step)
+    "kv_rows": 128, "kv_warps": 8, "kv_stages": 2, "kv_cpp": 4,  # kv-outer forward (chunks/program)
+    "dq_rows": 128, "dq_keys": 64, "dq_warps": 8, "dq_stages": 2,  # query-outer dq
+    "dkdv_rows": 32, "dkdv_keys": 128, "dkdv_warps": 8, "dkdv_stages": 2,  # dk/dv owners (keys each)
+    "dkdv_dq_rows": 32,  # rows of the dk/dv owners that also write dq partials (kv_outer)
+    "cb_rows": 32, "cb_warps": 4,                       # slot combine / sum
+    # auto: query_outer while it computes fewer than this many blocks per needed (query, block) pair.
+    # H200 (notes): kv_outer's forward costs ~2.6x query_outer's at waste 1 and query_outer grows
+    # ~linearly with waste; kv_outer's backward already matches query_outer's at waste 1.
+    "auto_waste_fwd": 2.5, "auto_waste_bwd": 1.1,
+}
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs would run as tf32 on GPU by default; the interpreter tests need exact fp32.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load_rows(X, row, row_ok, d, D: tl.constexpr, DP: tl.constexpr):
+    """Rows ``X[row, :D]`` -> [N, DP] (zeros where masked); ``row`` [N] int64 row numbers."""
+    mask = row_ok[:, None]
+    if D != DP:
+        mask = mask & (d < D)[None, :]
+    return tl.load(X + row[:, None] * D + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(X, row, row_ok, d, val, D: tl.constexpr, DP: tl.constexpr):
+    mask = row_ok[:, None]
+    if D != DP:
+        mask = mask & (d < D)[None, :]
+    tl.store(X + row[:, None] * D + d[None, :], val.to(X.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _key_block(KTime, t_base, L, blk, j, BSZ: tl.constexpr, BS: tl.constexpr):
+    """Positions ``[BS]`` of the keys ``j`` of block ``blk``, their validity and time ids (padding
+    and out-of-range keys get INT32_MAX, so no query sees them)."""
+    kpos = blk * BSZ + j
+    k_ok = kpos < L
+    if BS != BSZ:
+        k_ok = k_ok & (j < BSZ)
+    kt = tl.load(KTime + t_base + kpos, mask=k_ok, other=_I32_MAX)
+    return kpos, k_ok, kt
+
+
+@triton.jit
+def _needs_mask(kt, k_ok, qt_min, member_min):
+    # The token mask is skipped when every key of the block exists and is visible to every row and
+    # every row chose the block (the common case off the diagonal); it costs ALU work per score.
+    return (tl.max(kt, axis=0) > qt_min) | (tl.min(k_ok.to(tl.int32), axis=0) == 0) | (member_min == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward, query-outer
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_query_outer_kernel(
+    Q, K, V, Out, Lse,  # q/out [B, Hq, L, D], k/v [B, G, L, D], lse [B, Hq, L] fp32
+    BlockIdx,  # [B, G, L, KS] int32
+    Union, UnionCount,  # [B*G, NT, UW] int32 sorted distinct blocks of each tile, [B*G, NT] int32
+    QTime, KTime,  # [B, L] int32
+    L, G, Hq, R, KS, NT, UW, qk_scale2,
+    D: tl.constexpr, BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+    TQ: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
+):
+    ROWS: tl.constexpr = TQ * RP
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+
+    r = tl.arange(0, ROWS)
+    h = r // TQ
+    qpos = tile * TQ + r % TQ  # [ROWS]
+    row_ok = (h < R) & (qpos < L)
+    d = tl.arange(0, DP)
+    bh_row = (b * Hq + g * R + h).to(tl.int64) * L + qpos  # [ROWS] row of q/out/lse
+    q = _load_rows(Q, bh_row, row_ok, d, D, DP)  # [ROWS, DP]
+    qt = tl.load(QTime + b * L + qpos, mask=row_ok, other=-1)  # padding rows see no key
+    qt_min = tl.min(tl.where(row_ok, qt, _I32_MAX), axis=0)
+    kk = tl.arange(0, KP)
+    sel = tl.load(BlockIdx + (bg.to(tl.int64) * L + qpos)[:, None] * KS + kk[None, :],
+                  mask=row_ok[:, None] & (kk < KS)[None, :], other=-1)  # [ROWS, KP]
+
+    kv_row0 = bg.to(tl.int64) * L
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, DP], tl.float32)
+    n_union = tl.load(UnionCount + bg * NT + tile)
+    u_base = (bg * NT + tile).to(tl.int64) * UW
+    for it in range(0, n_union):
+        blk = tl.load(Union + u_base + it)
+        member = tl.max((sel == blk).to(tl.int32), axis=1)  # [ROWS] did this row's query choose blk
+        member_min = tl.min(tl.where(row_ok, member, 1), axis=0)
+        # BN keys at a time: [ROWS, BN] score tiles keep the registers in bounds.
+        for sub in tl.static_range(0, BS // BN):
+            j = sub * BN + tl.arange(0, BN)
+            kpos, k_ok, kt = _key_block(KTime, b * L, L, blk, j, BSZ, BS)
+            kb = _load_rows(K, kv_row0 + kpos, k_ok, d, D, DP)  # [BN, DP]
+            vb = _load_rows(V, kv_row0 + kpos, k_ok, d, D, DP)
+            s = _dot(q, tl.trans(kb), IEEE) * qk_scale2  # [ROWS, BN], log2 units
+            if _needs_mask(kt, k_ok, qt_min, member_min):
+                vis = (member[:, None] > 0) & (kt[None, :] <= qt[:, None]) & k_ok[None, :]
+                s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, IEEE)
+            m_i = m_new
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    _store_rows(Out, bh_row, row_ok, d, acc / l_safe[:, None], D, DP)
+    tl.store(Lse + bh_row, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward, KV-outer: a program per chunk (one block, <= TQ queries) writes partials
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kv_outer_kernel(
+    Q, K, V, PartO, PartLse,  # q [B,Hq,L,D], k/v [B,G,L,D], part_o [B,Hq,LS,KS,D], part_lse [B,Hq,LS,KS]
+    QTime, KTime,  # [B, L] int32
+    ChunkKey, ChunkStart, ChunkLen, NChunks,  # [C] int32: bg * NB + block, first pair, pairs; [1] int32
+    PairEntry,  # [P] int32: q_local * KS + slot, grouped by block
+    L, L0, LS, G, Hq, R, KS, NB, qk_scale2,
+    D: tl.constexpr, BSZ: tl.constexpr, BS: tl.constexpr, DP: tl.constexpr, TQ: tl.constexpr,
+    RP: tl.constexpr, CPP: tl.constexpr, IEEE: tl.constexpr,
+):
+    ROWS: tl.constexpr = TQ * RP
+    r = tl.arange(0, ROWS)
+    h = r // TQ
+    i = r % TQ
+    d = tl.arange(0, DP)
+    j = tl.arange(0, BS)
+    n_chunks = tl.load(NChunks)
+    c_begin = tl.program_id(0) * CPP
+    c_end = tl.minimum(c_begin + CPP, n_chunks)
+    for c in range(c_begin, c_end):
+        key = tl.load(ChunkKey + c)
+        start = tl.load(ChunkStart + c)
+        n = tl.load(ChunkLen + c)
+        bg = key // NB
+        blk = key % NB
+        b = bg // G
+        g = bg % G
+        in_chunk = i < n
+        row_ok = in_chunk & (h < R)
+        entry = tl.load(PairEntry + start + i, mask=in_chunk, other=0)  # [ROWS]
+        ql = entry // KS
+        qpos = L0 + ql
+        bh = (b * Hq + g * R + h).to(tl.int64)
+        q = _load_rows(Q, bh * L + qpos, row_ok, d, D, DP)
+        qt = tl.load(QTime + b * L + qpos, mask=row_ok, other=-1)
+        qt_min = tl.min(tl.where(row_ok, qt, _I32_MAX), axis=0)
+
+        kpos, k_ok, kt = _key_block(KTime, b * L, L, blk, j, BSZ, BS)
+        kb = _load_rows(K, bg.to(tl.int64) * L + kpos, k_ok, d, D, DP)
+        vb = _load_rows(V, bg.to(tl.int64) * L + kpos, k_ok, d, D, DP)
+        s = _dot(q, tl.trans(kb), IEEE) * qk_scale2
+        if _needs_mask(kt, k_ok, qt_min, 1):
+            s = tl.where((kt[None, :] <= qt[:, None]) & k_ok[None, :], s, float("-inf"))
+        m = tl.max(s, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = tl.sum(p, axis=1)
+        has = l_i > 0.0
+        l_safe = tl.where(has, l_i, 1.0)
+        o = _dot(p.to(vb.dtype), vb, IEEE) / l_safe[:, None]
+        lse = tl.where(has, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        part = (bh * LS + ql) * KS + entry % KS  # [ROWS] row of the partials
+        _store_rows(PartO, part, row_ok, d, o, D, DP)
+        tl.store(PartLse + part, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-(query, head) reduction over the K slots: LSE merge (forward) or plain sum (dq)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _slot_reduce_kernel(
+    Part, PartLse,  # [B, Hq, LS, KS, D], [B, Hq, LS, KS] fp32 (unused when not LSE_MERGE)
+    BlockIdx,  # [B, G, L, KS] int32: only slots with a block were written
+    Out, Lse,  # [B, Hq, L, D], [B, Hq, L] fp32 (unused when not LSE_MERGE)
+    L, L0, LS, NQ, G, Hq, R, KS,  # segment [L0, L0 + NQ) of a buffer with room for LS queries
+    D: tl.constexpr, BQ: tl.constexpr, DP: tl.constexpr, LSE_MERGE: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = bh // Hq
+    g = (bh % Hq) // R
+    ql = tl.program_id(0) * BQ + tl.arange(0, BQ)
+    q_ok = ql < NQ
+    qpos = L0 + ql
+    d = tl.arange(0, DP)
+    sel_row = ((b * G + g).to(tl.int64) * L + qpos) * KS
+    part_row = (bh.to(tl.int64) * LS + ql) * KS
+    m = tl.full([BQ], float("-inf"), tl.float32)
+    w_sum = tl.zeros([BQ], tl.float32)
+    acc = tl.zeros([BQ, DP], tl.float32)
+    for s in range(0, KS):
+        blk = tl.load(BlockIdx + sel_row + s, mask=q_ok, other=-1)
+        ok = q_ok & (blk >= 0)
+        o = _load_rows(Part, part_row + s, ok, d, D, DP).to(tl.float32)
+        if LSE_MERGE:
+            ls = tl.load(PartLse + part_row + s, mask=ok, other=float("-inf"))
+            m_new = tl.maximum(m, ls)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            w = tl.exp(ls - m_safe)
+            w_sum = w_sum * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * o
+            m = m_new
+        else:
+            acc += o
+    out_row = bh.to(tl.int64) * L + qpos
+    if LSE_MERGE:
+        has = w_sum > 0.0
+        w_safe = tl.where(has, w_sum, 1.0)
+        acc = acc / w_safe[:, None]
+        tl.store(Lse + out_row, tl.where(has, m + tl.log(w_safe), float("-inf")), mask=q_ok)
+    _store_rows(Out, out_row, q_ok, d, acc, D, DP)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dq over the tile union (query-outer)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_dq_query_outer_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,  # q/do/dq [B, Hq, L, D], k/v [B, G, L, D], lse/delta [B, Hq, L] fp32
+    BlockIdx, Union, UnionCount, QTime, KTime,
+    L, G, Hq, R, KS, NT, UW, qk_scale2, scale,
+    D: tl.constexpr, BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+    TQ: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
+):
+    ROWS: tl.constexpr = TQ * RP
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    r = tl.arange(0, ROWS)
+    h = r // TQ
+    qpos = tile * TQ + r % TQ
+    row_ok = (h < R) & (qpos < L)
+    d = tl.arange(0, DP)
+    bh_row = (b * Hq + g * R + h).to(tl.int64) * L + qpos  # [ROWS]
+    q = _load_rows(Q, bh_row, row_ok, d, D, DP)
+    do = _load_rows(DO, bh_row, row_ok, d, D, DP)
+    lse2 = tl.load(Lse + bh_row, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # empty rows: every p is masked to 0 anyway
+    delta = tl.load(Delta + bh_row, mask=row_ok, other=0.0)
+    qt = tl.load(QTime + b * L + qpos, mask=row_ok, other=-1)
+    qt_min = tl.min(tl.where(row_ok, qt, _I32_MAX), axis=0)
+    kk = tl.arange(0, KP)
+    sel = tl.load(BlockIdx + (bg.to(tl.int64) * L + qpos)[:, None] * KS + kk[None, :],
+                  mask=row_ok[:, None] & (kk < KS)[None, :], other=-1)
+
+    kv_row0 = bg.to(tl.int64) * L
+    dq = tl.zeros([ROWS, DP], tl.float32)
+    n_union = tl.load(UnionCount + bg * NT + tile)
+    u_base = (bg * NT + tile).to(tl.int64) * UW
+    for it in range(0, n_union):
+        blk = tl.load(Union + u_base + it)
+        member = tl.max((sel == blk).to(tl.int32), axis=1)
+        member_min = tl.min(tl.where(row_ok, member, 1), axis=0)
+        for sub in tl.static_range(0, BS // BN):
+            j = sub * BN + tl.arange(0, BN)
+            kpos, k_ok, kt = _key_block(KTime, b * L, L, blk, j, BSZ, BS)
+            kb = _load_rows(K, kv_row0 + kpos, k_ok, d, D, DP)
+            vb = _load_rows(V, kv_row0 + kpos, k_ok, d, D, DP)
+            s = _dot(q, tl.trans(kb), IEEE) * qk_scale2
+            p = tl.exp2(s - lse2[:, None])
+            # Keys past L have zero K rows, so they add nothing to dq even where unmasked.
+            if _needs_mask(kt, k_ok, qt_min, member_min):
+                p = tl.where((member[:, None] > 0) & (kt[None, :] <= qt[:, None]), p, 0.0)
+            dp = _dot(do, tl.trans(vb), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(kb.dtype), kb, IEEE)
+    _store_rows(DQ, bh_row, row_ok, d, dq * scale, D, DP)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dk, dv by one owner per (KV block, BN keys of it) over the CSR of its (query, slot) pairs
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta,  # as in the dq kernel
+    DK, DV,  # [B, G, L, D] fp32 accumulators
+    PartDQ,  # [B, Hq, LS, KS, D] per-slot dq partials (written when WRITE_DQ)
+    QTime, KTime,
+    Order,  # [B*G*NB] int32: block keys, heaviest first (the launch order is the schedule)
+    Offsets,  # [B*G*NB + 1] int32: CSR offsets into PairEntry
+    PairEntry,  # [P] int32: q_local * KS + slot
+    L, L0, LS, G, Hq, R, KS, NB, qk_scale2, scale,
+    D: tl.constexpr, BSZ: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, TQ: tl.constexpr,
+    RP: tl.constexpr, WRITE_DQ: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
+):
+    ROWS: tl.constexpr = TQ * RP
+    SPLIT: tl.constexpr = (BSZ + BN - 1) // BN  # programs per block, BN keys each
+    pid = tl.program_id(0)
+    key = tl.load(Order + pid // SPLIT)
+    bg = key // NB
+    blk = key % NB
+    b = bg // G
+    g = bg % G
+    start = tl.load(Offsets + key)
+    end = tl.load(Offsets + key + 1)
+
+    d = tl.arange(0, DP)
+    jj = (pid % SPLIT) * BN + tl.arange(0, BN)  # keys of the block this program owns
+    kpos = blk * BSZ + jj
+    k_ok = (kpos < L) & (jj < BSZ)
+    kt = tl.load(KTime + b * L + kpos, mask=k_ok, other=_I32_MAX)
+    kv_row = bg.to(tl.int64) * L + kpos
+    kb = _load_rows(K, kv_row, k_ok, d, D, DP)  # [BN, DP]
+    vb = _load_rows(V, kv_row, k_ok, d, D, DP)
+    kt_max = tl.max(kt, axis=0)
+
+    r = tl.arange(0, ROWS)
+    h = r // TQ
+    i = r % TQ
+    bh = (b * Hq + g * R + h).to(tl.int64)
+    dk = tl.zeros([BN, DP], tl.float32)
+    dv = tl.zeros([BN, DP], tl.float32)
+    for c in range(start, end, TQ):
+        in_chunk = c + i < end
+        row_ok = in_chunk & (h < R)
+        entry = tl.load(PairEntry + c + i, mask=in_chunk, other=0)
+        ql = entry // KS
+        qpos = L0 + ql
+        bh_row = bh * L + qpos
+        q = _load_rows(Q, bh_row, row_ok, d, D, DP)  # [ROWS, DP]
+        do = _load_rows(DO, bh_row, row_ok, d, D, DP)
+        lse2 = tl.load(Lse + bh_row, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+        delta = tl.load(Delta + bh_row, mask=row_ok, other=0.0)
+        qt = tl.load(QTime + b * L + qpos, mask=row_ok, other=-1)
+
+        st = _dot(kb, tl.trans(q), IEEE) * qk_scale2  # [BN, ROWS]
+        pt = tl.exp2(st - lse2[None, :])
+        # Padded rows (zero q, zero do) contribute nothing to dk/dv, so only time decides the mask.
+        if kt_max > tl.min(tl.where(row_ok, qt, _I32_MAX), axis=0):
+            pt = tl.where(kt[:, None] <= qt[None, :], pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dpt = _dot(vb, tl.trans(do), IEEE)  # [BN, ROWS]
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, IEEE)
+        if WRITE_DQ:
+            dq = _dot(tl.trans(dst).to(kb.dtype), kb, IEEE) * scale  # [ROWS, DP]
+            _store_rows(PartDQ, (bh * LS + ql) * KS + entry % KS, row_ok, d, dq, D, DP)
+
+    dk = dk * scale
+    out_ok = k_ok
+    if ACCUM:
+        # Later query segments add onto the earlier ones; blocks this segment never chose are left alone.
+        out_ok = out_ok & ((tl.zeros([BN], tl.int32) + end) > start)
+        dk += _load_rows(DK, kv_row, out_ok, d, D, DP)
+        dv += _load_rows(DV, kv_row, out_ok, d, D, DP)
+    _store_rows(DK, kv_row, out_ok, d, dk, D, DP)
+    _store_rows(DV, kv_row, out_ok, d, dv, D, DP)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules (torch ops, no host sync)
+# --------------------------------------------------------------------------------------------
+def _tile_union(block_idx: torch.Tensor, tq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct blocks chosen by each tile of ``tq`` queries: ``union [B*G, NT, tq*K]`` int32 sorted
+    ascending (only the first ``count`` entries are meaningful) and ``count [B*G, NT]`` int32."""
+    batch, groups, seq_len, slots = block_idx.shape
+    n_tiles = triton.cdiv(seq_len, tq)
+    x = block_idx.reshape(batch * groups, seq_len, slots)
+    if n_tiles * tq != seq_len:
+        x = torch.nn.functional.pad(x, (0, 0, 0, n_tiles * tq - seq_len), value=-1)
+    x = x.reshape(batch * groups, n_tiles, tq * slots)
+    x = torch.where(x < 0, INT32_MAX, x).sort(dim=-1).values
+    dup = torch.zeros_like(x, dtype=torch.bool)
+    dup[..., 1:] = x[..., 1:] == x[..., :-1]
+    x = torch.where(dup, INT32_MAX, x).sort(dim=-1).values
+    count = (x != INT32_MAX).sum(-1, dtype=torch.int32)
+    return x.contiguous(), count.contiguous()
+
+
+def _block_csr(block_idx: torch.Tensor, nb: int):
+    """Invert ``block_idx [B, G, Ls, K]`` (a query segment) into per-(batch, group, block) lists.
+
+    Returns ``pair_entry [B*G*Ls*K]`` int32 (``q_local * K + slot``, grouped by block key
+    ``bg * nb + block``, queries ascending inside a block; entries past the valid ones are unused)
+    and ``offsets [B*G*nb + 1]`` int32 (CSR offsets).
+    """
+    batch, groups, seg_len, slots = block_idx.shape
+    n_bg = batch * groups
+    flat = block_idx.reshape(n_bg, seg_len * slots)
+    bg = torch.arange(n_bg, device=flat.device, dtype=torch.int32)[:, None]
+    key = torch.where(flat >= 0, bg * nb + flat, n_bg * nb).reshape(-1)  # empty slots sort last
+    sorted_key, order = torch.sort(key, stable=True)
+    pair_entry = (order % (seg_len * slots)).to(torch.int32)
+    bounds = torch.arange(n_bg * nb + 1, device=flat.device, dtype=torch.int32)
+    offsets = torch.searchsorted(sorted_key, bounds, out_int32=True)
+    return pair_entry, offsets
+
+
+def _chunks(offsets: torch.Tensor, per_chunk: int, max_pairs: int):
+    """Cut each block's pair list into chunks of at most ``per_chunk`` pairs.
+
+    Returns ``key, start, length [C]`` int32 with ``C`` an upper bound known on the host (no sync),
+    and ``n_chunks [1]`` int32, the real count (the kernel loops only that far).
+    """
+    counts = offsets[1:] - offsets[:-1]  # [B*G*NB]
+    n_keys = counts.numel()
+    per_block = (counts + per_chunk - 1) // per_chunk
+    ends = torch.cumsum(per_block, 0, dtype=torch.int32)
+    cap = triton.cdiv(max_pairs, per_chunk) + n_keys
+    c = torch.arange(cap, device=offsets.device, dtype=torch.int32)
+    key = torch.searchsorted(ends, c, right=True, out_int32=True).clamp_(max=n_keys - 1)
+    index = c - (ends[key] - per_block[key])
+    start = offsets[key] + index * per_chunk
+    length = (counts[key] - index * per_chunk).clamp(0, per_chunk)
+    return key, start, length, ends[-1:].contiguous()
+
+
+def _segment_len(batch, heads, seq_len, slots, head_dim, elem) -> int:
+    per_query = batch * heads * slots * head_dim * elem
+    return max(1, min(seq_len, _PARTIAL_BYTES // max(per_query, 1)))
+
+
+class _Shape:
+    """Sizes and tile constants shared by the launches."""
+
+    def __init__(self, q, k, block_idx, block_size):
+        self.B, self.Hq, self.L, self.D = q.shape
+        self.G = k.shape[1]
+        self.R = self.Hq // self.G
+        self.KS = block_idx.shape[-1]
+        self.bs = block_size
+        self.NB = triton.cdiv(self.L, block_size)
+        self.BS = _pow2(block_size)
+        self.DP = _pow2(self.D)
+        self.RP = triton.next_power_of_2(self.R)
+        self.KP = triton.next_power_of_2(self.KS)
+        self.ieee = q.dtype == torch.float32
+
+    def tq(self, rows: int) -> int:
+        """Queries per tile so that queries x padded heads fill ``rows`` (at least 16 rows for tl.dot)."""
+        return max(1, max(rows, 16) // self.RP)
+
+
+def _union_waste(block_idx, union_count, tq) -> float:
+    """Blocks computed by query_outer per valid (query, block) pair (1.0 = no waste). Syncs."""
+    valid = int((block_idx >= 0).sum())
+    return float(union_count.sum()) * tq / max(valid, 1)
+
+
+def _pick_variant(variant, block_idx, sh: _Shape, phase: str = "fwd"):
+    """Resolve ``auto`` for the forward or the backward (each has its own break-even waste, see
+    CONFIG); returns (variant, union, count) with the union computed when it is used."""
+    if variant not in ("auto", "query_outer", "kv_outer"):
+        raise ValueError(f"variant must be 'auto', 'query_outer' or 'kv_outer', got {variant!r}")
+    if variant == "kv_outer":
+        return variant, None, None
+    tq = sh.tq(CONFIG["qo_rows"])
+    union, count = _tile_union(block_idx, tq)
+    if variant == "auto" and _union_waste(block_idx, count, tq) > CONFIG["auto_waste_" + phase]:
+        return "kv_outer", None, None
+    return "query_outer", union, count
+
+
+# --------------------------------------------------------------------------------------------
+# Forward / backward drivers
+# --------------------------------------------------------------------------------------------
+def _forward(q, k, v, block_idx, q_time, k_time, block_size, scale, variant):
+    sh = _Shape(q, k, block_idx, block_size)
+    qk_scale2 = scale * _LOG2E
+    out = torch.empty_like(q)
+    lse = torch.empty(sh.B, sh.Hq, sh.L, device=q.device, dtype=torch.float32)
+    variant, union, count = _pick_variant(variant, block_idx, sh)
+    if variant == "query_outer":
+        tq = sh.tq(CONFIG["qo_rows"])
+        nt = triton.cdiv(sh.L, tq)
+        _fwd_query_outer_kernel[(nt, sh.B * sh.G)](
+            q, k, v, out, lse, block_idx, union, count, q_time, k_time,
+            sh.L, sh.G, sh.Hq, sh.R, sh.KS, nt, union.shape[-1], qk_scale2,
+            D=sh.D, BSZ=sh.bs, BS=sh.BS, BN=min(sh.BS, CONFIG["qo_keys"]), DP=sh.DP, TQ=tq, RP=sh.RP,
+            KP=sh.KP, IEEE=sh.ieee, num_warps=CONFIG["qo_warps"], num_stages=CONFIG["qo_stages"])
+        return out, lse
+
+    tq = sh.tq(CONFIG["kv_rows"])
+    cpp = CONFIG["kv_cpp"]
+    seg = _segment_len(sh.B, sh.Hq, sh.L, sh.KS, sh.D, q.element_size())
+    part_o = torch.empty(sh.B, sh.Hq, seg, sh.KS, sh.D, device=q.device, dtype=q.dtype)
+    part_lse = torch.empty(sh.B, sh.Hq, seg, sh.KS, device=q.device, dtype=torch.float32)
+    bq = CONFIG["cb_rows"]
+    for l0 in range(0, sh.L, seg):
+        ls = min(seg, sh.L - l0)
+        sel = block_idx[:, :, l0:l0 + ls]
+        pair_entry, offsets = _block_csr(sel, sh.NB)
+        c_key, c_start, c_len, n_chunks = _chunks(offsets, tq, pair_entry.numel())
+        _fwd_kv_outer_kernel[(triton.cdiv(c_key.numel(), cpp),)](
+            q, k, v, part_o, part_lse, q_time, k_time, c_key, c_start, c_len, n_chunks, pair_entry,
+            sh.L, l0, seg, sh.G, sh.Hq, sh.R, sh.KS, sh.NB, qk_scale2,
+            D=sh.D, BSZ=sh.bs, BS=sh.BS, DP=sh.DP, TQ=tq, RP=sh.RP, CPP=cpp, IEEE=sh.ieee,
+            num_warps=CONFIG["kv_warps"], num_stages=CONFIG["kv_stages"])
+        _slot_reduce_kernel[(triton.cdiv(ls, bq), sh.B * sh.Hq)](
+            part_o, part_lse, block_idx, out, lse, sh.L, l0, seg, ls, sh.G, sh.Hq, sh.R, sh.KS,
+            D=sh.D, BQ=bq, DP=sh.DP, LSE_MERGE=True, num_warps=CONFIG["cb_warps"])
+    return out, lse
+
+
+def _backward(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_size, scale, variant):
+    sh = _Shape(q, k, block_idx, block_size)
+    qk_scale2 = scale * _LOG2E
+    # delta = rowsum(dO * O); a gradient on lse adds p * dlse to dS, i.e. subtracts dlse from delta.
+    delta = (dout.float() * out.float()).sum(-1)  # [B, Hq, L]
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    variant, union, count = _pick_variant(variant, block_idx, sh, "bwd")
+    write_dq = variant == "kv_outer"
+
+    dq = torch.empty_like(q)
+    dk32 = torch.empty(k.shape, device=k.device, dtype=torch.float32)
+    dv32 = torch.empty(v.shape, device=v.device, dtype=torch.float32)
+    if write_dq:
+        seg = _segment_len(sh.B, sh.Hq, sh.L, sh.KS, sh.D, q.element_size())
+        part_dq = torch.empty(sh.B, sh.Hq, seg, sh.KS, sh.D, device=q.device, dtype=q.dtype)
+    else:
+        seg, part_dq = sh.L, dq  # placeholder pointer, never written
+    # Per-slot dq partials need one program per whole block (a key split would write each partial
+    # twice); fewer rows keep that variant's registers in bounds.
+    tq = sh.tq(CONFIG["dkdv_dq_rows"] if write_dq else CONFIG["dkdv_rows"])
+    bn = sh.BS if write_dq else min(sh.BS, CONFIG["dkdv_keys"])
+    for l0 in range(0, sh.L, seg):
+        ls = min(seg, sh.L - l0)
+        pair_entry, offsets = _block_csr(block_idx[:, :, l0:l0 + ls], sh.NB)
+        # Heaviest blocks first, so a popular block's long loop starts early (LPT order).
+        order = torch.argsort(offsets[1:] - offsets[:-1], descending=True).to(torch.int32)
+        _bwd_dkdv_kernel[(order.numel() * triton.cdiv(sh.bs, bn),)](
+            q, k, v, dout, lse, delta, dk32, dv32, part_dq, q_time, k_time, order, offsets, pair_entry,
+            sh.L, l0, seg, sh.G, sh.Hq, sh.R, sh.KS, sh.NB, qk_scale2, scale,
+            D=sh.D, BSZ=sh.bs, BN=bn, DP=sh.DP, TQ=tq, RP=sh.RP, WRITE_DQ=write_dq, ACCUM=l0 > 0, IEEE=sh.ieee,
+            num_warps=CONFIG["dkdv_warps"], num_stages=CONFIG["dkdv_stages"])
+        if write_dq:
+            bq = CONFIG["cb_rows"]
+            _slot_reduce_kernel[(triton.cdiv(ls, bq), sh.B * sh.Hq)](
+                part_dq, part_dq, block_idx, dq, lse, sh.L, l0, seg, ls, sh.G, sh.Hq, sh.R, sh.KS,
+                D=sh.D, BQ=bq, DP=sh.DP, LSE_MERGE=False, num_warps=CONFIG["cb_warps"])
+    if not write_dq:
+        tq = sh.tq(CONFIG["dq_rows"])
+        union, count = (union, count) if union is not None and union.shape[-1] == tq * sh.KS else _tile_union(block_idx, tq)
+        nt = triton.cdiv(sh.L, tq)
+        _bwd_dq_query_outer_kernel[(nt, sh.B * sh.G)](
+            q, k, v, dout, lse, delta, dq, block_idx, union, count, q_time, k_time,
+            sh.L, sh.G, sh.Hq, sh.R, sh.KS, nt, union.shape[-1], qk_scale2, scale,
+            D=sh.D, BSZ=sh.bs, BS=sh.BS, BN=min(sh.BS, CONFIG["dq_keys"]), DP=sh.DP, TQ=tq, RP=sh.RP,
+            KP=sh.KP, IEEE=sh.ieee, num_warps=CONFIG["dq_warps"], num_stages=CONFIG["dq_stages"])
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Registered ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("tsfm_msa::sparse_attention_fwd", mutates_args=())
+def _sparse_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+    q_time: torch.Tensor, k_time: torch.Tensor, block_size: int, scale: float, variant: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = [t.contiguous() for t in (q, k, v, block_idx, q_time, k_time)]
+    return _forward(*args, block_size, scale, variant)
+
+
+@_sparse_attention_fwd.register_fake
+def _(q, k, v, block_idx, q_time, k_time, block_size, scale, variant):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("tsfm_msa::sparse_attention_bwd", mutates_args=())
+def _sparse_attention_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+    q_time: torch.Tensor, k_time: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dout: torch.Tensor, dlse: torch.Tensor | None, block_size: int, scale: float, variant: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = [t.contiguous() for t in (q, k, v, block_idx, q_time, k_time, out, lse, dout)]
+    return _backward(*args, dlse, block_size, scale, variant)
+
+
+@_sparse_attention_bwd.register_fake
+def _(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_size, scale, variant):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, block_idx, q_time, k_time, block_size, scale, variant = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, block_idx, q_time, k_time, out, lse)
+    ctx.meta = (block_size, scale, variant)
+
+
+def _autograd_backward(ctx, dout, dlse):
+    q, k, v, block_idx, q_time, k_time, out, lse = ctx.saved_tensors
+    block_size, scale, variant = ctx.meta
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _sparse_attention_bwd(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse,
+                                       block_size, scale, variant)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_sparse_attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def sparse_attention_triton(
+    q: torch.Tensor,  # [B, Hq, L, D]
+    k: torch.Tensor,  # [B, G, L, D]
+    v: torch.Tensor,  # [B, G, L, D]
+    block_idx: torch.Tensor,  # [B, G, L, K] int32, -1 = empty slot
+    q_time: torch.Tensor,  # [B, L] int32
+    k_time: torch.Tensor,  # [B, L] int32
+    block_size: int,
+    scale: float | None = None,
+    variant: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`reference.sparse_attention_reference`: ``(out [B, Hq, L, D], lse
+    [B, Hq, L] float32)``, differentiable in q, k, v (deterministic backward, no atomics).
+
+    ``variant``: ``"query_outer"``, ``"kv_outer"`` or ``"auto"`` (query_outer when the queries of a
+    tile mostly share their blocks, measured on ``block_idx``; this check syncs with the host).
+    """
+    check_attention_inputs(q, k, v, block_idx, q_time, k_time, block_size)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _sparse_attention_fwd(q, k, v, block_idx, q_time, k_time, block_size, scale, variant)
