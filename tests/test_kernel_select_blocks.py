@@ -6,10 +6,8 @@ compared per row after sorting (slot order may differ), and the returned scores 
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 

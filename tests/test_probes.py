@@ -1,0 +1,328 @@
+"""Preservation probes: ground truth of the scenarios, selectors, metrics, report (CPU, tiny sizes)."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tsfm_msa.datasets import SeriesFrame, SeriesSchema, Variate
+from tsfm_msa.model.transformer import PatchTransformer
+from tsfm_msa.probes import metrics, report, scenarios, selectors
+from tsfm_msa.probes.command import as_msa, run_probe_in
+from tsfm_msa.probes.scenarios import ProbeConfigError
+from tsfm_msa.tokens import build_layout
+
+TINY = dict(n_train=2, n_test=4, context_len=32, horizon=4, patch_len=4, distance=24, seed=3)
+
+
+def _vic_like_frames(seed: int = 0) -> list[SeriesFrame]:
+    """A hand-built stand-in for vic_elec: same schema, random values (fast, no file read)."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    schema = SeriesSchema((Variate("Demand", "target", "target"), Variate("Temperature", "past_covariate", "past_covariate"),
+                           Variate("Holiday", "future_covariate", "future_covariate", True)), freq="30min")
+    values = np.column_stack([4000 + 500 * rng.standard_normal(n), 20 + 3 * rng.standard_normal(n),
+                              (rng.random(n) < 0.1).astype(float)])
+    return [SeriesFrame("vic", pd.date_range("2014-01-01", periods=n, freq="30min"), values, schema)]
+
+
+def _make(name: str, **extra) -> scenarios.ScenarioData:
+    knobs = {**TINY, **extra}
+    if name == "real_background":
+        knobs["frames"] = _vic_like_frames()
+        knobs.pop("n_distractors", None)
+    return scenarios.make_scenario(name, **knobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# scenarios: the ground truth is right
+
+EXPECTED_CELL = {  # (variate, patch) of the far cause: patch (32 - 24) / 4 = 2
+    "rare_event": (0, 2), "exogenous_delay": (1, 2), "action_history": (1, 2), "sensor_starvation": (1, 2),
+    "real_background": (0, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_CELL))
+def test_needed_mask_marks_exactly_the_far_cause(name):
+    data = _make(name)
+    n_patches = 32 // 4 + 1
+    for inst in data.test:
+        expected = np.zeros((data.schema.n_variates, n_patches), dtype=bool)
+        expected[EXPECTED_CELL[name]] = True
+        np.testing.assert_array_equal(inst.needed, expected)
+        assert inst.frame.length == 32 + 4 and inst.counterfactual.length == 32 + 4
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_CELL))
+def test_counterfactual_changes_only_the_needed_tokens_and_the_future(name):
+    """The cause lives in the needed tokens: the counterfactual world differs in the context only
+    inside them, and its horizon target differs - so the forecast provably needs them."""
+    data = _make(name)
+    target = data.schema.target_indices[0]
+    for inst in data.test:
+        diff = np.abs(inst.counterfactual.values - inst.frame.values) > 1e-6  # [T, V]
+        ctx = diff[:32].reshape(8, 4, -1).any(1).T  # [V, n_context_patches]
+        assert ctx.any(), "the counterfactual must change the cause"
+        assert not (ctx & ~inst.needed[:, :8]).any(), "context changed outside the needed tokens"
+        assert diff[32:, target].any(), "changing the cause must change the future"
+
+
+def test_rare_event_pulse_sits_in_the_needed_patch_and_repeats():
+    data = _make("rare_event", noise=0.0, n_distractors=0)
+    for inst in data.test:
+        y = inst.frame.values[:, 0].astype(np.float64)
+        cf = inst.counterfactual.values[:, 0].astype(np.float64)
+        pulse = (y - cf) / 2  # the pulse with its sign (the counterfactual flips it)
+        np.testing.assert_allclose(pulse[:8], 0, atol=1e-5)
+        np.testing.assert_allclose(pulse[12:32], 0, atol=1e-5)
+        assert np.abs(pulse[8:12]).max() > 0.3
+        np.testing.assert_allclose(pulse[32:36], pulse[8:12], atol=1e-5)  # the same pattern after the delay
+
+
+def test_scenario_knobs_are_checked():
+    with pytest.raises(ProbeConfigError, match="multiples of"):
+        scenarios.rare_event(**{**TINY, "distance": 23})
+    with pytest.raises(ProbeConfigError, match="distance"):
+        scenarios.rare_event(**{**TINY, "distance": 32})
+    with pytest.raises(ProbeConfigError, match="unknown probe scenario"):
+        scenarios.make_scenario("nope")
+    with pytest.raises(ProbeConfigError, match="unexpected keyword"):
+        scenarios.make_scenario("rare_event", bogus=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# selectors
+
+def _probe_model(policy: str, top_k: int = 3, seed: int = 0) -> PatchTransformer:
+    torch.manual_seed(seed)
+    return PatchTransformer(["target", "past_covariate", "past_covariate"], [0, 1, 1], ["target", "sensors"],
+                            patch_len=4, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
+                            block_size=2, top_k=top_k, index_dim=4, group_policy=policy, attention="msa").eval()
+
+
+def _batch(model_seed: int = 0, b: int = 3, c: int = 32, h: int = 4, v: int = 3) -> dict:
+    g = torch.Generator().manual_seed(model_seed + 11)
+    return {"context": torch.randn(b, c, v, generator=g), "context_mask": torch.ones(b, c, v, dtype=torch.bool),
+            "horizon": torch.randn(b, h, v, generator=g), "horizon_mask": torch.ones(b, h, v, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("policy", ["free", "sensor", "hybrid"])
+def test_policy_topk_reproduces_the_learned_selection(policy):
+    """Our policy logic equals MSAAttention.select when fed the indexer's max-pooled scores, so every
+    baseline runs under exactly the learned indexer's rules and budget."""
+    model = _probe_model(policy)
+    batch = _batch()
+    layer = selectors.msa_layers(model)[0]
+    with torch.no_grad():
+        x, layout, _ = model.encode(batch)
+        qi, ki = layer.index_branch(torch.randn(3, layout.seq_len, 16), layout)
+        ours = selectors.policy_topk(
+            selectors.block_pool(torch.einsum("bgqd,bkd->bgqk", qi, ki), layout, "max"), layer, layout)
+        theirs = layer.select(qi, ki, layout)
+    np.testing.assert_array_equal(np.sort(ours.numpy(), -1), np.sort(theirs.numpy(), -1))
+
+
+@pytest.mark.parametrize("policy", ["free", "sensor", "hybrid"])
+@pytest.mark.parametrize("name", selectors.SELECTORS)
+def test_every_selector_gives_valid_blocks_with_the_forced_local_block(policy, name):
+    model = _probe_model(policy)
+    with torch.no_grad(), selectors.use_selector(model, name, seed=1):
+        out = model(_batch())
+    layout = model.layout(32, 4, torch.device("cpu"))
+    valid_q = layout.q_time >= 0
+    for aux in out.aux:
+        idx = aux.block_idx  # [B, G, L, K]
+        k_expected = layout.n_blocks if name == "dense" else 3
+        assert idx.shape[-1] == k_expected
+        rows = idx[..., valid_q, :]
+        s = torch.sort(rows, -1).values
+        assert not ((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any(), "duplicate block in a row"
+        local = layout.own_local_block if policy == "free" else layout.group_local_block
+        local = local[None, None, :, None] if policy == "free" else local[None, :, :, None]
+        assert (idx == local.int()).any(-1)[..., valid_q].all()
+    assert all(layer.selector is None for layer in selectors.msa_layers(model)), "hook not restored"
+
+
+def test_dense_selector_equals_the_dense_model():
+    torch.manual_seed(0)
+    cfg = dict(patch_len=4, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, block_size=2, top_k=3,
+               index_dim=4, group_policy="sensor")
+    schema = {"freq": "h", "variates": [{"name": "y", "role": "target", "group": "target"},
+                                        {"name": "a", "role": "past_covariate", "group": "sensors"},
+                                        {"name": "b", "role": "past_covariate", "group": "sensors"}]}
+    dense = PatchTransformer(["target", "past_covariate", "past_covariate"], [0, 1, 1], ["target", "sensors"],
+                             attention="dense", **cfg).eval()
+    msa = as_msa({"_target_": "tsfm_msa.model.transformer.PatchTransformer", **cfg}, schema, dense.state_dict(), "sensor")
+    batch = _batch()
+    with torch.no_grad(), selectors.use_selector(msa, "dense"):
+        torch.testing.assert_close(msa(batch).quantiles, dense(batch).quantiles, rtol=1e-4, atol=1e-5)
+
+
+def _crafted_layer_inputs(far_patch: int, policy: str = "free"):
+    """One target variate, 16 context patches, blocks of 2 tokens; every key is small and random except
+    the far patch's key, which every query head matches strongly."""
+    layout = build_layout(["target"], [0], ["target"], 64, 4, 4, 2)
+    model = PatchTransformer(["target"], [0], ["target"], patch_len=4, d_model=8, n_layers=1, n_heads=2,
+                             n_kv_heads=1, head_dim=4, block_size=2, top_k=3, index_dim=4, group_policy=policy)
+    layer = selectors.msa_layers(model)[0]
+    g = torch.Generator().manual_seed(5)
+    q = torch.rand(2, 2, layout.seq_len, 4, generator=g) + 0.5  # positive: aligned with the far key
+    k = 0.1 * torch.randn(2, 1, layout.seq_len, 4, generator=g)
+    far = int(((layout.token_patch == far_patch) & (layout.token_variate == 0)).nonzero()[0])
+    k[:, :, far] = 4.0
+    needed = torch.zeros(2, 1, layout.n_patches, dtype=torch.bool)
+    needed[:, 0, far_patch] = True
+    return layer, layout, q, k, needed
+
+
+@pytest.mark.parametrize("policy", ["free", "sensor"])
+def test_oracle_keeps_the_far_block_and_local_window_loses_it(policy):
+    layer, layout, q, k, needed = _crafted_layer_inputs(far_patch=1, policy=policy)
+    need_blocks = metrics.needed_blocks(needed, layout)
+    queries = metrics.forecast_queries(layout)
+    recall = {}
+    for name in ("oracle", "moba", "local", "random"):
+        hook = selectors.get_selector(name, seed=0)
+        recall[name] = metrics.selection_recall([hook(layer, q, k, None, None, layout)], need_blocks, queries)["recall"]
+    assert recall["oracle"] == 1.0
+    assert recall["moba"] == 1.0
+    assert recall["local"] == 0.0  # the window (3 blocks of 2 patches) ends far after patch 1
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics on crafted inputs
+
+def test_selection_recall_per_layer_group_and_union():
+    needed = torch.zeros(1, 6, dtype=torch.bool)
+    needed[0, [3, 5]] = True
+    queries = torch.tensor([0])
+    layer0 = torch.tensor([[[[3, 0]], [[5, -1]]]], dtype=torch.int32)  # [B=1, G=2, L=1, K=2]
+    layer1 = torch.tensor([[[[1, 2]], [[0, -1]]]], dtype=torch.int32)
+    out = metrics.selection_recall([layer0, layer1], needed, queries)
+    assert out["per_layer_group"] == [[0.5, 0.5], [0.0, 0.0]]
+    assert out["per_layer"] == [1.0, 0.0]
+    assert out["recall"] == 1.0
+    out = metrics.selection_recall([layer1], needed, queries)
+    assert out["recall"] == 0.0
+    none = metrics.selection_recall([layer0], torch.zeros(1, 6, dtype=torch.bool), queries)
+    assert np.isnan(none["recall"]) and none["n_instances"] == 0
+
+
+def test_needed_blocks_and_support_size_on_a_known_layout():
+    layout = build_layout(["target", "past_covariate"], [0, 1], ["t", "x"], 16, 4, 4, 2)
+    # target segment: patches 0..4 (5 tokens) -> blocks 0,1,2 (last padded); covariate: patches 0..3 -> blocks 3,4
+    needed = torch.zeros(1, 2, 5, dtype=torch.bool)
+    needed[0, 1, 2] = True  # covariate, patch 2 -> token 5 + 2 = 7 -> block 3 ... (5 target + 1 pad = 6; 6 + 2 = 8)
+    blocks = metrics.needed_blocks(needed, layout)
+    pos = int(((layout.token_variate == 1) & (layout.token_patch == 2)).nonzero()[0])
+    expected = torch.zeros(1, layout.n_blocks, dtype=torch.bool)
+    expected[0, pos // 2] = True
+    assert torch.equal(blocks, expected)
+    queries = metrics.forecast_queries(layout)  # the target's horizon token, time 4: sees all 9 real tokens
+    every = torch.arange(layout.n_blocks, dtype=torch.int32).expand(1, 2, layout.seq_len, layout.n_blocks)
+    full = metrics.support_size(every, layout, queries)
+    assert full == {"tokens": 9.0, "frac": 1.0}
+    one = torch.full((1, 2, layout.seq_len, 1), pos // 2, dtype=torch.int32)
+    assert metrics.support_size(one, layout, queries)["tokens"] == 2.0
+
+
+def test_error_metrics_and_counterfactual_sensitivity():
+    rng = np.random.default_rng(0)
+    truth = rng.standard_normal((5, 1, 4))
+    pred = truth + 0.5
+    assert metrics.mae(pred, truth) == pytest.approx(0.5)
+    levels = np.array([0.1, 0.5, 0.9])
+    quant = np.repeat(truth[..., None], 3, -1)
+    assert metrics.quantile_crps(quant, truth, levels) == pytest.approx(0.0)
+    quant = quant + 1.0  # every quantile 1 too high: pinball = (1 - level) * 1
+    assert metrics.quantile_crps(quant, truth, levels) == pytest.approx(2 * np.mean(1 - levels))
+    assert metrics.error_ratio(2.0, 1.0) == 2.0 and np.isnan(metrics.error_ratio(1.0, 0.0))
+    true_change = rng.standard_normal(200)
+    same = metrics.counterfactual_sensitivity(0.5 * true_change, true_change)
+    assert same["corr"] == pytest.approx(1.0) and same["gain"] == pytest.approx(0.5)
+    blind = metrics.counterfactual_sensitivity(rng.standard_normal(200) * 0.01, true_change)
+    assert abs(blind["corr"]) < 0.25 and abs(blind["gain"]) < 0.01
+
+
+def test_verdict_thresholds():
+    assert report.judge(0.95, 1.05) == "preserved"
+    assert report.judge(0.95, 1.3) == "degraded"
+    assert report.judge(0.7, 1.0) == "degraded"
+    assert report.judge(0.2, 1.0) == "lost"
+    assert report.judge(1.0, 2.0) == "lost"
+    assert report.judge(0.95, 1.05, {"preserved_ratio": 1.01}) == "degraded"
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: train tiny models, run every selector, write the report
+
+def test_run_probe_writes_a_parsable_report(tmp_path):
+    cfg = {
+        "seed": 0, "threads": 1, "checkpoint": None,
+        "model": {"d_model": 16, "n_layers": 2, "heads_per_group": 1, "head_dim": 4, "block_size": 2, "top_k": 3,
+                  "index_dim": 4, "k_own": None},
+        "train": {"steps": 3, "indexer_warmup_steps": 1, "batch_size": 4, "kl_weight": 1.0, "msa_init": "scratch",
+                  "optim": {"lr": 1e-3, "warmup_steps": 1}},
+        "selectors": list(selectors.SELECTORS),
+        "verdict": dict(report.DEFAULT_THRESHOLDS),
+        "probe": {"scenarios": {
+            "rare_event": {"policies": ["sensor"], "knobs": {**TINY, "n_train": 8, "n_distractors": 1}},
+            "sensor_starvation": {"policies": ["free", "hybrid"], "knobs": {**TINY, "n_train": 8, "n_distractors": 2}},
+        }},
+    }
+    summary = run_probe_in(cfg, tmp_path)
+    loaded = json.loads((tmp_path / "probe_summary.json").read_text())
+    assert loaded == summary
+    for name, policies in (("rare_event", ["sensor"]), ("sensor_starvation", ["free", "hybrid"])):
+        assert list(loaded["scenarios"][name]["policies"]) == policies
+        for policy in policies:
+            rows = loaded["scenarios"][name]["policies"][policy]["rows"]
+            learned = [r for r in rows if r["selector"] == "learned"]
+            assert len(learned) == 1 and learned[0]["recall"] is not None and learned[0]["error_ratio"] is not None
+            local = [r for r in rows if r["selector"] == "local"]
+            assert all(r["recall"] == 0.0 for r in local)  # the cause is 6 patches back, the window 3 blocks
+            dense = [r for r in rows if r["selector"] == "dense" and r["backbone"] == "dense"][0]
+            assert dense["recall"] == 1.0 and dense["error_ratio"] == 1.0
+            assert all(r["verdict"] in ("preserved", "degraded", "lost") for r in rows)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert {"recall_bars.png", "error_ratio_bars.png", "counterfactual_scatter.png",
+            "heatmap_rare_event_sensor.png"} <= set(pngs)
+    page = (tmp_path / "probe_report.html").read_text()
+    assert len(re.findall(r"src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", page)) == len(pngs)
+    md = (tmp_path / "probe_report.md").read_text()
+    assert "| rare_event | sensor | learned | msa |" in md and "**preserved** if recall >= 0.9" in md
+
+
+def test_zero_shot_probe_of_a_checkpoint(tmp_path):
+    """A saved ForecastModule is probed as is; scenarios whose schema differs are skipped, not failed."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from tsfm_msa.probes.command import probe_model_config, window_dataset
+    from tsfm_msa.train.module import ForecastModule
+
+    data = _make("rare_event", n_distractors=1, n_train=4)
+    model_cfg = {"d_model": 16, "n_layers": 1, "heads_per_group": 1, "head_dim": 4, "block_size": 2, "top_k": 3,
+                 "index_dim": 4}
+    module = ForecastModule(probe_model_config(model_cfg, data, "msa", "sensor"), data.schema.to_dict(), 32, 4,
+                            indexer_warmup={"steps": 0}, max_steps=1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(window_dataset(data.train, data), batch_size=2))
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    cfg = {"seed": 0, "threads": 1, "checkpoint": str(ckpt), "model": model_cfg, "train": {},
+           "selectors": ["dense", "local", "oracle", "learned"], "verdict": {},
+           "probe": {"scenarios": {"rare_event": {"knobs": {**TINY, "n_distractors": 1}},
+                                   "exogenous_delay": {"knobs": {**TINY, "n_distractors": 1}}}}}
+    summary = run_probe_in(cfg, tmp_path / "out")
+    rows = summary["scenarios"]["rare_event"]["policies"]["sensor"]["rows"]
+    assert [r["selector"] for r in rows] == ["dense", "local", "oracle", "learned"]
+    assert all(r["backbone"] == "checkpoint" for r in rows)
+    assert rows[0]["error_ratio"] == 1.0 and rows[0]["recall"] == 1.0 and rows[1]["recall"] == 0.0
+    assert "schema" in summary["scenarios"]["exogenous_delay"]["skipped"]
