@@ -126,6 +126,126 @@ def bench(fn, slow=False):
     return triton.testing.do_bench(fn, warmup=25 if slow else 50, rep=50 if slow else 200, return_mode="median")
 
 
+# Forward-only launch variants of the query-outer kernel (CONFIG overrides), timed by --fwd-variants.
+FWD_VARIANTS = {
+    "tma128": {"qo_tma": True, "qo_keys": 128, "qo_stages": 2},
+    "tma64": {"qo_tma": True, "qo_keys": 64, "qo_stages": 2},
+    "tma128s3": {"qo_tma": True, "qo_keys": 128, "qo_stages": 3},
+    "tma64s3": {"qo_tma": True, "qo_keys": 64, "qo_stages": 3},
+    "r64s1": {"qo_tma": True, "qo_keys": 128, "qo_stages": 1, "qo_rows": 64, "qo_warps": 4},
+    "ptr64": {"qo_tma": False, "qo_keys": 64, "qo_stages": 2},
+}
+FWD_PLAN = [  # (shape, pattern, variants)
+    ("tsfm", "tile_shared", ["tma128", "tma64", "tma128s3", "tma64s3", "r64s1", "ptr64"]),
+    ("tsfm", "pool", ["tma128", "tma64", "tma128s3"]),
+    ("paper", "tile_shared", ["tma128", "tma64", "tma128s3"]),
+    ("paper", "pool", ["tma128", "tma64", "tma128s3", "r64s1"]),
+]
+
+
+def fwd_variants(args):
+    """Quick run: bf16 checks at 8K (fwd+bwd, both variants), then forward-only times of the query-outer
+    launch variants at --L, the union build (torch sorts vs the Triton kernel) and one backward."""
+    t_start = time.time()
+    res = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+           "checks": [], "fwd": [], "union": [], "bwd": []}
+    path = os.path.join(args.out, "bench_fwd_variants.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+    base = dict(sa.CONFIG)
+    for heads, groups, seq_len, dim, bs, pattern, variant, cfg in [
+        (16, 4, 8192, 128, 128, "tile_shared", "query_outer", "tma128"),
+        (16, 4, 8192, 128, 128, "tile_shared", "query_outer", "tma64s3"),
+        (16, 4, 8192, 128, 128, "pool", "query_outer", "r64s1"),
+        (16, 4, 8192, 128, 128, "tile_shared", "query_outer", "ptr64"),
+        (16, 4, 8192, 64, 64, "pool", "query_outer", "tma128"),
+        (64, 4, 4096, 128, 128, "random", "query_outer", "tma128"),
+        (64, 4, 4096, 128, 128, "pool", "query_outer", "tma128s3"),
+        (16, 4, 8192, 128, 128, "tile_shared", "kv_outer", "tma128"),
+    ] if not args.skip_check else []:
+        sa.CONFIG.update(FWD_VARIANTS[cfg])
+        try:
+            r = check(heads, groups, seq_len, dim, bs, 16, pattern, variant)
+        except Exception as e:
+            r = {"error": repr(e)[:400], "ok": False}
+        sa.CONFIG.clear()
+        sa.CONFIG.update(base)
+        r.update(Hq=heads, G=groups, L=seq_len, D=dim, bs=bs, pattern=pattern, variant=variant, cfg=cfg)
+        res["checks"].append(r)
+        print("check", r, flush=True)
+        save()
+
+    seq_len, dim, bs, k = args.L, args.dim, args.bs, args.k
+    scale = 1 / math.sqrt(dim)
+    for heads, groups, shape in [(16, 4, "tsfm"), (64, 4, "paper")]:
+        q, kk, v, t, gen = inputs(heads, groups, seq_len, dim)
+        flops = 4 * seq_len * heads * dim * 2048
+        for want_shape, pattern, names in FWD_PLAN:
+            if want_shape != shape:
+                continue
+            block_idx = make_pattern(groups, seq_len, bs, k, pattern, gen)
+            sh = sa._Shape(q, kk, block_idx, bs)
+            tq = sh.tq(sa.CONFIG["qo_rows"])
+            u, c = sa._build_union(block_idx, tq, t, t, bs)
+            waste = sa._union_waste(block_idx, c, tq)
+            unmasked = float(((u & 1) == 0).logical_and(
+                torch.arange(u.shape[-1], device=u.device) < c[..., None]).sum()) / float(c.sum())
+            row = {"shape": shape, "pattern": pattern, "waste": waste, "unmasked_frac": unmasked,
+                   "torch_union_ms": bench(lambda: sa._tile_union(block_idx, tq)),
+                   "triton_union_ms": bench(lambda: sa._build_union(block_idx, tq, t, t, bs))}
+            res["union"].append(row)
+            print("union", row, flush=True)
+            for name in names:
+                if time.time() - t_start > args.budget:
+                    break
+                sa.CONFIG.update(FWD_VARIANTS[name])
+                row = {"shape": shape, "pattern": pattern, "cfg": name}
+                try:
+                    fn = lambda: sa._forward(q, kk, v, block_idx, t, t, bs, scale, "query_outer")
+                    fn()
+                    row["fwd_ms"] = bench(fn)
+                    row["fwd_ms_2"] = bench(fn)  # repeat: the spread between the two is the noise
+                    row["tflops"] = flops / row["fwd_ms"] * 1e-9
+                    if shape == "tsfm" and pattern == "tile_shared" and name == "tma128":
+                        out, lse = fn()
+                        dout = torch.randn_like(q)
+                        res["bwd"].append({"shape": shape, "pattern": pattern, "bwd_ms": bench(
+                            lambda: sa._backward(q, kk, v, block_idx, t, t, out, lse, dout, None, bs, scale,
+                                                 "query_outer"))})
+                        del out, lse, dout
+                except Exception as e:
+                    row["error"] = repr(e)[:400]
+                sa.CONFIG.clear()
+                sa.CONFIG.update(base)
+                res["fwd"].append(row)
+                print("fwd", row, flush=True)
+                save()
+            del block_idx
+        del q, kk, v
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    res["elapsed_s"] = round(time.time() - t_start, 1)
+    save()
+    print("\n== checks (bf16 vs fp32 reference)")
+    for c in res["checks"]:
+        print(f"{c['Hq']}x{c['G']} L={c['L']} D={c['D']} bs={c['bs']} {c['pattern']:11s} {c['variant']:11s} "
+              f"{c['cfg']:9s} ok={c.get('ok')} out={c.get('out_rel', -1):.2e} lse={c.get('lse_maxabs', -1):.1e} "
+              f"dq={c.get('dq_rel', -1):.2e} dk={c.get('dk_rel', -1):.2e} dv={c.get('dv_rel', -1):.2e} {c.get('error', '')}")
+    for u in res["union"]:
+        print(f"union {u['shape']:5s} {u['pattern']:11s} waste={u['waste']:.2f} unmasked={u['unmasked_frac']:.2f} "
+              f"torch={u['torch_union_ms']:.3f} triton={u['triton_union_ms']:.3f} ms")
+    for b in res["bwd"]:
+        print("bwd", b)
+    print("== forward (ms, two medians; TFLOP/s)")
+    for r in res["fwd"]:
+        print(f"{r['shape']:5s} {r['pattern']:11s} {r['cfg']:9s} " + (
+            f"{r['fwd_ms']:7.2f} {r['fwd_ms_2']:7.2f} ({r['tflops']:4.0f})" if "fwd_ms" in r else "ERROR " + r["error"][:300]))
+    print("elapsed", res["elapsed_s"])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -136,7 +256,10 @@ def main():
     ap.add_argument("--budget", type=float, default=300.0, help="seconds; later items are skipped")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs on tile_shared")
+    ap.add_argument("--fwd-variants", action="store_true", help="quick forward-variant run (see fwd_variants)")
     args = ap.parse_args()
+    if args.fwd_variants:
+        return fwd_variants(args)
     t_start = time.time()
     results = {"torch": torch.__version__, "triton": triton.__version__,
                "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "checks": [], "timings": [], "sweep": [], "prep": []}

@@ -9,7 +9,10 @@ Both variants pack the ``R = Hq / G`` query heads of a group into the rows of on
 
 - ``query_outer``: a program per (batch, group, tile of ``TQ`` queries) walks the union of the
   blocks its queries chose, with a per-row membership mask. No partials; wasteful when the tile's
-  queries disagree (the union grows while each query still uses only its own ``K`` blocks).
+  queries disagree (the union grows while each query still uses only its own ``K`` blocks). The
+  union comes from ``_tile_union_kernel`` (one sort per tile), which also flags the blocks that need
+  no mask (chosen by every query of the tile, every key visible to all); K/V steps of 128 keys come
+  through tensor descriptors (TMA) on sm_90+, pointer loads elsewhere (the interpreter).
 - ``kv_outer``: ``block_idx`` is inverted into a CSR "KV block -> (query, slot) pairs that chose it";
   each block's list is cut into chunks of ``TQ`` queries (the chunk list is the schedule, so a
   popular block is spread over many programs); a program per chunk loads its K/V block once and
@@ -24,6 +27,7 @@ Long sequences run the kv_outer order in query segments so the partial buffers s
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -41,7 +45,9 @@ _PARTIAL_BYTES = 4 << 30
 # Launch configuration; the benchmark overrides entries to sweep them. ``*_rows`` is the number of
 # tile rows (queries x padded heads) per program.
 CONFIG = {
-    "qo_rows": 128, "qo_keys": 64, "qo_warps": 8, "qo_stages": 2,  # query-outer forward (keys a step)
+    # query-outer forward: 128 keys a step, 3 stages, K/V by TMA (H200 run 2 in the notes: 4.97 ms
+    # against 5.68 for 2 stages and 6.12 for 64-key steps, tsfm tile_shared 128K)
+    "qo_rows": 128, "qo_keys": 128, "qo_warps": 8, "qo_stages": 3, "qo_tma": True,
     "kv_rows": 128, "kv_warps": 8, "kv_stages": 2, "kv_cpp": 4,  # kv-outer forward (chunks/program)
     "dq_rows": 128, "dq_keys": 64, "dq_warps": 8, "dq_stages": 2,  # query-outer dq
     "dkdv_rows": 32, "dkdv_keys": 128, "dkdv_warps": 8, "dkdv_stages": 2,  # dk/dv owners (keys each)
@@ -107,14 +113,41 @@ def _needs_mask(kt, k_ok, qt_min, member_min):
 # Forward, query-outer
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _qo_update(s, vb, e, j0, m_i, l_i, acc, qt, sel_row, row_ok, KTime, t_base, L, KS, qk_scale2,
+               BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr):
+    """Online-softmax step on raw scores ``s [ROWS, BN]`` of keys ``j0 + [0, BN)`` of the block of
+    union entry ``e`` (block * 2 + needs_mask); the mask runs only where the union kernel flagged it."""
+    blk = e >> 1
+    if (e & 1) != 0:
+        j = j0 + tl.arange(0, BN)
+        kpos, k_ok, kt = _key_block(KTime, t_base, L, blk, j, BSZ, BS)
+        # Membership by 1D loads of the rows' slots: a 2D [ROWS, KP] selection tile here made the
+        # compiler run the whole softmax in its layout (a shared-memory round trip of the score tile
+        # every step). Still slow where most blocks are masked (pool: notes, run 2): the KS loads
+        # run one after another; membership bits from the union kernel are the next step.
+        member = tl.zeros([ROWS], tl.int32)
+        for slot in range(0, KS):
+            member = member | (tl.load(sel_row + slot, mask=row_ok, other=-1) == blk).to(tl.int32)
+        vis = (member[:, None] > 0) & (kt[None, :] <= qt[:, None]) & k_ok[None, :]
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale2)  # log2 units
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s * qk_scale2 - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_query_outer_kernel(
     Q, K, V, Out, Lse,  # q/out [B, Hq, L, D], k/v [B, G, L, D], lse [B, Hq, L] fp32
     BlockIdx,  # [B, G, L, KS] int32
-    Union, UnionCount,  # [B*G, NT, UW] int32 sorted distinct blocks of each tile, [B*G, NT] int32
+    Union, UnionCount,  # [B*G, NT, UW] int32 union entries (block * 2 + needs_mask), [B*G, NT] int32
     QTime, KTime,  # [B, L] int32
-    L, G, Hq, R, KS, NT, UW, qk_scale2,
+    L, G, Hq, R, KS, NT, UW, qk_scale2, NKV,  # NKV = B * G * L rows of k/v
     D: tl.constexpr, BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-    TQ: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
+    TQ: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
     ROWS: tl.constexpr = TQ * RP
     tile = tl.program_id(0)
@@ -130,44 +163,96 @@ def _fwd_query_outer_kernel(
     bh_row = (b * Hq + g * R + h).to(tl.int64) * L + qpos  # [ROWS] row of q/out/lse
     q = _load_rows(Q, bh_row, row_ok, d, D, DP)  # [ROWS, DP]
     qt = tl.load(QTime + b * L + qpos, mask=row_ok, other=-1)  # padding rows see no key
-    qt_min = tl.min(tl.where(row_ok, qt, _I32_MAX), axis=0)
-    kk = tl.arange(0, KP)
-    sel = tl.load(BlockIdx + (bg.to(tl.int64) * L + qpos)[:, None] * KS + kk[None, :],
-                  mask=row_ok[:, None] & (kk < KS)[None, :], other=-1)  # [ROWS, KP]
+    sel_row = BlockIdx + (bg.to(tl.int64) * L + qpos) * KS  # [ROWS] pointers to the rows' slots
 
     kv_row0 = bg.to(tl.int64) * L
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(K, shape=[NKV, D], strides=[D, 1], block_shape=[BN, D])
+        v_desc = tl.make_tensor_descriptor(V, shape=[NKV, D], strides=[D, 1], block_shape=[BN, D])
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DP], tl.float32)
     n_union = tl.load(UnionCount + bg * NT + tile)
     u_base = (bg * NT + tile).to(tl.int64) * UW
     for it in range(0, n_union):
-        blk = tl.load(Union + u_base + it)
-        member = tl.max((sel == blk).to(tl.int32), axis=1)  # [ROWS] did this row's query choose blk
-        member_min = tl.min(tl.where(row_ok, member, 1), axis=0)
+        e = tl.load(Union + u_base + it)
+        blk = e >> 1
         # BN keys at a time: [ROWS, BN] score tiles keep the registers in bounds.
         for sub in tl.static_range(0, BS // BN):
-            j = sub * BN + tl.arange(0, BN)
-            kpos, k_ok, kt = _key_block(KTime, b * L, L, blk, j, BSZ, BS)
-            kb = _load_rows(K, kv_row0 + kpos, k_ok, d, D, DP)  # [BN, DP]
-            vb = _load_rows(V, kv_row0 + kpos, k_ok, d, D, DP)
-            s = _dot(q, tl.trans(kb), IEEE) * qk_scale2  # [ROWS, BN], log2 units
-            if _needs_mask(kt, k_ok, qt_min, member_min):
-                vis = (member[:, None] > 0) & (kt[None, :] <= qt[:, None]) & k_ok[None, :]
-                s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, IEEE)
-            m_i = m_new
+            if TMA:
+                row = (kv_row0 + blk * BSZ + sub * BN).to(tl.int32)
+                kb = k_desc.load([row, 0])  # rows past the tensor read as zeros, others are masked
+                vb = v_desc.load([row, 0])
+            else:
+                j = sub * BN + tl.arange(0, BN)
+                kpos = blk * BSZ + j
+                k_ok = kpos < L
+                if BS != BSZ:
+                    k_ok = k_ok & (j < BSZ)
+                kb = _load_rows(K, kv_row0 + kpos, k_ok, d, D, DP)  # [BN, DP]
+                vb = _load_rows(V, kv_row0 + kpos, k_ok, d, D, DP)
+            s = _dot(q, tl.trans(kb), IEEE)  # [ROWS, BN], raw logits
+            m_i, l_i, acc = _qo_update(s, vb, e, sub * BN, m_i, l_i, acc, qt, sel_row, row_ok,
+                                       KTime, b * L, L, KS, qk_scale2, BSZ, BS, BN, ROWS, IEEE)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     lse = tl.where(has, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     _store_rows(Out, bh_row, row_ok, d, acc / l_safe[:, None], D, DP)
     tl.store(Lse + bh_row, lse, mask=row_ok)
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _tile_union_kernel(
+    BlockIdx,  # [B, G, L, KS] int32
+    QTime, KtMax,  # [B, L] int32, [B, NBK] int32 latest key time of each block (unused if not FLAGS)
+    Union, Count,  # [B*G, NT, UW] int32 out: sorted distinct blocks as block * 2 + needs_mask; [B*G, NT]
+    L, G, KS, NT, NBK, UW,
+    TQ: tl.constexpr, KP: tl.constexpr, FLAGS: tl.constexpr,
+):
+    """Per tile of TQ queries: the sorted distinct blocks its queries chose (one sort, no pre-pass in
+    torch). ``needs_mask`` is 0 when every query of the tile chose the block and every key of it is
+    visible to every query (full block, latest key time <= earliest query time)."""
+    N: tl.constexpr = TQ * KP
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    n = tl.arange(0, N)
+    qi = n // KP
+    s = n % KP
+    qpos = tile * TQ + qi
+    ok = (qpos < L) & (s < KS)
+    x = tl.load(BlockIdx + (bg.to(tl.int64) * L + qpos) * KS + s, mask=ok, other=-1)
+    x = tl.where(x >= 0, x, _I32_MAX)
+    x = tl.sort(x, 0)
+    prev = tl.gather(x, tl.maximum(n - 1, 0), 0)
+    nxt = tl.gather(x, tl.minimum(n + 1, N - 1), 0)
+    valid = x != _I32_MAX
+    first = valid & ((n == 0) | (x != prev))
+    last = valid & ((n == N - 1) | (x != nxt))
+    first_i = first.to(tl.int32)
+    u = tl.cumsum(first_i, 0) - 1  # rank of the element's block among the distinct ones
+    entry = x * 2 + 1
+    if FLAGS:
+        # Entries of one row are distinct, so a block's run length is the number of queries choosing it.
+        gstart = tl.associative_scan(tl.where(first, n, 0), 0, _max_combine)
+        run = n - gstart + 1
+        tq_i = tl.arange(0, TQ)
+        qp = tile * TQ + tq_i
+        qt = tl.load(QTime + b * L + qp, mask=qp < L, other=_I32_MAX)
+        qt_min = tl.min(qt, axis=0)
+        n_q = tl.sum((qp < L).to(tl.int32), axis=0)
+        ktm = tl.load(KtMax + b * NBK + x, mask=last, other=_I32_MAX)
+        full = (run == n_q) & (ktm <= qt_min)
+        entry = x * 2 + tl.where(full, 0, 1)
+    tile_row = bg * NT + tile
+    tl.store(Union + tile_row.to(tl.int64) * UW + u, entry, mask=last)
+    tl.store(Count + tile_row + tl.zeros([1], tl.int32), tl.sum(first_i, axis=0) + tl.zeros([1], tl.int32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +399,7 @@ def _bwd_dq_query_outer_kernel(
     n_union = tl.load(UnionCount + bg * NT + tile)
     u_base = (bg * NT + tile).to(tl.int64) * UW
     for it in range(0, n_union):
-        blk = tl.load(Union + u_base + it)
+        blk = tl.load(Union + u_base + it) >> 1  # union entries are block * 2 + flag
         member = tl.max((sel == blk).to(tl.int32), axis=1)
         member_min = tl.min(tl.where(row_ok, member, 1), axis=0)
         for sub in tl.static_range(0, BS // BN):
@@ -434,6 +519,29 @@ def _tile_union(block_idx: torch.Tensor, tq: int) -> tuple[torch.Tensor, torch.T
     return x.contiguous(), count.contiguous()
 
 
+def _build_union(block_idx, tq, q_time=None, k_time=None, block_size=None):
+    """Tile unions by ``_tile_union_kernel`` (one launch, no torch sorts): ``union [B*G, NT, tq*K]``
+    int32 entries ``block * 2 + needs_mask`` sorted by block (first ``count`` meaningful) and
+    ``count [B*G, NT]`` int32. Without times every entry is flagged as needing the mask."""
+    batch, groups, seq_len, slots = block_idx.shape
+    nt = triton.cdiv(seq_len, tq)
+    union = torch.empty(batch * groups, nt, tq * slots, device=block_idx.device, dtype=torch.int32)
+    count = torch.empty(batch * groups, nt, device=block_idx.device, dtype=torch.int32)
+    flags = q_time is not None and block_size is not None and block_size == _pow2(block_size, 1)
+    if flags:
+        nbk = triton.cdiv(seq_len, block_size)
+        kt = k_time
+        if nbk * block_size != seq_len:
+            kt = torch.nn.functional.pad(kt, (0, nbk * block_size - seq_len), value=INT32_MAX)
+        kt_max = kt.reshape(batch, nbk, block_size).amax(-1).to(torch.int32).contiguous()
+    else:
+        nbk, q_time, kt_max = 1, count, count  # placeholders, never read
+    _tile_union_kernel[(nt, batch * groups)](
+        block_idx, q_time, kt_max, union, count, seq_len, groups, slots, nt, nbk, union.shape[-1],
+        TQ=tq, KP=triton.next_power_of_2(slots), FLAGS=flags, num_warps=4)
+    return union, count
+
+
 def _block_csr(block_idx: torch.Tensor, nb: int):
     """Invert ``block_idx [B, G, Ls, K]`` (a query segment) into per-(batch, group, block) lists.
 
@@ -498,13 +606,30 @@ class _Shape:
         return max(1, max(rows, 16) // self.RP)
 
 
+def _tma_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _use_tma(q, sh: _Shape, bn: int) -> bool:
+    """K/V through tensor descriptors (TMA) on a compiled sm_90+ GPU; pointer loads otherwise (the
+    interpreter, odd head dims, tiny key steps)."""
+    if not CONFIG["qo_tma"] or not q.is_cuda or triton.runtime.driver.active.get_current_target().backend != "cuda":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    if sh.D != sh.DP or q.element_size() != 2 or bn < 16 or sh.BS != sh.bs:
+        return False
+    triton.set_allocator(_tma_alloc)  # device-side descriptors need a small global scratch
+    return True
+
+
 def _union_waste(block_idx, union_count, tq) -> float:
     """Blocks computed by query_outer per valid (query, block) pair (1.0 = no waste). Syncs."""
     valid = int((block_idx >= 0).sum())
     return float(union_count.sum()) * tq / max(valid, 1)
 
 
-def _pick_variant(variant, block_idx, sh: _Shape, phase: str = "fwd"):
+def _pick_variant(variant, block_idx, sh: _Shape, phase: str = "fwd", q_time=None, k_time=None):
     """Resolve ``auto`` for the forward or the backward (each has its own break-even waste, see
     CONFIG); returns (variant, union, count) with the union computed when it is used."""
     if variant not in ("auto", "query_outer", "kv_outer"):
@@ -512,7 +637,7 @@ def _pick_variant(variant, block_idx, sh: _Shape, phase: str = "fwd"):
     if variant == "kv_outer":
         return variant, None, None
     tq = sh.tq(CONFIG["qo_rows"])
-    union, count = _tile_union(block_idx, tq)
+    union, count = _build_union(block_idx, tq, q_time, k_time, sh.bs)
     if variant == "auto" and _union_waste(block_idx, count, tq) > CONFIG["auto_waste_" + phase]:
         return "kv_outer", None, None
     return "query_outer", union, count
@@ -526,15 +651,19 @@ def _forward(q, k, v, block_idx, q_time, k_time, block_size, scale, variant):
     qk_scale2 = scale * _LOG2E
     out = torch.empty_like(q)
     lse = torch.empty(sh.B, sh.Hq, sh.L, device=q.device, dtype=torch.float32)
-    variant, union, count = _pick_variant(variant, block_idx, sh)
+    variant, union, count = _pick_variant(variant, block_idx, sh, "fwd", q_time, k_time)
     if variant == "query_outer":
         tq = sh.tq(CONFIG["qo_rows"])
         nt = triton.cdiv(sh.L, tq)
+        bn, stages = min(sh.BS, CONFIG["qo_keys"]), CONFIG["qo_stages"]
+        tma = _use_tma(q, sh, bn)
+        if not tma:  # pointer loads (fp32, odd shapes, pre-Hopper): 128-key steps spill (notes, run 2)
+            bn, stages = min(bn, 64), min(stages, 2)
         _fwd_query_outer_kernel[(nt, sh.B * sh.G)](
             q, k, v, out, lse, block_idx, union, count, q_time, k_time,
-            sh.L, sh.G, sh.Hq, sh.R, sh.KS, nt, union.shape[-1], qk_scale2,
-            D=sh.D, BSZ=sh.bs, BS=sh.BS, BN=min(sh.BS, CONFIG["qo_keys"]), DP=sh.DP, TQ=tq, RP=sh.RP,
-            KP=sh.KP, IEEE=sh.ieee, num_warps=CONFIG["qo_warps"], num_stages=CONFIG["qo_stages"])
+            sh.L, sh.G, sh.Hq, sh.R, sh.KS, nt, union.shape[-1], qk_scale2, sh.B * sh.G * sh.L,
+            D=sh.D, BSZ=sh.bs, BS=sh.BS, BN=bn, DP=sh.DP, TQ=tq, RP=sh.RP,
+            KP=sh.KP, IEEE=sh.ieee, TMA=tma, num_warps=CONFIG["qo_warps"], num_stages=stages)
         return out, lse
 
     tq = sh.tq(CONFIG["kv_rows"])
@@ -567,7 +696,7 @@ def _backward(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_si
     if dlse is not None:
         delta = delta - dlse.float()
     delta = delta.contiguous()
-    variant, union, count = _pick_variant(variant, block_idx, sh, "bwd")
+    variant, union, count = _pick_variant(variant, block_idx, sh, "bwd", q_time, k_time)
     write_dq = variant == "kv_outer"
 
     dq = torch.empty_like(q)
@@ -599,7 +728,7 @@ def _backward(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_si
                 D=sh.D, BQ=bq, DP=sh.DP, LSE_MERGE=False, num_warps=CONFIG["cb_warps"])
     if not write_dq:
         tq = sh.tq(CONFIG["dq_rows"])
-        union, count = (union, count) if union is not None and union.shape[-1] == tq * sh.KS else _tile_union(block_idx, tq)
+        union, count = (union, count) if union is not None and union.shape[-1] == tq * sh.KS else _build_union(block_idx, tq)
         nt = triton.cdiv(sh.L, tq)
         _bwd_dq_query_outer_kernel[(nt, sh.B * sh.G)](
             q, k, v, dout, lse, delta, dq, block_idx, union, count, q_time, k_time,

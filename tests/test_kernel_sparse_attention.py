@@ -193,6 +193,35 @@ def test_auto_variant_and_determinism():
 
 
 @cpu_only
+@pytest.mark.parametrize("pattern", ["tile_shared", "pool", "random"])
+def test_tile_union_kernel(pattern):
+    """The Triton union matches the torch sorts, and a block is flagged mask-free exactly when every
+    query of the tile chose it and sees every key of it (full block, padding queries included)."""
+    gen = torch.Generator().manual_seed(5)
+    batch, groups, seq_len, bs, tq = 2, 2, 77, 16, 8
+    block_idx = make_block_idx(batch, groups, seq_len, bs, 3, pattern, gen, empty=0.1)
+    q_time, k_time = make_times(batch, seq_len, "causal", gen)
+    union, count = sa._build_union(block_idx, tq, q_time, k_time, bs)
+    ref_union, ref_count = sa._tile_union(block_idx, tq)
+    assert torch.equal(count, ref_count)
+    kt = torch.nn.functional.pad(k_time, (0, -seq_len % bs), value=INT32_MAX).reshape(batch, -1, bs).amax(-1)
+    n_flags = 0
+    for bg in range(batch * groups):
+        b, g = divmod(bg, groups)
+        for t in range(count.shape[1]):
+            n = int(count[bg, t])
+            entries = union[bg, t, :n]
+            assert torch.equal(entries >> 1, ref_union[bg, t, :n])
+            rows = block_idx[b, g, t * tq:(t + 1) * tq]
+            for e in entries.tolist():
+                blk = e >> 1
+                free = bool((rows == blk).any(-1).all()) and int(kt[b, blk]) <= int(q_time[b, t * tq:(t + 1) * tq].min())
+                assert (e & 1) == (0 if free else 1)
+                n_flags += free
+    assert n_flags > 0 or pattern == "random"
+
+
+@cpu_only
 def test_rejects_bad_inputs():
     q = torch.randn(1, 2, 32, 16)
     block_idx = torch.zeros(1, 2, 32, 2, dtype=torch.int32)
