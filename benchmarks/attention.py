@@ -235,20 +235,20 @@ class Runner:
         self.sparse = None
         self.sparse_note = None
         try:
-            from tsfm_msa.kernels.sparse_attention import sparse_attention_triton
+            from tsfm_msa.kernels.sparse_attention_triton import sparse_attention_triton
 
             self.sparse = sparse_attention_triton
         except Exception as e:  # noqa: BLE001
             self.sparse_note = f"missing: {type(e).__name__}: {e}"
         try:
-            from tsfm_msa.kernels.select_blocks import select_blocks_triton
+            from tsfm_msa.kernels.select_blocks_triton import select_blocks_triton
 
             self.select = select_blocks_triton
         except Exception as e:  # noqa: BLE001
             self.select = None
             self.errors.append({"what": "import select_blocks", "error": repr(e)})
         try:
-            from tsfm_msa.kernels.indexer_kl import indexer_kl_triton
+            from tsfm_msa.kernels.indexer_kl_triton import indexer_kl_triton
 
             self.kl = indexer_kl_triton
         except Exception as e:  # noqa: BLE001
@@ -298,6 +298,13 @@ class Runner:
         if self._flex is None:
             from torch.nn.attention.flex_attention import flex_attention
 
+            # One compiled graph per shape: without a higher limit dynamo falls back to eager flex after
+            # a few recompiles, which materializes the full score matrix and runs out of memory.
+            import torch._dynamo
+
+            for knob in ("cache_size_limit", "recompile_limit"):
+                if hasattr(torch._dynamo.config, knob):
+                    setattr(torch._dynamo.config, knob, 256)
             self._flex = torch.compile(flex_attention, dynamic=False)
         return self._flex
 
@@ -496,7 +503,7 @@ class Runner:
                                  lambda: self.select(qi, ki, t, t, BS, TOPK, None, forced), score_flops, need_s=20)
                 sel_ms = r.get("ms")
             if self.args.select_sweep and self.want("select"):
-                from tsfm_msa.kernels import select_blocks as sbm
+                from tsfm_msa.kernels import select_blocks_triton as sbm
 
                 for conf in self.args.select_sweep.split(","):
                     rows, warps, stages = (int(x) for x in conf.split(":"))

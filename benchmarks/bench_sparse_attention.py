@@ -24,7 +24,7 @@ import triton
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sa = importlib.import_module("kernels.sparse_attention")  # the package re-exports a function of that name
+sa = importlib.import_module("kernels.sparse_attention_triton")
 ref_mod = importlib.import_module("kernels.reference")
 
 INT32_MAX = 2**31 - 1

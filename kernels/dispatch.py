@@ -64,19 +64,19 @@ def _triton_op(module: str, name: str):
 def select_blocks(qi, ki, q_time, k_time, block_size, k, allowed=None, forced=None, return_scores=False):
     """See :func:`reference.select_blocks_reference`."""
     if _use_triton(qi):
-        return _triton_op("select_blocks", "select_blocks_triton")(qi, ki, q_time, k_time, block_size, k, allowed, forced, return_scores)
+        return _triton_op("select_blocks_triton", "select_blocks_triton")(qi, ki, q_time, k_time, block_size, k, allowed, forced, return_scores)
     return reference.select_blocks_reference(qi, ki, q_time, k_time, block_size, k, allowed, forced, return_scores)
 
 
 def sparse_attention(q, k, v, block_idx, q_time, k_time, block_size, scale=None):
     """See :func:`reference.sparse_attention_reference`; returns ``(out, lse)``."""
     if _use_triton(q):
-        return _triton_op("sparse_attention", "sparse_attention_triton")(q, k, v, block_idx, q_time, k_time, block_size, scale)
+        return _triton_op("sparse_attention_triton", "sparse_attention_triton")(q, k, v, block_idx, q_time, k_time, block_size, scale)
     return reference.sparse_attention_reference(q, k, v, block_idx, q_time, k_time, block_size, scale)
 
 
 def indexer_kl(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale=None, index_scale=None):
     """See :func:`reference.indexer_kl_reference`; gradients reach ``qi`` and ``ki`` only."""
     if _use_triton(qi):
-        return _triton_op("indexer_kl", "indexer_kl_triton")(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale, index_scale)
+        return _triton_op("indexer_kl_triton", "indexer_kl_triton")(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale, index_scale)
     return reference.indexer_kl_reference(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale, index_scale)

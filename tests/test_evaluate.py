@@ -182,7 +182,7 @@ def test_evaluate_beats_seasonal_naive_on_known_function(tmp_path):
 
     seed = int(np.random.default_rng().integers(1000))
     cfg = _compose([
-        "data=synthetic", "eval=quick", "eval.models=[dense]", "eval.seeds=[0]", "eval.max_steps=80",
+        "data=synthetic", "eval=quick", "eval.models=[dense]", "eval.seeds=[0]", "eval.max_steps=100",
         "eval.plot_series=1", "eval.plot_windows=1", f"seed={seed}", f"data.context_len={C}", f"data.horizon={H}",
         "data.loader.n_items=1", "data.loader.length=1500", "data.loader.n_past_covariates=0",
         "data.loader.covariate_lag=0", "+data.loader.covariate_effect=2.0", "+data.loader.noise=0.05",
@@ -192,7 +192,8 @@ def test_evaluate_beats_seasonal_naive_on_known_function(tmp_path):
     out = evaluate(cfg, tmp_path, "synthetic")
     table = out["table"].set_index("model")
     assert table.loc["seasonal_naive", "MASE_rel"] == pytest.approx(1.0)
-    assert table.loc["dense", "MASE_rel"] < 0.9 and table.loc["dense", "CRPS_rel"] < 0.9
+    # Over 20 random data seeds at 80 steps the ratios were 0.70-0.92 (MASE) and 0.53-0.71 (CRPS).
+    assert table.loc["dense", "MASE_rel"] < 1.0 and table.loc["dense", "CRPS_rel"] < 0.85
     for name in ("evaluation.csv", "evaluation.md", "evaluation_seeds.csv"):
         assert (tmp_path / name).is_file()
     assert out["plots"] and all(p.endswith(".png") for p in out["plots"])
@@ -240,7 +241,7 @@ def test_seasonal_naive_and_zscore(data):
     assert entry["start"].freqstr == "h" and entry["item_id"] == frames[0].item_id
 
 
-def test_multi_target_forecasts_split_per_target():
+def test_multi_target_forecasts_split_per_target(tmp_path):
     """Two targets: our joint forecasts ([K, H, 2]) are split into per-target series in the order of the
     univariate test windows that the GluonTS models and the metrics use."""
     import pandas as pd
@@ -269,3 +270,8 @@ def test_multi_target_forecasts_split_per_target():
     np.testing.assert_array_equal(uni[split.windows + 1].forecast_array, joint[1].forecast_array[:, :, 1])
     scores = score_forecasts(uni, split.uni_test, "h")
     assert all(np.isfinite(v) for v in scores.values())
+    # Per-target item ids ("0/a") must still give plain plot file names.
+    from tsfm_msa.evaluate.report import plot_forecasts
+
+    plots = plot_forecasts(split.uni_test, {"dense": uni}, tmp_path, n_series=2, n_windows=1)
+    assert len(plots) == 2 and all((tmp_path / p.split("/")[-1]).is_file() for p in plots)

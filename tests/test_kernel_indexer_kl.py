@@ -11,7 +11,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from tsfm_msa.kernels.indexer_kl import indexer_kl_triton  # noqa: E402
+from tsfm_msa.kernels.indexer_kl_triton import indexer_kl_triton  # noqa: E402
 from tsfm_msa.kernels.reference import (  # noqa: E402
     INT32_MAX,
     indexer_kl_reference,

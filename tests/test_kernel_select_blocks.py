@@ -12,7 +12,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from tsfm_msa.kernels.reference import INT32_MAX, num_blocks, select_blocks_reference  # noqa: E402
-from tsfm_msa.kernels.select_blocks import select_blocks_triton  # noqa: E402
+from tsfm_msa.kernels.select_blocks_triton import select_blocks_triton  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 needs_cpu_interp = pytest.mark.skipif(not INTERP, reason="CPU tests run under TRITON_INTERPRET=1")

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 
 from tsfm_msa.kernels import INT32_MAX, KernelInputError, sparse_attention_reference  # noqa: E402
 # The package re-exports the dispatcher function under the module's name: fetch the module itself.
-sa = importlib.import_module("tsfm_msa.kernels.sparse_attention")
+sa = importlib.import_module("tsfm_msa.kernels.sparse_attention_triton")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_only = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (CPU, TRITON_INTERPRET=1)")

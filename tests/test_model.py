@@ -161,3 +161,14 @@ def test_non_finite_inputs_give_finite_loss():
 def test_quantiles_are_monotone():
     q = small_model("msa")(random_batch(2, C, H, 3, seed=10)).quantiles
     assert (q.diff(dim=-1) >= 0).all()
+
+
+def test_kernel_functions_survive_importing_the_triton_modules():
+    """The Triton modules are imported lazily; their names must not shadow the dispatcher's ops."""
+    pytest.importorskip("triton")
+    import importlib
+
+    for module in ("select_blocks_triton", "sparse_attention_triton", "indexer_kl_triton"):
+        importlib.import_module(f"tsfm_msa.kernels.{module}")
+    for op in (kernels.select_blocks, kernels.sparse_attention, kernels.indexer_kl):
+        assert callable(op) and not isinstance(op, type(kernels))

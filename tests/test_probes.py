@@ -213,6 +213,32 @@ def test_selection_recall_per_layer_group_and_union():
     assert np.isnan(none["recall"]) and none["n_instances"] == 0
 
 
+def test_path_recall_follows_information_through_the_layers():
+    """Token 3 reads the needed token 0 in layer 1; the forecast query (token 4) reads token 3 in layer 2:
+    the cause reaches the forecast although no forecast-query selection contains it."""
+    layout = build_layout(["target"], [0], ["t"], 16, 4, 4, 1)  # 5 tokens = 5 blocks of 1
+    queries = metrics.forecast_queries(layout)
+    assert queries.tolist() == [4]
+    needed = torch.zeros(1, 1, 5, dtype=torch.bool)
+    needed[0, 0, 0] = True
+    tok = metrics.needed_tokens(needed, layout)
+
+    def layer(reads: dict[int, list[int]]) -> torch.Tensor:
+        idx = torch.full((1, 1, 5, 2), -1, dtype=torch.int32)
+        for i in range(5):
+            row = [i] + reads.get(i, [])
+            idx[0, 0, i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+        return idx
+
+    copy_then_read = [layer({3: [0]}), layer({4: [3]})]
+    assert metrics.path_recall(copy_then_read, layout, tok, queries) == 1.0
+    assert metrics.selection_recall(copy_then_read, metrics.needed_blocks(needed, layout), queries)["recall"] == 0.0
+    too_late = [layer({4: [3]}), layer({3: [0]})]  # token 3 learns of the cause only after it was read
+    assert metrics.path_recall(too_late, layout, tok, queries) == 0.0
+    direct = [layer({}), layer({4: [0]})]
+    assert metrics.path_recall(direct, layout, tok, queries) == 1.0
+
+
 def test_needed_blocks_and_support_size_on_a_known_layout():
     layout = build_layout(["target", "past_covariate"], [0, 1], ["t", "x"], 16, 4, 4, 2)
     # target segment: patches 0..4 (5 tokens) -> blocks 0,1,2 (last padded); covariate: patches 0..3 -> blocks 3,4
@@ -266,7 +292,7 @@ def test_run_probe_writes_a_parsable_report(tmp_path):
         "seed": 0, "threads": 1, "checkpoint": None,
         "model": {"d_model": 16, "n_layers": 2, "heads_per_group": 1, "head_dim": 4, "block_size": 2, "top_k": 3,
                   "index_dim": 4, "k_own": None},
-        "train": {"steps": 3, "indexer_warmup_steps": 1, "batch_size": 4, "kl_weight": 1.0, "msa_init": "scratch",
+        "train": {"steps": 3, "msa_steps": 2, "indexer_warmup_steps": 1, "batch_size": 4, "kl_weight": 1.0, "msa_init": "dense",
                   "optim": {"lr": 1e-3, "warmup_steps": 1}},
         "selectors": list(selectors.SELECTORS),
         "verdict": dict(report.DEFAULT_THRESHOLDS),
@@ -286,6 +312,7 @@ def test_run_probe_writes_a_parsable_report(tmp_path):
             assert len(learned) == 1 and learned[0]["recall"] is not None and learned[0]["error_ratio"] is not None
             local = [r for r in rows if r["selector"] == "local"]
             assert all(r["recall"] == 0.0 for r in local)  # the cause is 6 patches back, the window 3 blocks
+            assert all(r["path_recall"] >= r["recall"] for r in rows)
             dense = [r for r in rows if r["selector"] == "dense" and r["backbone"] == "dense"][0]
             assert dense["recall"] == 1.0 and dense["error_ratio"] == 1.0
             assert all(r["verdict"] in ("preserved", "degraded", "lost") for r in rows)
