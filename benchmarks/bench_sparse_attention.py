@@ -111,10 +111,12 @@ def check(heads, groups, seq_len, dim, bs, k, pattern, variant):
 
 # (shape, pattern, variant, config change, timed part): launch configs tried beside the defaults.
 SWEEP = [
-    ("tsfm", "tile_shared", "query_outer", {"qo_keys": 128}, "fwd"),
-    ("tsfm", "tile_shared", "query_outer", {"dkdv_rows": 64, "dkdv_keys": 64}, "bwd"),
-    ("paper", "random", "kv_outer", {"kv_cpp": 8}, "fwd"),
-    ("paper", "random", "kv_outer", {"kv_cpp": 4, "kv_stages": 1}, "fwd"),
+    # session 3: membership bitmask (qo_bits) against the old per-slot loads, same run
+    ("tsfm", "tile_shared", "query_outer", {"qo_bits": False}, "bwd"),
+    ("tsfm", "tile_shared", "query_outer", {"dq_keys": 128}, "bwd"),
+    ("tsfm", "pool", "query_outer", {"qo_bits": False}, "fwd"),
+    ("paper", "pool", "query_outer", {"qo_bits": False}, "fwd"),
+    ("paper", "pool", "query_outer", {"qo_rows": 64, "qo_warps": 4, "qo_stages": 1}, "fwd"),
 ]
 
 
@@ -189,7 +191,7 @@ def fwd_variants(args):
             block_idx = make_pattern(groups, seq_len, bs, k, pattern, gen)
             sh = sa._Shape(q, kk, block_idx, bs)
             tq = sh.tq(sa.CONFIG["qo_rows"])
-            u, c = sa._build_union(block_idx, tq, t, t, bs)
+            u, c, _ = sa._build_union(block_idx, tq, t, t, bs)
             waste = sa._union_waste(block_idx, c, tq)
             unmasked = float(((u & 1) == 0).logical_and(
                 torch.arange(u.shape[-1], device=u.device) < c[..., None]).sum()) / float(c.sum())
@@ -275,8 +277,10 @@ def main():
     # 1. correctness, bf16
     if not args.skip_check:
         for heads, groups, seq_len, dim, bs, pattern in [
-            (16, 4, 8192, 128, 128, "tile_shared"), (16, 4, 8192, 128, 128, "random"),
-            (16, 4, 8192, 64, 64, "pool"), (64, 4, 4096, 128, 128, "random"),
+            (16, 4, 8192, 128, 128, "tile_shared"), (16, 4, 8192, 128, 128, "pool"),
+            (16, 4, 8192, 128, 128, "random"), (16, 4, 8192, 64, 64, "pool"),
+            (64, 4, 4096, 128, 128, "tile_shared"), (64, 4, 4096, 128, 128, "pool"),
+            (64, 4, 4096, 128, 128, "random"),
         ]:
             for variant in ("query_outer", "kv_outer"):
                 t0 = time.time()
@@ -302,11 +306,11 @@ def main():
             block_idx = make_pattern(groups, seq_len, bs, k, pattern, gen)
             sh = sa._Shape(q, kk, block_idx, bs)
             tq = sh.tq(sa.CONFIG["qo_rows"])
-            union, count = sa._tile_union(block_idx, tq)
+            union, count, _ = sa._build_union(block_idx, tq, t, t, bs)
             waste = sa._union_waste(block_idx, count, tq)
             if shape == "tsfm" or pattern != "tile_shared":
                 prep = {"shape": shape, "pattern": pattern, "waste": round(waste, 3),
-                        "union_ms": bench(lambda: sa._tile_union(block_idx, tq)),
+                        "union_ms": bench(lambda: sa._build_union(block_idx, tq, t, t, bs)),
                         "csr_ms": bench(lambda: sa._chunks(sa._block_csr(block_idx, sh.NB)[1], tq, block_idx.numel()))}
                 results["prep"].append(prep)
                 print("prep", prep, flush=True)

@@ -173,6 +173,21 @@ def test_lse_gradient_and_segments(variant, monkeypatch):
 
 
 @cpu_only
+@pytest.mark.parametrize("bits", [True, False])
+def test_query_outer_wide_tiles_and_bits(bits, monkeypatch):
+    """One head a group (64-query tiles: two membership words per union entry), and the fallback
+    membership path (slot loads, no bitmask)."""
+    monkeypatch.setitem(sa.CONFIG, "qo_bits", bits)
+    for name in ("qo_rows", "dq_rows"):
+        monkeypatch.setitem(sa.CONFIG, name, 64)
+    for name in ("qo_keys", "dq_keys", "dkdv_keys"):
+        monkeypatch.setitem(sa.CONFIG, name, 16)
+    got, ref = run_case(1, 2, 2, 90, 16, 16, 3, "pool", "causal", torch.float32, "query_outer", "cpu",
+                        seed=11)
+    check_close(got, ref, 1e-5)
+
+
+@cpu_only
 def test_auto_variant_and_determinism():
     gen = torch.Generator().manual_seed(3)
     shared = make_block_idx(1, 2, 128, 16, 2, "tile_shared", gen)
@@ -193,15 +208,17 @@ def test_auto_variant_and_determinism():
 
 
 @cpu_only
-@pytest.mark.parametrize("pattern", ["tile_shared", "pool", "random"])
-def test_tile_union_kernel(pattern):
-    """The Triton union matches the torch sorts, and a block is flagged mask-free exactly when every
-    query of the tile chose it and sees every key of it (full block, padding queries included)."""
+@pytest.mark.parametrize("pattern,tq", [("tile_shared", 8), ("pool", 8), ("random", 8), ("pool", 64)])
+def test_tile_union_kernel(pattern, tq):
+    """The Triton union matches the torch sorts, a block is flagged mask-free exactly when every
+    query of the tile chose it and sees every key of it (full block, padding queries included), and
+    the membership words hold exactly the queries of the tile that chose the block."""
     gen = torch.Generator().manual_seed(5)
-    batch, groups, seq_len, bs, tq = 2, 2, 77, 16, 8
+    batch, groups, seq_len, bs = 2, 2, 77 if tq <= 8 else 150, 16
     block_idx = make_block_idx(batch, groups, seq_len, bs, 3, pattern, gen, empty=0.1)
     q_time, k_time = make_times(batch, seq_len, "causal", gen)
-    union, count = sa._build_union(block_idx, tq, q_time, k_time, bs)
+    union, count, bits = sa._build_union(block_idx, tq, q_time, k_time, bs)
+    assert bits.shape[-1] == (tq + 31) // 32
     ref_union, ref_count = sa._tile_union(block_idx, tq)
     assert torch.equal(count, ref_count)
     kt = torch.nn.functional.pad(k_time, (0, -seq_len % bs), value=INT32_MAX).reshape(batch, -1, bs).amax(-1)
@@ -213,12 +230,16 @@ def test_tile_union_kernel(pattern):
             entries = union[bg, t, :n]
             assert torch.equal(entries >> 1, ref_union[bg, t, :n])
             rows = block_idx[b, g, t * tq:(t + 1) * tq]
-            for e in entries.tolist():
+            for u, e in enumerate(entries.tolist()):
                 blk = e >> 1
+                words = [w & 0xFFFFFFFF for w in bits[bg, t, u].tolist()]
+                got = [(words[i // 32] >> (i % 32)) & 1 for i in range(tq)]
+                want = (rows == blk).any(-1).int().tolist()
+                assert got == want + [0] * (tq - len(want))
                 free = bool((rows == blk).any(-1).all()) and int(kt[b, blk]) <= int(q_time[b, t * tq:(t + 1) * tq].min())
                 assert (e & 1) == (0 if free else 1)
                 n_flags += free
-    assert n_flags > 0 or pattern == "random"
+    assert n_flags > 0 or pattern == "random" or tq > bs  # tiles wider than a block share none
 
 
 @cpu_only

@@ -1,0 +1,327 @@
+"""`tsfm-msa probe`: build scenarios, train (or load) models, run every selector, write the report.
+
+For each scenario of ``cfg.probe.scenarios`` and each group policy it lists:
+
+1. train a dense model and an MSA model (indexer warmup, then sparse) on the scenario's training
+   windows with the same step budget (ForecastModule + Lightning on the CPU): from scratch
+   (``train.msa_init=scratch``), or by dense -> sparse adaptation (``dense``: both continue from one
+   dense model for ``msa_steps``, the MSA one with warmup then sparse); or, with ``cfg.checkpoint``,
+   load one model and probe it zero-shot;
+2. on the test instances and their counterfactuals, run every selector on every backbone (a dense
+   model is converted into an MSA model of the same shape so the selector hook exists; with all
+   blocks selected it computes exactly dense attention);
+3. measure recall of the needed blocks at the forecast queries, error ratio against the dense model,
+   counterfactual sensitivity and support size; judge each (scenario, policy, selector).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, default_collate
+
+from tsfm_msa.datasets import SeriesSchema, WindowDataset
+from tsfm_msa.probes import metrics
+from tsfm_msa.probes.report import judge, write_report
+from tsfm_msa.probes.scenarios import ProbeConfigError, ScenarioData, make_scenario
+from tsfm_msa.probes.selectors import SELECTORS, TRAINING_FREE, msa_layers, use_selector
+from tsfm_msa.tokens import TokenLayout
+from tsfm_msa.train.module import build_model
+
+MODEL_TARGET = "tsfm_msa.model.transformer.PatchTransformer"
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+def probe_model_config(model_cfg: dict, scenario: ScenarioData, attention: str, policy: str) -> dict:
+    """Model node for a scenario: one GQA group per sensor group (so every policy runs on the same
+    architecture and ``sensor`` is allowed), ``heads_per_group`` query heads per group."""
+    groups = len(scenario.schema.group_names)
+    cfg = dict(model_cfg)
+    heads_per_group = int(cfg.pop("heads_per_group", 2))
+    return {"_target_": MODEL_TARGET, **cfg, "attention": attention, "group_policy": policy,
+            "patch_len": scenario.patch_len, "n_kv_heads": groups, "n_heads": heads_per_group * groups}
+
+
+def window_dataset(frames, scenario: ScenarioData) -> WindowDataset:
+    """One window per frame, its origin at ``context_len`` (frames hold exactly context + horizon)."""
+    c, h = scenario.context_len, scenario.horizon
+    return WindowDataset(frames, c, h, stride=c + h, split="probe")
+
+
+def train_model(model_config: dict, scenario: ScenarioData, train_cfg: dict, seed: int,
+                init_state: dict | None = None) -> tuple[torch.nn.Module, float]:
+    """Train on the scenario's training windows with ForecastModule + Lightning (CPU); return the
+    PatchTransformer (eval mode) and the seconds spent."""
+    import lightning as L
+
+    from tsfm_msa.train.module import ForecastModule
+
+    L.seed_everything(seed, workers=False, verbose=False)
+    steps = int(train_cfg["steps"])
+    module = ForecastModule(
+        model_config=model_config, schema=scenario.schema.to_dict(), context_len=scenario.context_len,
+        horizon=scenario.horizon, optim=dict(train_cfg.get("optim") or {}), kl_weight=float(train_cfg["kl_weight"]),
+        indexer_warmup={"steps": int(train_cfg["indexer_warmup_steps"])}, max_steps=steps)
+    if init_state is not None:
+        # Dense -> MSA adaptation: the dense weights load, only the index projections start fresh.
+        module.model.load_state_dict(init_state, strict=False)
+    loader = DataLoader(window_dataset(scenario.train, scenario), batch_size=int(train_cfg["batch_size"]),
+                        shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        gradient_clip_val=1.0, num_sanity_val_steps=0)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    return module.model.eval(), time.perf_counter() - start
+
+
+def as_msa(model_config: dict, schema: dict, state: dict, policy: str) -> torch.nn.Module:
+    """An MSA model of the same shape carrying ``state`` (dense or MSA weights), under ``policy``."""
+    config = {**model_config, "attention": "msa", "group_policy": policy}
+    model = build_model(config, schema)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if "index_" not in k] + list(unexpected)
+    if bad:
+        raise ProbeConfigError(f"the weights do not fit the probe model: {bad[:5]}")
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+def probe_batches(scenario: ScenarioData) -> dict:
+    """All test windows and their counterfactuals as two batches, plus raw truths and needed masks."""
+    orig = default_collate(list(window_dataset([i.frame for i in scenario.test], scenario)))
+    cf = default_collate(list(window_dataset([i.counterfactual for i in scenario.test], scenario)))
+    targets = list(scenario.schema.target_indices)
+    c = scenario.context_len
+    truth = np.stack([i.frame.values[c:, targets].T for i in scenario.test])  # [N, T, H]
+    truth_cf = np.stack([i.counterfactual.values[c:, targets].T for i in scenario.test])
+    needed = torch.from_numpy(np.stack([i.needed for i in scenario.test]))  # [N, V, n_patches]
+    return {"orig": orig, "cf": cf, "truth": truth, "truth_cf": truth_cf, "needed": needed}
+
+
+@torch.no_grad()
+def forecast(model: torch.nn.Module, batch: dict) -> tuple[np.ndarray, list[torch.Tensor], TokenLayout]:
+    """Quantiles in raw units ``[N, T, H, Q]``, each MSA layer's block_idx, and the layout."""
+    out = model(batch, "sparse")
+    targets = model.target_index
+    scale = batch["scale"][:, targets, None, None]
+    loc = batch["loc"][:, targets, None, None]
+    raw = (out.quantiles * scale + loc).numpy()
+    layout = model.layout(batch["context"].shape[1], batch["horizon"].shape[1], batch["context"].device)
+    return raw, [a.block_idx for a in out.aux if a.block_idx is not None], layout
+
+
+def selection_grid(block_idx_per_layer: list[torch.Tensor], layout: TokenLayout, queries: torch.Tensor, n_var: int,
+                   instance: int = 0) -> np.ndarray:
+    """Share of layers in which a forecast query's selection (any GQA group) includes each (variate,
+    patch) token's block, for one instance, averaged over forecast queries: float [V, n_patches]."""
+    grid = np.zeros((n_var, layout.n_patches))
+    freq = torch.zeros(layout.n_blocks)
+    for block_idx in block_idx_per_layer:
+        sel = metrics.selected_blocks(block_idx[instance:instance + 1, :, queries], layout.n_blocks)
+        freq += sel.any(1).float().mean((0, 1))  # [1, G, Q, NB] -> any group -> mean over queries
+    freq /= max(1, len(block_idx_per_layer))
+    for pos in range(layout.seq_len):
+        v, p = int(layout.token_variate[pos]), int(layout.token_patch[pos])
+        if v >= 0:
+            grid[v, p] = float(freq[pos // layout.block_size])
+    return grid
+
+
+def evaluate_selector(model: torch.nn.Module, data: dict, name: str, seed: int) -> dict:
+    """Every metric of one selector on one backbone (the error ratio is filled in by the caller)."""
+    with use_selector(model, name, seed):
+        quant, block_idx, layout = forecast(model, data["orig"])
+        quant_cf, _, _ = forecast(model, data["cf"])
+    levels = model.quantile_levels.numpy()
+    mid = int(np.abs(levels - 0.5).argmin())
+    queries = metrics.forecast_queries(layout)
+    needed = metrics.needed_blocks(data["needed"], layout)
+    recall = metrics.selection_recall(block_idx, needed, queries)
+    path = metrics.path_recall(block_idx, layout, metrics.needed_tokens(data["needed"], layout), queries)
+    support = [metrics.support_size(b, layout, queries) for b in block_idx]
+    cf = metrics.counterfactual_sensitivity(quant_cf[..., mid] - quant[..., mid], data["truth_cf"] - data["truth"])
+    return {
+        "selector": name,
+        "recall": recall["recall"],
+        "path_recall": path,
+        "recall_per_layer": recall["per_layer"],
+        "recall_per_layer_group": recall["per_layer_group"],
+        "mae": metrics.mae(quant[..., mid], data["truth"]),
+        "crps": metrics.quantile_crps(quant, data["truth"], levels),
+        "cf_corr": cf["corr"],
+        "cf_gain": cf["gain"],
+        "support_tokens": float(np.mean([s["tokens"] for s in support])),
+        "support_frac": float(np.mean([s["frac"] for s in support])),
+        "_grid": selection_grid(block_idx, layout, queries, data["needed"].shape[1]),
+        "_cf": (data["truth_cf"] - data["truth"], quant_cf[..., mid] - quant[..., mid]),
+    }
+
+
+def evaluate_backbones(backbones: dict[str, tuple[torch.nn.Module, list[str]]], data: dict, reference: str,
+                       seed: int, thresholds: dict) -> list[dict]:
+    """Run the listed selectors on each backbone; error ratios against ``dense`` on ``reference``."""
+    rows = []
+    for backbone, (model, names) in backbones.items():
+        for name in names:
+            row = evaluate_selector(model, data, name, seed)
+            row["backbone"] = backbone
+            rows.append(row)
+    ref = next(r for r in rows if r["backbone"] == reference and r["selector"] == "dense")
+    own_dense = {r["backbone"]: r for r in rows if r["selector"] == "dense"}
+    for row in rows:
+        row["error_ratio"] = metrics.error_ratio(row["mae"], ref["mae"])
+        row["crps_ratio"] = metrics.error_ratio(row["crps"], ref["crps"])
+        own = own_dense.get(row["backbone"])
+        row["error_ratio_vs_own_dense"] = metrics.error_ratio(row["mae"], own["mae"]) if own else float("nan")
+        row["verdict"] = judge(row["recall"], row["error_ratio"], thresholds)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+def _scenario_knobs(spec: dict, checkpoint_hp: dict | None, seed: int) -> dict:
+    knobs = dict(spec.get("knobs") or {})
+    knobs.setdefault("seed", seed)
+    if checkpoint_hp is not None:
+        # Zero-shot: the checkpoint fixes the window and patch lengths.
+        knobs["context_len"] = int(checkpoint_hp["context_len"])
+        knobs["horizon"] = int(checkpoint_hp["horizon"])
+        knobs["patch_len"] = int(checkpoint_hp["model_config"].get("patch_len", 16))
+        knobs["n_train"] = 1
+    return knobs
+
+
+def _load_checkpoint(path: str) -> "ForecastModule":  # noqa: F821 (imported lazily: Lightning is slow to import)
+    from tsfm_msa.train.module import ForecastModule
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    module = ForecastModule.load_from_checkpoint(path, map_location="cpu")
+    return module
+
+
+def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule | None" = None) -> dict:  # noqa: F821
+    """Everything for one scenario: data, models, selector rows per policy, figures' raw material."""
+    seed = int(cfg["seed"])
+    hp = dict(checkpoint.hparams) if checkpoint is not None else None
+    scenario = make_scenario(name, **_scenario_knobs(spec, hp, seed))
+    data = probe_batches(scenario)
+    selectors = [s for s in cfg["selectors"] if s in SELECTORS]
+    unknown = [s for s in cfg["selectors"] if s not in SELECTORS]
+    if unknown:
+        raise ProbeConfigError(f"unknown selectors {unknown}; choose from {SELECTORS}")
+    if "dense" not in selectors:
+        raise ProbeConfigError("selectors must include 'dense': it is the reference of every error ratio")
+    result = {"description": scenario.description, "knobs": scenario.knobs, "policies": {},
+              "train_seconds": {}, "schema": scenario.schema.to_dict()}
+    thresholds = dict(cfg["verdict"])
+
+    if checkpoint is not None:
+        ck_schema = SeriesSchema.from_dict(hp["schema"])
+        diffs = ck_schema.differences(scenario.schema)
+        if diffs:
+            result["skipped"] = "checkpoint schema does not match the scenario: " + "; ".join(diffs)
+            return result
+        model_config = dict(hp["model_config"])
+        state = checkpoint.model.state_dict()
+        is_msa = checkpoint.model.has_msa
+        policies = [model_config.get("group_policy", "free")]
+        for policy in policies:
+            model = as_msa(model_config, hp["schema"], state, policy)
+            names = [s for s in selectors if is_msa or s != "learned"]
+            rows = evaluate_backbones({"checkpoint": (model, names)}, data, "checkpoint", seed, thresholds)
+            result["policies"][policy] = _finish(rows, model, scenario)
+        return result
+
+    train_cfg = dict(cfg["train"])
+    init_mode = train_cfg.get("msa_init", "scratch")
+    if init_mode not in ("scratch", "dense"):
+        raise ProbeConfigError(f"train.msa_init must be scratch or dense, got {init_mode!r}")
+    msa_train = {**train_cfg, "steps": train_cfg.get("msa_steps") or train_cfg["steps"]}
+    policies = list(spec.get("policies") or ["sensor"])
+    dense_config = probe_model_config(cfg["model"], scenario, "dense", policies[0])
+    dense, secs = train_model(dense_config, scenario, {**train_cfg, "indexer_warmup_steps": 0}, seed)
+    result["train_seconds"]["dense"] = round(secs, 1)
+    init_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    if init_mode == "dense":
+        # Dense -> sparse adaptation: the MSA model continues from this dense model for msa_steps
+        # (indexer warmup, then sparse). The dense reference continues just as long with dense
+        # attention, so both models end with the same number of steps on the same data.
+        dense, secs = train_model(dense_config, scenario, {**msa_train, "indexer_warmup_steps": 0}, seed + 1,
+                                  init_state=init_state)
+        result["train_seconds"]["dense_continued"] = round(secs, 1)
+    dense_state = dense.state_dict()
+    for policy in policies:
+        msa_config = probe_model_config(cfg["model"], scenario, "msa", policy)
+        msa, secs = train_model(msa_config, scenario, msa_train, seed + 1 if init_mode == "dense" else seed,
+                                init_state=init_state if init_mode == "dense" else None)
+        result["train_seconds"][f"msa_{policy}"] = round(secs, 1)
+        dense_backbone = as_msa(msa_config, scenario.schema.to_dict(), dense_state, policy)
+        free = [s for s in selectors if s in TRAINING_FREE]
+        backbones = {"dense": (dense_backbone, free), "msa": (msa, selectors)}
+        rows = evaluate_backbones(backbones, data, "dense", seed, thresholds)
+        result["policies"][policy] = _finish(rows, msa, scenario)
+    return result
+
+
+def _finish(rows: list[dict], model: torch.nn.Module, scenario: ScenarioData) -> dict:
+    layer = msa_layers(model)[0]
+    layout = model.layout(scenario.context_len, scenario.horizon, torch.device("cpu"))
+    return {"rows": rows, "top_k": int(layer.top_k), "block_size": int(layout.block_size),
+            "n_blocks": int(layout.n_blocks), "seq_len": int(layout.seq_len),
+            "group_names": list(layout.group_names), "variate_names": list(scenario.schema.names),
+            "_needed": scenario.test[0].needed.astype(int).tolist()}
+
+
+def run_probe(cfg: DictConfig) -> dict:
+    """Entry point of ``tsfm-msa probe`` (Hydra config ``configs/probe.yaml``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from tsfm_msa.cli import _run_dir
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["overrides"] = list(HydraConfig.get().overrides.task)  # the command line, for the record
+    return run_probe_in(plain, _run_dir())
+
+
+def run_probe_in(cfg: dict, out_dir: Path) -> dict:
+    """The probe suite for a plain-dict config, writing the report into ``out_dir``."""
+    start = time.perf_counter()
+    torch.set_num_threads(int(cfg.get("threads") or 1))  # tiny models: one thread beats two busy ones
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    probe = cfg.get("probe") or {}
+    scenarios = probe.get("scenarios") or {}
+    if not scenarios:
+        raise ProbeConfigError("no probe scenarios configured; use probe=all or probe=<scenario>")
+    checkpoint = _load_checkpoint(cfg["checkpoint"]) if cfg.get("checkpoint") else None
+    results = {}
+    for name, spec in scenarios.items():
+        t0 = time.perf_counter()
+        print(f"[probe] {name} ...", flush=True)
+        results[name] = probe_scenario(name, dict(spec or {}), cfg, checkpoint)
+        results[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"[probe] {name} done in {results[name]['seconds']} s", flush=True)
+    summary = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "settings": {k: copy.deepcopy(cfg.get(k)) for k in ("overrides", "seed", "threads", "checkpoint", "model",
+                                                              "train", "selectors", "verdict")},
+        "device": f"cpu, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+        "scenarios": results,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
+    return write_report(summary, Path(out_dir))

@@ -1,0 +1,277 @@
+"""Probe report: verdicts, probe_summary.json, probe_report.md, a self-contained probe_report.html and
+PNG plots (selection heat maps, recall / error-ratio bars, counterfactual scatter)."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_THRESHOLDS = {"preserved_recall": 0.9, "preserved_ratio": 1.1, "lost_recall": 0.5, "lost_ratio": 1.5}
+# The rows of the headline table: the dense model (the reference), then every selector on the MSA model
+# trained for the scenario (same weights, same budget, only the block choice differs), or everything
+# on a probed checkpoint. Training-free selectors on the dense model are in the per-scenario tables.
+HEADLINE = (("dense", "dense"), ("msa", "dense"), ("msa", "local"), ("msa", "random"), ("msa", "oracle"),
+            ("msa", "moba"), ("msa", "learned"), ("checkpoint", "dense"), ("checkpoint", "local"), ("checkpoint", "random"),
+            ("checkpoint", "oracle"), ("checkpoint", "moba"), ("checkpoint", "learned"))
+
+
+def judge(recall: float, error_ratio: float, thresholds: dict | None = None) -> str:
+    """``recall`` is the direct selection recall at the forecast queries.
+    preserved: recall >= preserved_recall and error ratio <= preserved_ratio; lost: recall <
+    lost_recall or error ratio > lost_ratio; degraded: in between. A NaN recall (no needed block)
+    is judged on the error ratio alone."""
+    t = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    r_ok = math.isnan(recall) or recall >= t["preserved_recall"]
+    r_lost = not math.isnan(recall) and recall < t["lost_recall"]
+    if math.isnan(error_ratio):
+        return "n/a"
+    if r_lost or error_ratio > t["lost_ratio"]:
+        return "lost"
+    if r_ok and error_ratio <= t["preserved_ratio"]:
+        return "preserved"
+    return "degraded"
+
+
+def headline_rows(summary: dict) -> list[dict]:
+    """Flat rows (scenario, policy, backbone, selector, metrics) of the headline table."""
+    out = []
+    for scenario, res in summary["scenarios"].items():
+        for policy, pol in res.get("policies", {}).items():
+            by_key = {(r["backbone"], r["selector"]): r for r in pol["rows"]}
+            for key in HEADLINE:
+                if key in by_key:
+                    out.append({"scenario": scenario, "policy": policy, **by_key[key]})
+    return out
+
+
+def _label(row: dict) -> str:
+    return "dense model" if row["backbone"] == "dense" and row["selector"] == "dense" else row["selector"]
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+TABLE_HEAD = ["scenario", "policy", "selector", "model", "recall", "path recall", "MAE ratio", "CRPS ratio", "cf corr",
+              "support (tok, frac)", "verdict"]
+
+
+def table_cells(row: dict) -> list[str]:
+    return [row["scenario"], row["policy"], row["selector"], row["backbone"], _fmt(row["recall"]),
+            _fmt(row["path_recall"]), _fmt(row["error_ratio"]), _fmt(row["crps_ratio"]), _fmt(row["cf_corr"]),
+            f"{_fmt(row['support_tokens'], 1)}, {_fmt(row['support_frac'])}", row["verdict"]]
+
+
+def summary_table(summary: dict) -> str:
+    """Markdown table of the headline rows."""
+    lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
+    for row in headline_rows(summary):
+        lines.append("| " + " | ".join(table_cells(row)) + " |")
+    return "\n".join(lines)
+
+
+def _json_safe(x):
+    """Drop private keys (leading underscore: plot material) and turn NaN/inf into null."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items() if not str(k).startswith("_")}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+def _figures(summary: dict, out_dir: Path) -> list[tuple[str, str]]:
+    """Write the PNGs; return (file name, caption) pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    made = []
+    for scenario, res in summary["scenarios"].items():
+        for policy, pol in res.get("policies", {}).items():
+            rows = [r for r in pol["rows"] if (r["backbone"], r["selector"]) in HEADLINE and r["selector"] != "dense"]
+            if not rows:
+                continue
+            needed = np.asarray(pol["_needed"], dtype=bool)
+            names = pol["variate_names"]
+            fig, axes = plt.subplots(len(rows), 1, figsize=(9, 1.0 + 0.45 * len(names) * len(rows) + 0.4 * len(rows)),
+                                     squeeze=False)
+            for ax, row in zip(axes[:, 0], rows):
+                ax.imshow(row["_grid"], aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+                for v, p in zip(*np.nonzero(needed)):
+                    ax.add_patch(Rectangle((p - 0.5, v - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+                ax.axvline(needed.shape[1] - 1.5, color="white", linestyle=":", linewidth=1)
+                ax.set_yticks(range(len(names)), names, fontsize=7)
+                ax.set_xticks(range(needed.shape[1]), [str(p) for p in range(needed.shape[1])], fontsize=6)
+                ax.set_title(f"{row['selector']} ({row['backbone']} model): recall {_fmt(row['recall'])}", fontsize=9)
+            axes[-1, 0].set_xlabel("patch (time); right of the dotted line: horizon; red: needed tokens")
+            fig.tight_layout()
+            name = f"heatmap_{scenario}_{policy}.png"
+            fig.savefig(out_dir / name, dpi=80)
+            plt.close(fig)
+            made.append((name, f"{scenario} / {policy}: share of layers in which the forecast query's selection "
+                               "(any GQA group) covers each sensor x patch token, test instance 0; needed tokens "
+                               "outlined in red"))
+
+    rows = headline_rows(summary)
+    if rows:
+        groups = list(dict.fromkeys(f"{r['scenario']}\n{r['policy']}" for r in rows))
+        selectors = list(dict.fromkeys(_label(r) for r in rows))
+        for metric, label, lines, fname in (("recall", "direct recall of needed blocks", (0.9, 0.5), "recall_bars.png"),
+                                            ("path_recall", "path recall of needed tokens", (0.9, 0.5),
+                                             "path_recall_bars.png"),
+                                            ("error_ratio", "MAE ratio vs dense", (1.1, 1.5), "error_ratio_bars.png")):
+            fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 3.8))
+            width = 0.8 / max(1, len(selectors))
+            for s, sel in enumerate(selectors):
+                vals = []
+                for g in groups:
+                    hit = [r for r in rows if f"{r['scenario']}\n{r['policy']}" == g
+                           and _label(r) == sel]
+                    v = hit[0][metric] if hit else float("nan")
+                    vals.append(np.nan if v is None else v)
+                ax.bar(np.arange(len(groups)) + s * width, vals, width, label=sel)
+            for y in lines:
+                ax.axhline(y, color="grey", linestyle="--", linewidth=0.8)
+            ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, fontsize=8)
+            ax.set_ylabel(label)
+            if metric == "error_ratio":
+                ax.set_yscale("log")
+            ax.legend(fontsize=7, ncol=len(selectors), loc="upper left")
+            fig.tight_layout()
+            fig.savefig(out_dir / fname, dpi=80)
+            plt.close(fig)
+            made.append((fname, f"{label} per scenario and selector (selectors on the MSA model trained for the "
+                                f"scenario, or on the probed checkpoint); "
+                                f"dashed lines: verdict thresholds {lines}"))
+
+        fig_rows = [(s, p) for s, res in summary["scenarios"].items() for p in res.get("policies", {})]
+        fig, axes = plt.subplots(1, len(fig_rows), figsize=(3.2 * len(fig_rows), 3.2), squeeze=False)
+        for ax, (scenario, policy) in zip(axes[0], fig_rows):
+            for row in summary["scenarios"][scenario]["policies"][policy]["rows"]:
+                if (row["backbone"], row["selector"]) in (("dense", "dense"), ("msa", "local"), ("msa", "oracle"),
+                                                          ("msa", "learned"), ("checkpoint", "dense"),
+                                                          ("checkpoint", "local"), ("checkpoint", "learned")):
+                    true, pred = row["_cf"]
+                    ax.scatter(np.ravel(true), np.ravel(pred), s=4, alpha=0.5,
+                               label=f"{_label(row)} ({_fmt(row['cf_corr'])})")
+            lim = ax.get_xlim()
+            ax.plot(lim, lim, color="grey", linewidth=0.8)
+            ax.set_title(f"{scenario} / {policy}", fontsize=8)
+            ax.set_xlabel("true change", fontsize=8)
+            ax.legend(fontsize=6)
+        axes[0, 0].set_ylabel("forecast change (median)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "counterfactual_scatter.png", dpi=80)
+        plt.close(fig)
+        made.append(("counterfactual_scatter.png", "counterfactual: forecast change vs true change when the far "
+                                                   "cause is changed (legend: Pearson correlation)"))
+    return made
+
+
+# ---------------------------------------------------------------------------------------------
+# documents
+
+def _settings_lines(summary: dict) -> list[str]:
+    s = summary["settings"]
+    t = {**DEFAULT_THRESHOLDS, **(s.get("verdict") or {})}
+    return [
+        f"- date: {summary['date']}; device: {summary['device']}; wall time {summary['wall_seconds']} s",
+        f"- model: {json.dumps(s.get('model'))}",
+        f"- training: {json.dumps(s.get('train'))}",
+        f"- checkpoint: {s.get('checkpoint')}",
+        f"- verdict thresholds: **preserved** if recall >= {t['preserved_recall']} and MAE ratio <= "
+        f"{t['preserved_ratio']}; **lost** if recall < {t['lost_recall']} or MAE ratio > {t['lost_ratio']}; "
+        "**degraded** otherwise.",
+        "- recall (direct): share of the needed blocks (the far cause) that a forecast query's selection contains "
+        "in at least one layer and GQA group, averaged over forecast queries and test instances; per-layer and "
+        "per-group values are in the tables below and in probe_summary.json.",
+        "- path recall: share of the needed tokens whose information can reach a forecast query through the "
+        "selections of the layer stack (read directly, or read by a token that a later layer's query reads); "
+        "it only says a route exists (random-k almost always has one), so the verdict uses the direct recall.",
+        "- MAE / CRPS ratio: against the dense model (dense selector on the dense-trained model); cf corr: Pearson "
+        "correlation of the forecast's change with the true change when the cause is changed; support: visible "
+        "tokens read per forecast query and group, and their share of the dense visible set.",
+    ]
+
+
+def _markdown(summary: dict, figures: list[tuple[str, str]]) -> str:
+    lines = ["# Preservation probes", "", *_settings_lines(summary), "", "## Summary", "", summary_table(summary), ""]
+    for scenario, res in summary["scenarios"].items():
+        lines += [f"## {scenario}", "", f"{res['description']}. Knobs: `{json.dumps(res['knobs'])}`", ""]
+        if res.get("skipped"):
+            lines += [f"Skipped: {res['skipped']}", ""]
+            continue
+        if res.get("train_seconds"):
+            lines += [f"Training seconds: {json.dumps(res['train_seconds'])}", ""]
+        for policy, pol in res["policies"].items():
+            lines += [f"### policy `{policy}` (top_k={pol['top_k']} blocks of {pol['block_size']} tokens, "
+                      f"{pol['n_blocks']} blocks, {pol['seq_len']} tokens)", "",
+                      "| model | selector | recall | recall per layer | recall per layer x group | path recall | MAE | "
+                      "MAE ratio | vs own dense | cf corr | cf gain | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for r in pol["rows"]:
+                lines.append(f"| {r['backbone']} | {r['selector']} | {_fmt(r['recall'])} | "
+                             f"{', '.join(_fmt(x) for x in r['recall_per_layer'])} | "
+                             f"{'; '.join(', '.join(_fmt(x) for x in g) for g in r['recall_per_layer_group'])} | "
+                             f"{_fmt(r['path_recall'])} | {_fmt(r['mae'], 3)} | "
+                             f"{_fmt(r['error_ratio'])} | {_fmt(r['error_ratio_vs_own_dense'])} | {_fmt(r['cf_corr'])} | "
+                             f"{_fmt(r['cf_gain'])} | {r['verdict']} |")
+            lines.append("")
+    lines += ["## Plots", ""]
+    for name, caption in figures:
+        lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    return "\n".join(lines)
+
+
+def _html(summary: dict, figures: list[tuple[str, str]], out_dir: Path) -> str:
+    esc = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Preservation probes</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
+             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}.preserved{background:#d8f5d0}"
+             ".degraded{background:#fff2c0}.lost{background:#f8d0d0}img{max-width:100%}</style></head><body>",
+             "<h1>Preservation probes</h1><ul>"]
+    parts += [f"<li>{esc(line[2:]).replace('**', '')}</li>" for line in _settings_lines(summary)]
+    parts += ["</ul><h2>Summary</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in TABLE_HEAD) + "</tr>"]
+    for row in headline_rows(summary):
+        cells = table_cells(row)
+        parts.append(f"<tr class='{esc(row['verdict'])}'>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    for scenario, res in summary["scenarios"].items():
+        if res.get("skipped"):
+            parts.append(f"<h2>{esc(scenario)}</h2><p>Skipped: {esc(res['skipped'])}</p>")
+    parts.append("<h2>Plots</h2>")
+    for name, caption in figures:
+        data = base64.b64encode((out_dir / name).read_bytes()).decode("ascii")
+        parts.append(f"<figure><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{esc(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(summary: dict, out_dir: Path) -> dict:
+    """Write probe_summary.json, the PNGs, probe_report.md and probe_report.html into ``out_dir``; print
+    the summary table; return the JSON-safe summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = _figures(summary, out_dir)
+    safe = _json_safe(summary)
+    (out_dir / "probe_summary.json").write_text(json.dumps(safe, indent=1))
+    (out_dir / "probe_report.md").write_text(_markdown(summary, figures))
+    (out_dir / "probe_report.html").write_text(_html(summary, figures, out_dir))
+    print(summary_table(summary))
+    print(f"\n[probe] report: {out_dir / 'probe_report.md'} | {out_dir / 'probe_report.html'} | "
+          f"{out_dir / 'probe_summary.json'}")
+    return safe

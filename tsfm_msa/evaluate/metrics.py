@@ -1,0 +1,52 @@
+"""GluonTS metrics with GIFT-Eval's conventions; a thin wrapper on ``gluonts.model.evaluate_forecasts``.
+
+Everything is aggregated over all series, windows and steps (``axis=None``); NaN labels are masked;
+NaN forecasts are an error; MASE's seasonal error uses the season of the data's frequency.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gluonts.dataset.split import TestData
+from gluonts.ev.metrics import MAE, MASE, RMSE, MeanWeightedSumQuantileLoss
+from gluonts.model import Forecast, Predictor, evaluate_forecasts, evaluate_model
+
+from tsfm_msa.datasets import seasonality
+
+QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Our column names for GluonTS's metric names.
+COLUMNS = {
+    "MASE[0.5]": "MASE",
+    "mean_weighted_sum_quantile_loss": "CRPS",
+    "MAE[0.5]": "MAE",
+    "RMSE[mean]": "RMSE",
+}
+
+
+def metric_definitions() -> list:
+    return [MASE(), MeanWeightedSumQuantileLoss(quantile_levels=QUANTILE_LEVELS), MAE(), RMSE()]
+
+
+def gluonts_kwargs(freq: str) -> dict:
+    """Keyword arguments shared by every evaluate_* call (so a direct GluonTS call can reproduce ours)."""
+    return dict(metrics=metric_definitions(), axis=None, mask_invalid_label=True, allow_nan_forecast=False,
+                seasonality=seasonality(freq))
+
+
+def _row(df) -> dict[str, float]:
+    return {COLUMNS[k]: float(df[k].iloc[0]) for k in COLUMNS}
+
+
+def score_forecasts(forecasts: Iterable[Forecast], test_data: TestData, freq: str) -> dict[str, float]:
+    """{MASE, CRPS, MAE, RMSE} of forecasts aligned with test_data's instances."""
+    return _row(evaluate_forecasts(forecasts, test_data=test_data, **gluonts_kwargs(freq)))
+
+
+def score_predictor(predictor: Predictor, test_data: TestData, freq: str) -> dict[str, float]:
+    """{MASE, CRPS, MAE, RMSE} of a GluonTS predictor on test_data."""
+    return _row(evaluate_model(predictor, test_data=test_data, **gluonts_kwargs(freq)))
+
+
+def relative_to(scores: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+    """MASE and CRPS divided by the reference's (seasonal naive): < 1 beats it."""
+    return {f"{k}_rel": scores[k] / reference[k] if reference[k] else float("nan") for k in ("MASE", "CRPS")}
