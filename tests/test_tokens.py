@@ -45,12 +45,19 @@ def test_token_counts_by_role(layout):
     assert layout.forecast_index.shape == (2, n_hor)
 
 
-def test_group_local_block_holds_the_latest_visible_key(layout):
-    for g in range(layout.n_groups):
-        for i in torch.nonzero(layout.q_time >= 0).flatten().tolist():
-            visible = (layout.k_time <= layout.q_time[i]) & (layout.token_group == g)
+def test_local_blocks_hold_the_latest_visible_data(layout):
+    data = (layout.token_variate >= 0) & ~layout.is_hidden
+    for i in torch.nonzero(layout.q_time >= 0).flatten().tolist():
+        for g in range(layout.n_groups):
+            visible = (layout.k_time <= layout.q_time[i]) & (layout.token_group == g) & data
             expected = int(torch.nonzero(visible).max()) // layout.block_size
             assert int(layout.group_local_block[g, i]) == expected
+        own = int(layout.own_local_block[i])
+        if layout.is_hidden[i]:  # a hidden horizon target is sent to its group's latest data
+            assert own == int(layout.group_local_block[layout.token_group[i], i])
+            assert data.view(-1, layout.block_size)[own].any()
+        else:
+            assert own == i // layout.block_size
 
 
 def test_future_covariates_visible_flag():

@@ -45,8 +45,8 @@ class TokenLayout:
     k_time: torch.Tensor  # [L] int32, earliest query time that may see the key, INT32_MAX on padding
     block_group: torch.Tensor  # [NB] long, sensor group of every KV block
     forecast_index: torch.Tensor  # [n_targets, n_horizon_patches] long, token position of each predicted patch
-    own_local_block: torch.Tensor  # [L] long, block holding the token itself (-1 on padding)
-    group_local_block: torch.Tensor  # [n_groups, L] long, block of group g with the query's latest visible key
+    own_local_block: torch.Tensor  # [L] long, the "local" block forced under the free policy (-1 on padding)
+    group_local_block: torch.Tensor  # [n_groups, L] long, block of group g with the query's latest visible data
 
     @property
     def seq_len(self) -> int:
@@ -152,8 +152,15 @@ def build_layout(
             hit = positions[(token_variate == v) & (token_patch == n_ctx + t)]
             forecast_index[row, t] = hit[0]
 
+    is_hidden = torch.tensor(hidden, dtype=torch.bool)
+    carries_data = ~is_pad & ~is_hidden
+    group_local = _group_local_blocks(token_group, q_time_t, k_time_t, carries_data, block_size, len(group_names), seq_len)
+    # A token's own block is its local block, except for the hidden horizon targets: their own block
+    # holds only other hidden tokens (no data), so they are given their group's block with the
+    # latest observed data instead of spending a slot on nothing.
     own_local = torch.where(is_pad, -1, positions // block_size)
-    group_local = _group_local_blocks(token_group, q_time_t, k_time_t, block_size, len(group_names), seq_len)
+    hidden_local = group_local[token_group.clamp(min=0), positions]
+    own_local = torch.where(is_hidden & (hidden_local >= 0), hidden_local, own_local)
     return TokenLayout(
         n_context_patches=n_ctx,
         n_horizon_patches=n_hor,
@@ -164,7 +171,7 @@ def build_layout(
         token_patch=token_patch,
         token_group=token_group,
         token_role=torch.tensor(role_idx, dtype=torch.long),
-        is_hidden=torch.tensor(hidden, dtype=torch.bool),
+        is_hidden=is_hidden,
         q_time=q_time_t,
         k_time=k_time_t,
         block_group=torch.tensor(block_group, dtype=torch.long),
@@ -174,12 +181,13 @@ def build_layout(
     )
 
 
-def _group_local_blocks(token_group, q_time, k_time, block_size, n_groups, seq_len) -> torch.Tensor:
-    """For each group g and query i: the block of group g holding g's last key visible to i (-1 if
-    none). This is group g's block "covering the query's time" for the sensor policy."""
+def _group_local_blocks(token_group, q_time, k_time, carries_data, block_size, n_groups, seq_len) -> torch.Tensor:
+    """For each group g and query i: the block of group g holding g's last data-carrying key visible
+    to i (-1 if none). This is group g's block "covering the query's time" for the sensor policy;
+    hidden horizon targets carry no data, so they never make a block local."""
     positions = torch.arange(seq_len)
     out = torch.full((n_groups, seq_len), -1, dtype=torch.long)
-    visible = k_time[None, :] <= q_time[:, None]  # [L(query), L(key)]
+    visible = (k_time[None, :] <= q_time[:, None]) & carries_data[None, :]  # [L(query), L(key)]
     for g in range(n_groups):
         in_group = (token_group == g)[None, :] & visible
         last = torch.where(in_group, positions[None, :], -1).amax(-1)
