@@ -111,11 +111,11 @@ def check(heads, groups, seq_len, dim, bs, k, pattern, variant):
 
 # (shape, pattern, variant, config change, timed part): launch configs tried beside the defaults.
 SWEEP = [
-    # session 3: membership bitmask (qo_bits) against the old per-slot loads, same run
-    ("tsfm", "tile_shared", "query_outer", {"qo_bits": False}, "bwd"),
+    # session 3: membership bitmask against the old per-slot loads, same run
+    ("tsfm", "tile_shared", "query_outer", {"dq_bits": False}, "bwd"),
     ("tsfm", "tile_shared", "query_outer", {"dq_keys": 128}, "bwd"),
-    ("tsfm", "pool", "query_outer", {"qo_bits": False}, "fwd"),
-    ("paper", "pool", "query_outer", {"qo_bits": False}, "fwd"),
+    ("tsfm", "pool", "query_outer", {"qo_member": "slots"}, "fwd"),
+    ("paper", "pool", "query_outer", {"qo_member": "slots"}, "fwd"),
     ("paper", "pool", "query_outer", {"qo_rows": 64, "qo_warps": 4, "qo_stages": 1}, "fwd"),
 ]
 
@@ -129,19 +129,18 @@ def bench(fn, slow=False):
 
 
 # Forward-only launch variants of the query-outer kernel (CONFIG overrides), timed by --fwd-variants.
-FWD_VARIANTS = {
-    "tma128": {"qo_tma": True, "qo_keys": 128, "qo_stages": 2},
-    "tma64": {"qo_tma": True, "qo_keys": 64, "qo_stages": 2},
-    "tma128s3": {"qo_tma": True, "qo_keys": 128, "qo_stages": 3},
-    "tma64s3": {"qo_tma": True, "qo_keys": 64, "qo_stages": 3},
-    "r64s1": {"qo_tma": True, "qo_keys": 128, "qo_stages": 1, "qo_rows": 64, "qo_warps": 4},
-    "ptr64": {"qo_tma": False, "qo_keys": 64, "qo_stages": 2},
+FWD_VARIANTS = {  # session 3: membership of masked blocks (defaults otherwise: 128 keys, 3 stages, TMA)
+    "bits": {"qo_member": "bits"},
+    "unrolled": {"qo_member": "unrolled"},
+    "slots": {"qo_member": "slots"},
+    "unr_r64s1": {"qo_member": "unrolled", "qo_stages": 1, "qo_rows": 64, "qo_warps": 4},
 }
 FWD_PLAN = [  # (shape, pattern, variants)
-    ("tsfm", "tile_shared", ["tma128", "tma64", "tma128s3", "tma64s3", "r64s1", "ptr64"]),
-    ("tsfm", "pool", ["tma128", "tma64", "tma128s3"]),
-    ("paper", "tile_shared", ["tma128", "tma64", "tma128s3"]),
-    ("paper", "pool", ["tma128", "tma64", "tma128s3", "r64s1"]),
+    ("tsfm", "tile_shared", ["unrolled", "bits", "slots"]),
+    ("tsfm", "pool", ["unrolled", "bits", "slots"]),
+    ("tsfm", "random", ["unrolled", "bits"]),
+    ("paper", "pool", ["unrolled", "bits", "slots", "unr_r64s1"]),
+    ("paper", "tile_shared", ["unrolled"]),
 ]
 
 
@@ -159,14 +158,15 @@ def fwd_variants(args):
 
     base = dict(sa.CONFIG)
     for heads, groups, seq_len, dim, bs, pattern, variant, cfg in [
-        (16, 4, 8192, 128, 128, "tile_shared", "query_outer", "tma128"),
-        (16, 4, 8192, 128, 128, "tile_shared", "query_outer", "tma64s3"),
-        (16, 4, 8192, 128, 128, "pool", "query_outer", "r64s1"),
-        (16, 4, 8192, 128, 128, "tile_shared", "query_outer", "ptr64"),
-        (16, 4, 8192, 64, 64, "pool", "query_outer", "tma128"),
-        (64, 4, 4096, 128, 128, "random", "query_outer", "tma128"),
-        (64, 4, 4096, 128, 128, "pool", "query_outer", "tma128s3"),
-        (16, 4, 8192, 128, 128, "tile_shared", "kv_outer", "tma128"),
+        (16, 4, 8192, 128, 128, "tile_shared", "query_outer", "unrolled"),
+        (16, 4, 8192, 128, 128, "pool", "query_outer", "unrolled"),
+        (16, 4, 8192, 128, 128, "pool", "query_outer", "bits"),
+        (16, 4, 8192, 128, 128, "random", "query_outer", "unrolled"),
+        (16, 4, 8192, 64, 64, "pool", "query_outer", "unrolled"),
+        (64, 4, 4096, 128, 128, "tile_shared", "query_outer", "unrolled"),
+        (64, 4, 4096, 128, 128, "pool", "query_outer", "unrolled"),
+        (64, 4, 4096, 128, 128, "pool", "query_outer", "bits"),
+        (64, 4, 4096, 128, 128, "random", "query_outer", "unr_r64s1"),
     ] if not args.skip_check else []:
         sa.CONFIG.update(FWD_VARIANTS[cfg])
         try:
@@ -211,12 +211,14 @@ def fwd_variants(args):
                     row["fwd_ms"] = bench(fn)
                     row["fwd_ms_2"] = bench(fn)  # repeat: the spread between the two is the noise
                     row["tflops"] = flops / row["fwd_ms"] * 1e-9
-                    if shape == "tsfm" and pattern == "tile_shared" and name == "tma128":
+                    if shape == "tsfm" and pattern == "tile_shared" and name == "unrolled":
                         out, lse = fn()
                         dout = torch.randn_like(q)
-                        res["bwd"].append({"shape": shape, "pattern": pattern, "bwd_ms": bench(
-                            lambda: sa._backward(q, kk, v, block_idx, t, t, out, lse, dout, None, bs, scale,
-                                                 "query_outer"))})
+                        for dq_bits in (True, False):
+                            sa.CONFIG["dq_bits"] = dq_bits
+                            res["bwd"].append({"shape": shape, "pattern": pattern, "dq_bits": dq_bits, "bwd_ms": bench(
+                                lambda: sa._backward(q, kk, v, block_idx, t, t, out, lse, dout, None, bs, scale,
+                                                     "query_outer"))})
                         del out, lse, dout
                 except Exception as e:
                     row["error"] = repr(e)[:400]

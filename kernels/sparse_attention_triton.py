@@ -11,7 +11,8 @@ Both variants pack the ``R = Hq / G`` query heads of a group into the rows of on
   blocks its queries chose, with a per-row membership mask. No partials; wasteful when the tile's
   queries disagree (the union grows while each query still uses only its own ``K`` blocks). The
   union comes from ``_tile_union_kernel`` (one sort per tile), which also flags the blocks that need
-  no mask (chosen by every query of the tile, every key visible to all); K/V steps of 128 keys come
+  no mask (chosen by every query of the tile, every key visible to all) and writes per union entry a
+  bitmask of the tile's queries that chose it (membership = one load); K/V steps of 128 keys come
   through tensor descriptors (TMA) on sm_90+, pointer loads elsewhere (the interpreter).
 - ``kv_outer``: ``block_idx`` is inverted into a CSR "KV block -> (query, slot) pairs that chose it";
   each block's list is cut into chunks of ``TQ`` queries (the chunk list is the schedule, so a
@@ -48,16 +49,25 @@ CONFIG = {
     # query-outer forward: 128 keys a step, 3 stages, K/V by TMA (H200 run 2 in the notes: 4.97 ms
     # against 5.68 for 2 stages and 6.12 for 64-key steps, tsfm tile_shared 128K)
     "qo_rows": 128, "qo_keys": 128, "qo_warps": 8, "qo_stages": 3, "qo_tma": True,
+    # membership on masked union blocks in the query-outer forward: "bits" (the union kernel's
+    # per-entry query bitmask, one load), "unrolled" (the rows' slots, independent loads) or "slots"
+    # (a runtime loop of dependent loads, session 2); "dq_bits": the dq kernel uses the bitmask and
+    # the union's needs_mask flag (else the 2D slot tile and per-step reductions).
+    "qo_member": "bits", "dq_bits": True,
     "kv_rows": 128, "kv_warps": 8, "kv_stages": 2, "kv_cpp": 4,  # kv-outer forward (chunks/program)
     "dq_rows": 128, "dq_keys": 64, "dq_warps": 8, "dq_stages": 2,  # query-outer dq
     "dkdv_rows": 32, "dkdv_keys": 128, "dkdv_warps": 8, "dkdv_stages": 2,  # dk/dv owners (keys each)
     "dkdv_dq_rows": 32,  # rows of the dk/dv owners that also write dq partials (kv_outer)
     "cb_rows": 32, "cb_warps": 4,                       # slot combine / sum
     # auto: query_outer while it computes fewer than this many blocks per needed (query, block) pair.
-    # H200 (notes): kv_outer's forward costs ~2.6x query_outer's at waste 1 and query_outer grows
-    # ~linearly with waste; kv_outer's backward already matches query_outer's at waste 1.
-    "auto_waste_fwd": 2.5, "auto_waste_bwd": 1.1,
+    # H200 (notes, session 3): query_outer's forward costs ~5.5 ms (tsfm) / ~22 ms (paper) per unit of
+    # waste at 128K, kv_outer's a flat ~17.5 / ~67 ms: break-even ~3.0-3.2. Backward: query_outer
+    # 29.8 / 34.6 ms at waste 1 / 1.56 against kv_outer's 34.2-34.5 (tsfm; paper 111 / 128 vs 129).
+    "auto_waste_fwd": 3.0, "auto_waste_bwd": 1.5,
 }
+
+
+_MEMBER = {"slots": 0, "unrolled": 1, "bits": 2}
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -113,23 +123,39 @@ def _needs_mask(kt, k_ok, qt_min, member_min):
 # Forward, query-outer
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _qo_update(s, vb, e, j0, m_i, l_i, acc, qt, sel_row, row_ok, KTime, t_base, L, KS, qk_scale2,
-               BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr):
+def _qo_update(s, vb, e, wptr, qsh, j0, m_i, l_i, acc, qt, sel_row, row_ok, KTime, t_base, L, KS, qk_scale2,
+               BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr,
+               MEMBER: tl.constexpr, KP: tl.constexpr):
     """Online-softmax step on raw scores ``s [ROWS, BN]`` of keys ``j0 + [0, BN)`` of the block of
     union entry ``e`` (block * 2 + needs_mask); the mask runs only where the union kernel flagged it."""
     blk = e >> 1
     if (e & 1) != 0:
         j = j0 + tl.arange(0, BN)
         kpos, k_ok, kt = _key_block(KTime, t_base, L, blk, j, BSZ, BS)
-        # Membership by 1D loads of the rows' slots: a 2D [ROWS, KP] selection tile here made the
-        # compiler run the whole softmax in its layout (a shared-memory round trip of the score tile
-        # every step). Still slow where most blocks are masked (pool: notes, run 2): the KS loads
-        # run one after another; membership bits from the union kernel are the next step.
-        member = tl.zeros([ROWS], tl.int32)
-        for slot in range(0, KS):
-            member = member | (tl.load(sel_row + slot, mask=row_ok, other=-1) == blk).to(tl.int32)
-        vis = (member[:, None] > 0) & (kt[None, :] <= qt[:, None]) & k_ok[None, :]
-        s = tl.where(vis, s, float("-inf"))
+        # Membership as 1D row vectors: a 2D [ROWS, KP] selection tile here made the compiler run the
+        # whole softmax in its layout (a shared-memory round trip of the score tile every step).
+        if MEMBER == 2:
+            # "bits": one word per entry from the union kernel, bit q = query q of the tile chose it.
+            # Loaded here, inside the masked branch: a load at the loop top gets software-pipelined
+            # (cp.async + waits every step) and ran 20-40% slower (notes, session 3). The local sm_90
+            # compile spills (254 registers + 344 B stack, the slot variants 247-248 and none), yet
+            # this is the fastest variant measured.
+            member = (tl.load(wptr, mask=row_ok, other=0) >> qsh) & 1
+        elif MEMBER == 1:
+            # "unrolled": the rows' KP slots by independent loads, all in flight together.
+            member = tl.zeros([ROWS], tl.int32)
+            for slot in tl.static_range(0, KP):
+                ok = row_ok & ((tl.zeros([ROWS], tl.int32) + slot) < KS)  # a block: the interpreter
+                member = member | (tl.load(sel_row + slot, mask=ok, other=-1) == blk).to(tl.int32)
+        else:
+            # "slots": KS loads in a runtime loop, one after another (session 2).
+            member = tl.zeros([ROWS], tl.int32)
+            for slot in range(0, KS):
+                member = member | (tl.load(sel_row + slot, mask=row_ok, other=-1) == blk).to(tl.int32)
+        # One compare per score: membership folded into the row's time (-1 sees nothing), missing keys
+        # already read as INT32_MAX (three 2D ANDs before; the slots path went 13.4 -> 12.3 ms).
+        qt_eff = tl.where(member > 0, tl.minimum(qt, 2147483646), -1)
+        s = tl.where(kt[None, :] <= qt_eff[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale2)  # log2 units
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     alpha = tl.exp2(m_i - m_safe)
@@ -144,10 +170,12 @@ def _fwd_query_outer_kernel(
     Q, K, V, Out, Lse,  # q/out [B, Hq, L, D], k/v [B, G, L, D], lse [B, Hq, L] fp32
     BlockIdx,  # [B, G, L, KS] int32
     Union, UnionCount,  # [B*G, NT, UW] int32 union entries (block * 2 + needs_mask), [B*G, NT] int32
+    Bits,  # [B*G, NT, UW, NW] int32: bit q % 32 of word q // 32 = query q of the tile chose the entry
     QTime, KTime,  # [B, L] int32
     L, G, Hq, R, KS, NT, UW, qk_scale2, NKV,  # NKV = B * G * L rows of k/v
     D: tl.constexpr, BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     TQ: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    MEMBER: tl.constexpr, NW: tl.constexpr,
 ):
     ROWS: tl.constexpr = TQ * RP
     tile = tl.program_id(0)
@@ -164,6 +192,8 @@ def _fwd_query_outer_kernel(
     q = _load_rows(Q, bh_row, row_ok, d, D, DP)  # [ROWS, DP]
     qt = tl.load(QTime + b * L + qpos, mask=row_ok, other=-1)  # padding rows see no key
     sel_row = BlockIdx + (bg.to(tl.int64) * L + qpos) * KS  # [ROWS] pointers to the rows' slots
+    qsh = (r % TQ) % 32  # bit of the row's query in its membership word
+    qword = (r % TQ) // 32
 
     kv_row0 = bg.to(tl.int64) * L
     if TMA:
@@ -177,6 +207,7 @@ def _fwd_query_outer_kernel(
     for it in range(0, n_union):
         e = tl.load(Union + u_base + it)
         blk = e >> 1
+        wptr = Bits + (u_base + it) * NW + qword  # [ROWS] pointers to the rows' membership words
         # BN keys at a time: [ROWS, BN] score tiles keep the registers in bounds.
         for sub in tl.static_range(0, BS // BN):
             if TMA:
@@ -192,8 +223,8 @@ def _fwd_query_outer_kernel(
                 kb = _load_rows(K, kv_row0 + kpos, k_ok, d, D, DP)  # [BN, DP]
                 vb = _load_rows(V, kv_row0 + kpos, k_ok, d, D, DP)
             s = _dot(q, tl.trans(kb), IEEE)  # [ROWS, BN], raw logits
-            m_i, l_i, acc = _qo_update(s, vb, e, sub * BN, m_i, l_i, acc, qt, sel_row, row_ok,
-                                       KTime, b * L, L, KS, qk_scale2, BSZ, BS, BN, ROWS, IEEE)
+            m_i, l_i, acc = _qo_update(s, vb, e, wptr, qsh, sub * BN, m_i, l_i, acc, qt, sel_row, row_ok,
+                                       KTime, b * L, L, KS, qk_scale2, BSZ, BS, BN, ROWS, IEEE, MEMBER, KP)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
@@ -212,12 +243,15 @@ def _tile_union_kernel(
     BlockIdx,  # [B, G, L, KS] int32
     QTime, KtMax,  # [B, L] int32, [B, NBK] int32 latest key time of each block (unused if not FLAGS)
     Union, Count,  # [B*G, NT, UW] int32 out: sorted distinct blocks as block * 2 + needs_mask; [B*G, NT]
+    Bits,  # [B*G, NT, UW, NW] int32 out: per entry, bit q % 32 of word q // 32 = query q chose it
     L, G, KS, NT, NBK, UW,
-    TQ: tl.constexpr, KP: tl.constexpr, FLAGS: tl.constexpr,
+    TQ: tl.constexpr, KP: tl.constexpr, FLAGS: tl.constexpr, NW: tl.constexpr, KEY64: tl.constexpr,
 ):
-    """Per tile of TQ queries: the sorted distinct blocks its queries chose (one sort, no pre-pass in
-    torch). ``needs_mask`` is 0 when every query of the tile chose the block and every key of it is
-    visible to every query (full block, latest key time <= earliest query time)."""
+    """Per tile of TQ queries: the sorted distinct blocks its queries chose (one sort of the keys
+    ``block * TQ + query``, no pre-pass in torch). ``needs_mask`` is 0 when every query of the tile
+    chose the block and every key of it is visible to every query (full block, latest key time <=
+    earliest query time). The membership words are segmented sums of the queries' bits over each
+    block's run (a row's entries are distinct, so a run holds each query at most once)."""
     N: tl.constexpr = TQ * KP
     tile = tl.program_id(0)
     bg = tl.program_id(1)
@@ -227,20 +261,38 @@ def _tile_union_kernel(
     s = n % KP
     qpos = tile * TQ + qi
     ok = (qpos < L) & (s < KS)
-    x = tl.load(BlockIdx + (bg.to(tl.int64) * L + qpos) * KS + s, mask=ok, other=-1)
-    x = tl.where(x >= 0, x, _I32_MAX)
-    x = tl.sort(x, 0)
+    blk_in = tl.load(BlockIdx + (bg.to(tl.int64) * L + qpos) * KS + s, mask=ok, other=-1)
+    if KEY64:
+        key = tl.where(blk_in >= 0, blk_in.to(tl.int64) * TQ + qi, 2**62)
+        key = tl.sort(key, 0)
+        valid = key != 2**62
+        x = tl.where(valid, key // TQ, -1).to(tl.int32)  # block
+        qv = (key % TQ).to(tl.int32)  # query of the tile
+    else:
+        key = tl.where(blk_in >= 0, blk_in * TQ + qi, _I32_MAX)
+        key = tl.sort(key, 0)
+        valid = key != _I32_MAX
+        x = tl.where(valid, key // TQ, -1)
+        qv = key % TQ
     prev = tl.gather(x, tl.maximum(n - 1, 0), 0)
     nxt = tl.gather(x, tl.minimum(n + 1, N - 1), 0)
-    valid = x != _I32_MAX
     first = valid & ((n == 0) | (x != prev))
     last = valid & ((n == N - 1) | (x != nxt))
     first_i = first.to(tl.int32)
     u = tl.cumsum(first_i, 0) - 1  # rank of the element's block among the distinct ones
     entry = x * 2 + 1
+    gstart = tl.associative_scan(tl.where(first, n, 0), 0, _max_combine)  # start of the block's run
+    tile_row = bg * NT + tile
+    bit_base = (tile_row.to(tl.int64) * UW + u) * NW
+    one = tl.full([N], 1, tl.int64)
+    for w in tl.static_range(NW):
+        # Segmented sum (= OR, the bits are distinct) over the run, read at its last element.
+        bit = tl.where(valid & ((qv // 32) == w), one << (qv % 32).to(tl.int64), 0)
+        cs = tl.cumsum(bit, 0)
+        word = cs - tl.gather(cs - bit, gstart, 0)
+        tl.store(Bits + bit_base + w, word.to(tl.int32), mask=last)
     if FLAGS:
         # Entries of one row are distinct, so a block's run length is the number of queries choosing it.
-        gstart = tl.associative_scan(tl.where(first, n, 0), 0, _max_combine)
         run = n - gstart + 1
         tq_i = tl.arange(0, TQ)
         qp = tile * TQ + tq_i
@@ -250,7 +302,6 @@ def _tile_union_kernel(
         ktm = tl.load(KtMax + b * NBK + x, mask=last, other=_I32_MAX)
         full = (run == n_q) & (ktm <= qt_min)
         entry = x * 2 + tl.where(full, 0, 1)
-    tile_row = bg * NT + tile
     tl.store(Union + tile_row.to(tl.int64) * UW + u, entry, mask=last)
     tl.store(Count + tile_row + tl.zeros([1], tl.int32), tl.sum(first_i, axis=0) + tl.zeros([1], tl.int32))
 
@@ -367,10 +418,11 @@ def _slot_reduce_kernel(
 @triton.jit
 def _bwd_dq_query_outer_kernel(
     Q, K, V, DO, Lse, Delta, DQ,  # q/do/dq [B, Hq, L, D], k/v [B, G, L, D], lse/delta [B, Hq, L] fp32
-    BlockIdx, Union, UnionCount, QTime, KTime,
+    BlockIdx, Union, UnionCount, Bits, QTime, KTime,
     L, G, Hq, R, KS, NT, UW, qk_scale2, scale,
     D: tl.constexpr, BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     TQ: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
+    BITS: tl.constexpr, NW: tl.constexpr,
 ):
     ROWS: tl.constexpr = TQ * RP
     tile = tl.program_id(0)
@@ -390,18 +442,32 @@ def _bwd_dq_query_outer_kernel(
     delta = tl.load(Delta + bh_row, mask=row_ok, other=0.0)
     qt = tl.load(QTime + b * L + qpos, mask=row_ok, other=-1)
     qt_min = tl.min(tl.where(row_ok, qt, _I32_MAX), axis=0)
-    kk = tl.arange(0, KP)
-    sel = tl.load(BlockIdx + (bg.to(tl.int64) * L + qpos)[:, None] * KS + kk[None, :],
-                  mask=row_ok[:, None] & (kk < KS)[None, :], other=-1)
+    qsh = (r % TQ) % 32
+    qword = (r % TQ) // 32
+    if not BITS:
+        kk = tl.arange(0, KP)
+        sel = tl.load(BlockIdx + (bg.to(tl.int64) * L + qpos)[:, None] * KS + kk[None, :],
+                      mask=row_ok[:, None] & (kk < KS)[None, :], other=-1)
 
     kv_row0 = bg.to(tl.int64) * L
     dq = tl.zeros([ROWS, DP], tl.float32)
     n_union = tl.load(UnionCount + bg * NT + tile)
     u_base = (bg * NT + tile).to(tl.int64) * UW
     for it in range(0, n_union):
-        blk = tl.load(Union + u_base + it) >> 1  # union entries are block * 2 + flag
-        member = tl.max((sel == blk).to(tl.int32), axis=1)
-        member_min = tl.min(tl.where(row_ok, member, 1), axis=0)
+        e = tl.load(Union + u_base + it)  # union entries are block * 2 + needs_mask
+        blk = e >> 1
+        if BITS:
+            # Membership from the union's query bitmask; the mask runs only on flagged entries (the
+            # flag covers membership, partial blocks and time; padded heads have zero dO, so ds = 0).
+            if NW == 1:
+                wb = tl.load(Bits + u_base + it) + tl.zeros([ROWS], tl.int32)
+            else:
+                wb = tl.load(Bits + (u_base + it) * NW + qword)
+            member = (wb >> qsh) & 1
+            flagged = (e & 1) != 0
+        else:
+            member = tl.max((sel == blk).to(tl.int32), axis=1)
+            member_min = tl.min(tl.where(row_ok, member, 1), axis=0)
         for sub in tl.static_range(0, BS // BN):
             j = sub * BN + tl.arange(0, BN)
             kpos, k_ok, kt = _key_block(KTime, b * L, L, blk, j, BSZ, BS)
@@ -410,7 +476,10 @@ def _bwd_dq_query_outer_kernel(
             s = _dot(q, tl.trans(kb), IEEE) * qk_scale2
             p = tl.exp2(s - lse2[:, None])
             # Keys past L have zero K rows, so they add nothing to dq even where unmasked.
-            if _needs_mask(kt, k_ok, qt_min, member_min):
+            if BITS:
+                if flagged:
+                    p = tl.where((member[:, None] > 0) & (kt[None, :] <= qt[:, None]), p, 0.0)
+            elif _needs_mask(kt, k_ok, qt_min, member_min):
                 p = tl.where((member[:, None] > 0) & (kt[None, :] <= qt[:, None]), p, 0.0)
             dp = _dot(do, tl.trans(vb), IEEE)
             ds = p * (dp - delta[:, None])
@@ -521,12 +590,16 @@ def _tile_union(block_idx: torch.Tensor, tq: int) -> tuple[torch.Tensor, torch.T
 
 def _build_union(block_idx, tq, q_time=None, k_time=None, block_size=None):
     """Tile unions by ``_tile_union_kernel`` (one launch, no torch sorts): ``union [B*G, NT, tq*K]``
-    int32 entries ``block * 2 + needs_mask`` sorted by block (first ``count`` meaningful) and
-    ``count [B*G, NT]`` int32. Without times every entry is flagged as needing the mask."""
+    int32 entries ``block * 2 + needs_mask`` sorted by block (first ``count`` meaningful),
+    ``count [B*G, NT]`` int32 and ``bits [B*G, NT, tq*K, ceil(tq / 32)]`` int32 (per entry, bit
+    ``q % 32`` of word ``q // 32`` set when query ``q`` of the tile chose the block). Without times
+    every entry is flagged as needing the mask."""
     batch, groups, seq_len, slots = block_idx.shape
     nt = triton.cdiv(seq_len, tq)
     union = torch.empty(batch * groups, nt, tq * slots, device=block_idx.device, dtype=torch.int32)
     count = torch.empty(batch * groups, nt, device=block_idx.device, dtype=torch.int32)
+    nw = triton.cdiv(tq, 32)
+    bits = torch.empty(batch * groups, nt, tq * slots, nw, device=block_idx.device, dtype=torch.int32)
     flags = q_time is not None and block_size is not None and block_size == _pow2(block_size, 1)
     if flags:
         nbk = triton.cdiv(seq_len, block_size)
@@ -537,9 +610,10 @@ def _build_union(block_idx, tq, q_time=None, k_time=None, block_size=None):
     else:
         nbk, q_time, kt_max = 1, count, count  # placeholders, never read
     _tile_union_kernel[(nt, batch * groups)](
-        block_idx, q_time, kt_max, union, count, seq_len, groups, slots, nt, nbk, union.shape[-1],
-        TQ=tq, KP=triton.next_power_of_2(slots), FLAGS=flags, num_warps=4)
-    return union, count
+        block_idx, q_time, kt_max, union, count, bits, seq_len, groups, slots, nt, nbk, union.shape[-1],
+        TQ=tq, KP=triton.next_power_of_2(slots), FLAGS=flags, NW=nw,
+        KEY64=seq_len * tq >= INT32_MAX, num_warps=4)  # block ids are < L
+    return union, count, bits
 
 
 def _block_csr(block_idx: torch.Tensor, nb: int):
@@ -631,16 +705,16 @@ def _union_waste(block_idx, union_count, tq) -> float:
 
 def _pick_variant(variant, block_idx, sh: _Shape, phase: str = "fwd", q_time=None, k_time=None):
     """Resolve ``auto`` for the forward or the backward (each has its own break-even waste, see
-    CONFIG); returns (variant, union, count) with the union computed when it is used."""
+    CONFIG); returns (variant, sched) with sched = (union, count, bits) when query_outer is used."""
     if variant not in ("auto", "query_outer", "kv_outer"):
         raise ValueError(f"variant must be 'auto', 'query_outer' or 'kv_outer', got {variant!r}")
     if variant == "kv_outer":
-        return variant, None, None
+        return variant, None
     tq = sh.tq(CONFIG["qo_rows"])
-    union, count = _build_union(block_idx, tq, q_time, k_time, sh.bs)
-    if variant == "auto" and _union_waste(block_idx, count, tq) > CONFIG["auto_waste_" + phase]:
-        return "kv_outer", None, None
-    return "query_outer", union, count
+    sched = _build_union(block_idx, tq, q_time, k_time, sh.bs)
+    if variant == "auto" and _union_waste(block_idx, sched[1], tq) > CONFIG["auto_waste_" + phase]:
+        return "kv_outer", None
+    return "query_outer", sched
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,8 +725,9 @@ def _forward(q, k, v, block_idx, q_time, k_time, block_size, scale, variant):
     qk_scale2 = scale * _LOG2E
     out = torch.empty_like(q)
     lse = torch.empty(sh.B, sh.Hq, sh.L, device=q.device, dtype=torch.float32)
-    variant, union, count = _pick_variant(variant, block_idx, sh, "fwd", q_time, k_time)
+    variant, sched = _pick_variant(variant, block_idx, sh, "fwd", q_time, k_time)
     if variant == "query_outer":
+        union, count, bits = sched
         tq = sh.tq(CONFIG["qo_rows"])
         nt = triton.cdiv(sh.L, tq)
         bn, stages = min(sh.BS, CONFIG["qo_keys"]), CONFIG["qo_stages"]
@@ -660,10 +735,11 @@ def _forward(q, k, v, block_idx, q_time, k_time, block_size, scale, variant):
         if not tma:  # pointer loads (fp32, odd shapes, pre-Hopper): 128-key steps spill (notes, run 2)
             bn, stages = min(bn, 64), min(stages, 2)
         _fwd_query_outer_kernel[(nt, sh.B * sh.G)](
-            q, k, v, out, lse, block_idx, union, count, q_time, k_time,
+            q, k, v, out, lse, block_idx, union, count, bits, q_time, k_time,
             sh.L, sh.G, sh.Hq, sh.R, sh.KS, nt, union.shape[-1], qk_scale2, sh.B * sh.G * sh.L,
             D=sh.D, BSZ=sh.bs, BS=sh.BS, BN=bn, DP=sh.DP, TQ=tq, RP=sh.RP,
-            KP=sh.KP, IEEE=sh.ieee, TMA=tma, num_warps=CONFIG["qo_warps"], num_stages=stages)
+            KP=sh.KP, IEEE=sh.ieee, TMA=tma, MEMBER=_MEMBER[CONFIG["qo_member"]], NW=bits.shape[-1],
+            num_warps=CONFIG["qo_warps"], num_stages=stages)
         return out, lse
 
     tq = sh.tq(CONFIG["kv_rows"])
@@ -696,7 +772,7 @@ def _backward(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_si
     if dlse is not None:
         delta = delta - dlse.float()
     delta = delta.contiguous()
-    variant, union, count = _pick_variant(variant, block_idx, sh, "bwd", q_time, k_time)
+    variant, sched = _pick_variant(variant, block_idx, sh, "bwd", q_time, k_time)
     write_dq = variant == "kv_outer"
 
     dq = torch.empty_like(q)
@@ -728,13 +804,16 @@ def _backward(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_si
                 D=sh.D, BQ=bq, DP=sh.DP, LSE_MERGE=False, num_warps=CONFIG["cb_warps"])
     if not write_dq:
         tq = sh.tq(CONFIG["dq_rows"])
-        union, count = (union, count) if union is not None and union.shape[-1] == tq * sh.KS else _build_union(block_idx, tq)
+        if sched is None or sched[0].shape[1] != triton.cdiv(sh.L, tq):  # other tile size
+            sched = _build_union(block_idx, tq, q_time, k_time, sh.bs)
+        union, count, bits = sched
         nt = triton.cdiv(sh.L, tq)
         _bwd_dq_query_outer_kernel[(nt, sh.B * sh.G)](
-            q, k, v, dout, lse, delta, dq, block_idx, union, count, q_time, k_time,
+            q, k, v, dout, lse, delta, dq, block_idx, union, count, bits, q_time, k_time,
             sh.L, sh.G, sh.Hq, sh.R, sh.KS, nt, union.shape[-1], qk_scale2, scale,
             D=sh.D, BSZ=sh.bs, BS=sh.BS, BN=min(sh.BS, CONFIG["dq_keys"]), DP=sh.DP, TQ=tq, RP=sh.RP,
-            KP=sh.KP, IEEE=sh.ieee, num_warps=CONFIG["dq_warps"], num_stages=CONFIG["dq_stages"])
+            KP=sh.KP, IEEE=sh.ieee, BITS=bool(CONFIG["dq_bits"]), NW=bits.shape[-1],
+            num_warps=CONFIG["dq_warps"], num_stages=CONFIG["dq_stages"])
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 

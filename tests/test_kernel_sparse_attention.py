@@ -173,11 +173,12 @@ def test_lse_gradient_and_segments(variant, monkeypatch):
 
 
 @cpu_only
-@pytest.mark.parametrize("bits", [True, False])
-def test_query_outer_wide_tiles_and_bits(bits, monkeypatch):
-    """One head a group (64-query tiles: two membership words per union entry), and the fallback
-    membership path (slot loads, no bitmask)."""
-    monkeypatch.setitem(sa.CONFIG, "qo_bits", bits)
+@pytest.mark.parametrize("member,dq_bits", [("bits", True), ("unrolled", False), ("slots", True)])
+def test_query_outer_wide_tiles_and_members(member, dq_bits, monkeypatch):
+    """One head a group (64-query tiles: two membership words per union entry) through each
+    membership path of the forward and both of the dq kernel."""
+    monkeypatch.setitem(sa.CONFIG, "qo_member", member)
+    monkeypatch.setitem(sa.CONFIG, "dq_bits", dq_bits)
     for name in ("qo_rows", "dq_rows"):
         monkeypatch.setitem(sa.CONFIG, name, 64)
     for name in ("qo_keys", "dq_keys", "dkdv_keys"):
