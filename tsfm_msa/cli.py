@@ -44,6 +44,23 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
                      callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")], **trainer_kwargs)
 
 
+def build_module(cfg: DictConfig, model_cfg: DictConfig, datamodule, max_steps: int):
+    """The ForecastModule of a run: the model node for the data's schema, with the run's optimizer,
+    KL weight and indexer-warmup schedule."""
+    from tsfm_msa.train.module import ForecastModule
+
+    return ForecastModule(
+        model_config=OmegaConf.to_container(model_cfg, resolve=True),
+        schema=datamodule.schema.to_dict(),
+        context_len=int(cfg.data.context_len),
+        horizon=int(cfg.data.horizon),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        kl_weight=float(cfg.kl_weight),
+        indexer_warmup=OmegaConf.to_container(cfg.indexer_warmup, resolve=True),
+        max_steps=max_steps,
+    )
+
+
 def load_backbone(module, checkpoint_path: str) -> None:
     """Dense-to-sparse adaptation: start from a (dense) checkpoint's weights; only parameters the
     checkpoint lacks (the MSA index projections) keep their fresh initialization."""
@@ -68,7 +85,6 @@ def load_backbone(module, checkpoint_path: str) -> None:
 def train_command(cfg: DictConfig) -> dict:
     import lightning as L
 
-    from tsfm_msa.train.module import ForecastModule
     from tsfm_msa.train.run import fit_and_summarize
 
     if cfg.trainer.get("max_steps") is None or int(cfg.trainer.max_steps) <= 0:
@@ -82,17 +98,7 @@ def train_command(cfg: DictConfig) -> dict:
     run_dir = _run_dir()
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    module = ForecastModule(
-        model_config=model_config,
-        schema=datamodule.schema.to_dict(),
-        context_len=int(cfg.data.context_len),
-        horizon=int(cfg.data.horizon),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        kl_weight=float(cfg.kl_weight),
-        indexer_warmup=OmegaConf.to_container(cfg.indexer_warmup, resolve=True),
-        max_steps=int(cfg.trainer.max_steps),
-    )
+    module = build_module(cfg, cfg.model, datamodule, int(cfg.trainer.max_steps))
     if cfg.get("init_from"):
         load_backbone(module, str(cfg.init_from))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))

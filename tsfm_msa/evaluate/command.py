@@ -115,7 +115,7 @@ def _trainer_cfg(cfg: DictConfig, steps: int) -> DictConfig:
 
 def train_ours(cfg: DictConfig, kind: str, seed: int, run_dir: Path):
     """Train dense or MSA exactly like `tsfm-msa train` and return (module at its best checkpoint, summary)."""
-    from tsfm_msa.cli import build_trainer
+    from tsfm_msa.cli import build_module, build_trainer
     from tsfm_msa.train.module import ForecastModule
     from tsfm_msa.train.run import fit_and_summarize
 
@@ -123,16 +123,7 @@ def train_ours(cfg: DictConfig, kind: str, seed: int, run_dir: Path):
     datamodule = hydra.utils.instantiate(cfg.data, seed=seed, _convert_="all")
     datamodule.setup("fit")
     steps = int(cfg.eval.max_steps)
-    module = ForecastModule(
-        model_config=OmegaConf.to_container(cfg.models[kind], resolve=True),
-        schema=datamodule.schema.to_dict(),
-        context_len=int(cfg.data.context_len),
-        horizon=int(cfg.data.horizon),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        kl_weight=float(cfg.kl_weight),
-        indexer_warmup=OmegaConf.to_container(cfg.indexer_warmup, resolve=True),
-        max_steps=steps,
-    )
+    module = build_module(cfg, cfg.models[kind], datamodule, steps)
     trainer = build_trainer(_trainer_cfg(cfg, steps), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # fit_and_summarize prints its summary; keep it in the job's folder, not between the progress bars.
