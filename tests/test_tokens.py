@@ -49,7 +49,8 @@ def test_local_blocks_hold_the_latest_visible_data(layout):
     data = (layout.token_variate >= 0) & ~layout.is_hidden
     for i in torch.nonzero(layout.q_time >= 0).flatten().tolist():
         for g in range(layout.n_groups):
-            visible = (layout.k_time <= layout.q_time[i]) & (layout.token_group == g) & data
+            visible = ((layout.k_time <= layout.q_time[i]) & (layout.token_group == g) & data
+                       & (layout.token_patch <= layout.q_time[i]))
             expected = int(torch.nonzero(visible).max()) // layout.block_size
             assert int(layout.group_local_block[g, i]) == expected
         own = int(layout.own_local_block[i])
@@ -93,3 +94,16 @@ def test_layout_errors():
         build_layout(["control"], [0], ["a"], 30, 10, 4, 8)
     with pytest.raises(LayoutError, match="at least one target"):
         build_layout(["past_covariate"], [0], ["a"], 30, 10, 4, 8)
+
+
+def test_visible_future_plan_does_not_move_the_local_block():
+    plain = build_layout(["target", "future_covariate"], [0, 1], ["t", "f"], 32, 32, 4, 2)
+    plan = build_layout(["target", "future_covariate"], [0, 1], ["t", "f"], 32, 32, 4, 2,
+                        future_covariates_visible=True)
+    torch.testing.assert_close(plan.group_local_block, plain.group_local_block)
+    shared = build_layout(["target", "future_covariate"], [0, 0], ["g"], 16, 16, 4, 4, future_covariates_visible=True)
+    first_hidden = int(torch.nonzero(shared.is_hidden)[0])
+    # The latest observed data at or before the first horizon patch (the plan's first patch), not the
+    # plan's last patch.
+    data = (shared.token_variate >= 0) & ~shared.is_hidden & (shared.token_patch <= 4)
+    assert int(shared.own_local_block[first_hidden]) == int(torch.nonzero(data).max()) // 4

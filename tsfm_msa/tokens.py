@@ -154,7 +154,8 @@ def build_layout(
 
     is_hidden = torch.tensor(hidden, dtype=torch.bool)
     carries_data = ~is_pad & ~is_hidden
-    group_local = _group_local_blocks(token_group, q_time_t, k_time_t, carries_data, block_size, len(group_names), seq_len)
+    group_local = _group_local_blocks(token_group, token_patch, q_time_t, k_time_t, carries_data, block_size,
+                                     len(group_names), seq_len)
     # A token's own block is its local block, except for the hidden horizon targets: their own block
     # holds only other hidden tokens (no data), so they are given their group's block with the
     # latest observed data instead of spending a slot on nothing.
@@ -181,16 +182,22 @@ def build_layout(
     )
 
 
-def _group_local_blocks(token_group, q_time, k_time, carries_data, block_size, n_groups, seq_len) -> torch.Tensor:
-    """For each group g and query i: the block of group g holding g's last data-carrying key visible
-    to i (-1 if none). This is group g's block "covering the query's time" for the sensor policy;
-    hidden horizon targets carry no data, so they never make a block local."""
+def _group_local_blocks(token_group, token_patch, q_time, k_time, carries_data, block_size, n_groups,
+                        seq_len) -> torch.Tensor:
+    """For each group g and query i: the block of group g holding g's latest data-carrying key that
+    is visible to i and not later than i's own time (-1 if none). This is group g's block "covering
+    the query's time" for the sensor policy. Hidden horizon targets carry no data, so they never make
+    a block local; a visible future plan (``future_covariates_visible``) is skipped when choosing the
+    local block, and only used as a fallback when nothing of the group is at or before the query."""
     positions = torch.arange(seq_len)
     out = torch.full((n_groups, seq_len), -1, dtype=torch.long)
     visible = (k_time[None, :] <= q_time[:, None]) & carries_data[None, :]  # [L(query), L(key)]
+    current = visible & (token_patch[None, :] <= q_time[:, None].long())
     for g in range(n_groups):
-        in_group = (token_group == g)[None, :] & visible
-        last = torch.where(in_group, positions[None, :], -1).amax(-1)
+        in_group = (token_group == g)[None, :]
+        last = torch.where(current & in_group, positions[None, :], -1).amax(-1)
+        fallback = torch.where(visible & in_group, positions[None, :], -1).amax(-1)
+        last = torch.where(last >= 0, last, fallback)
         out[g] = torch.where(last >= 0, last // block_size, -1)
     return out
 

@@ -171,14 +171,16 @@ class MSAAttention(_QKV):
         kl = kernels.indexer_kl(qi, ki, block_idx, q, k, lse, q_time, k_time, layout.block_size)
         aux = AttentionAux(kl=kl, block_idx=block_idx.detach())
         if self.collect_stats and phase == "sparse":
-            aux.stats = support_stats(block_idx, layout)
+            local = layout.own_local_block[None] if self.group_policy == "free" else layout.group_local_block
+            aux.stats = support_stats(block_idx, layout, local)
         return self.merge(out), aux
 
 
 @torch.no_grad()
-def support_stats(block_idx: torch.Tensor, layout: TokenLayout) -> dict[str, float]:
+def support_stats(block_idx: torch.Tensor, layout: TokenLayout, local_block: torch.Tensor) -> dict[str, float]:
     """Mean support size (visible tokens in the selected blocks, per query and group), its share of
-    the dense visible set, and the share of the support lying in the query's own block."""
+    the dense visible set, and the share of the support lying in the forced local block
+    (``local_block [1 or G, L]``, the policy's local block per group and query)."""
     bs, seq_len = layout.block_size, layout.seq_len
     valid_q = layout.q_time >= 0
     pad = layout.n_blocks * bs - seq_len
@@ -189,7 +191,7 @@ def support_stats(block_idx: torch.Tensor, layout: TokenLayout) -> dict[str, flo
     per_slot = visible.sum(-1)  # [B, G, L, K]
     support = per_slot.sum(-1).float()  # [B, G, L]
     dense = (layout.k_time[None, :] <= layout.q_time[:, None]).sum(-1).float()  # [L]
-    local = (block_idx == layout.own_local_block[None, None, :, None].int()) & slot_valid
+    local = (block_idx == local_block[None, :, :, None].int()) & slot_valid
     local_tokens = (per_slot * local).sum(-1).float()
     support_q = support[..., valid_q]
     return {
