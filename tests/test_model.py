@@ -172,3 +172,24 @@ def test_kernel_functions_survive_importing_the_triton_modules():
         importlib.import_module(f"tsfm_msa.kernels.{module}")
     for op in (kernels.select_blocks, kernels.sparse_attention, kernels.indexer_kl):
         assert callable(op) and not isinstance(op, type(kernels))
+
+
+def test_support_stats_match_a_direct_count():
+    from tsfm_msa.model.attention import support_stats
+
+    model = small_model("msa", "free", top_k=2)
+    with torch.no_grad():
+        _, layout, auxes = model.encode(random_batch(2, C, H, 3, seed=11), "sparse")
+    idx = auxes[0].block_idx
+    stats = support_stats(idx, layout, layout.own_local_block[None])
+    block_of = torch.arange(layout.seq_len) // layout.block_size
+    visible = layout.k_time[None, :] <= layout.q_time[:, None]  # [L, L]
+    chosen = (block_of[None, None, None, :, None] == idx[..., None, :].long()).any(-1)  # [B, G, L, L]
+    support = (chosen & visible).sum(-1).float()
+    local = (block_of[None, :] == layout.own_local_block[:, None]) & visible  # [L, L]
+    valid = layout.q_time >= 0
+    assert stats["support_tokens"] == pytest.approx(float(support[..., valid].mean()))
+    frac = support[..., valid] / visible.sum(-1)[valid].float()
+    assert stats["support_frac"] == pytest.approx(float(frac.mean()))
+    share = (chosen & local).sum(-1).float()[..., valid] / support[..., valid]
+    assert stats["local_share"] == pytest.approx(float(share.mean()))

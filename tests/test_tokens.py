@@ -107,3 +107,10 @@ def test_visible_future_plan_does_not_move_the_local_block():
     # plan's last patch.
     data = (shared.token_variate >= 0) & ~shared.is_hidden & (shared.token_patch <= 4)
     assert int(shared.own_local_block[first_hidden]) == int(torch.nonzero(data).max()) // 4
+
+
+@pytest.mark.parametrize("plan", [False, True])
+def test_visible_count_is_the_dense_support(plan):
+    layout = build_layout(ROLES, GROUPS, NAMES, 30, 10, 4, 8, future_covariates_visible=plan)
+    brute = (layout.k_time[None, :] <= layout.q_time[:, None]).sum(-1)
+    torch.testing.assert_close(layout.visible_count, brute)

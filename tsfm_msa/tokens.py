@@ -45,6 +45,7 @@ class TokenLayout:
     k_time: torch.Tensor  # [L] int32, earliest query time that may see the key, INT32_MAX on padding
     block_group: torch.Tensor  # [NB] long, sensor group of every KV block
     forecast_index: torch.Tensor  # [n_targets, n_horizon_patches] long, token position of each predicted patch
+    visible_count: torch.Tensor  # [L] long, keys visible to each query (the dense support size)
     own_local_block: torch.Tensor  # [L] long, the "local" block forced under the free policy (-1 on padding)
     group_local_block: torch.Tensor  # [n_groups, L] long, block of group g with the query's latest visible data
 
@@ -162,6 +163,8 @@ def build_layout(
     own_local = torch.where(is_pad, -1, positions // block_size)
     hidden_local = group_local[token_group.clamp(min=0), positions]
     own_local = torch.where(is_hidden & (hidden_local >= 0), hidden_local, own_local)
+    # Keys visible to each query: count of k_time <= q_time, from the sorted key times.
+    visible_count = torch.searchsorted(torch.sort(k_time_t).values, q_time_t, right=True)
     return TokenLayout(
         n_context_patches=n_ctx,
         n_horizon_patches=n_hor,
@@ -177,6 +180,7 @@ def build_layout(
         k_time=k_time_t,
         block_group=torch.tensor(block_group, dtype=torch.long),
         forecast_index=forecast_index,
+        visible_count=visible_count,
         own_local_block=own_local,
         group_local_block=group_local,
     )

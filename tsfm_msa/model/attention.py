@@ -185,14 +185,22 @@ def support_stats(block_idx: torch.Tensor, layout: TokenLayout, local_block: tor
     valid_q = layout.q_time >= 0
     pad = layout.n_blocks * bs - seq_len
     k_time = nn.functional.pad(layout.k_time, (0, pad), value=kernels.INT32_MAX).view(layout.n_blocks, bs)
-    slot_valid = block_idx >= 0
-    times = k_time[block_idx.clamp(min=0).long()]  # [B, G, L, K, bs]
-    visible = (times <= layout.q_time[None, None, :, None, None]) & slot_valid[..., None]
-    per_slot = visible.sum(-1)  # [B, G, L, K]
-    support = per_slot.sum(-1).float()  # [B, G, L]
-    dense = (layout.k_time[None, :] <= layout.q_time[:, None]).sum(-1).float()  # [L]
-    local = (block_idx == local_block[None, :, :, None].int()) & slot_valid
-    local_tokens = (per_slot * local).sum(-1).float()
+    batch, groups, _, slots = block_idx.shape
+    # Chunk over queries: the gathered key times are [B, G, Lc, K, bs], too large at long L in one go.
+    chunk = max(1, (1 << 24) // max(1, batch * groups * slots * bs))
+    support_parts, local_parts = [], []
+    for start in range(0, seq_len, chunk):
+        idx = block_idx[:, :, start:start + chunk]
+        slot_valid = idx >= 0
+        times = k_time[idx.clamp(min=0).long()]  # [B, G, Lc, K, bs]
+        q_time = layout.q_time[start:start + chunk]
+        per_slot = ((times <= q_time[None, None, :, None, None]) & slot_valid[..., None]).sum(-1)  # [B, G, Lc, K]
+        local = (idx == local_block[None, :, start:start + chunk, None].int()) & slot_valid
+        support_parts.append(per_slot.sum(-1).float())
+        local_parts.append((per_slot * local).sum(-1).float())
+    support = torch.cat(support_parts, dim=-1)  # [B, G, L]
+    local_tokens = torch.cat(local_parts, dim=-1)
+    dense = layout.visible_count.float()  # [L]
     support_q = support[..., valid_q]
     return {
         "support_tokens": float(support_q.mean()),
