@@ -7,6 +7,7 @@ tests do under ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Literal
 
 import torch
@@ -16,6 +17,9 @@ from . import reference
 Backend = Literal["auto", "triton", "reference"]
 _BACKENDS = ("auto", "triton", "reference")
 _backend: str | None = None
+# How often each (op, backend) ran in this process: lets a run (and the GPU tests) check that CUDA
+# work went through the Triton kernels, never silently through the O(L^2) references.
+CALLS: Counter = Counter()
 
 
 def set_backend(name: Backend) -> None:
@@ -50,7 +54,12 @@ def _use_triton(t: torch.Tensor) -> bool:
         if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
         return True
-    return t.is_cuda and triton_available()
+    if not t.is_cuda:
+        return False
+    if not triton_available():
+        raise RuntimeError("MSA ops on CUDA tensors need triton (pip install triton); set TSFM_MSA_BACKEND=reference "
+                           "to run the slow plain-PyTorch references instead")
+    return True
 
 
 def _triton_op(module: str, name: str):
@@ -63,20 +72,26 @@ def _triton_op(module: str, name: str):
 
 def select_blocks(qi, ki, q_time, k_time, block_size, k, allowed=None, forced=None, return_scores=False):
     """See :func:`reference.select_blocks_reference`."""
-    if _use_triton(qi):
+    use_triton = _use_triton(qi)
+    CALLS[("select_blocks", "triton" if use_triton else "reference")] += 1
+    if use_triton:
         return _triton_op("select_blocks_triton", "select_blocks_triton")(qi, ki, q_time, k_time, block_size, k, allowed, forced, return_scores)
     return reference.select_blocks_reference(qi, ki, q_time, k_time, block_size, k, allowed, forced, return_scores)
 
 
 def sparse_attention(q, k, v, block_idx, q_time, k_time, block_size, scale=None):
     """See :func:`reference.sparse_attention_reference`; returns ``(out, lse)``."""
-    if _use_triton(q):
+    use_triton = _use_triton(q)
+    CALLS[("sparse_attention", "triton" if use_triton else "reference")] += 1
+    if use_triton:
         return _triton_op("sparse_attention_triton", "sparse_attention_triton")(q, k, v, block_idx, q_time, k_time, block_size, scale)
     return reference.sparse_attention_reference(q, k, v, block_idx, q_time, k_time, block_size, scale)
 
 
 def indexer_kl(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale=None, index_scale=None):
     """See :func:`reference.indexer_kl_reference`; gradients reach ``qi`` and ``ki`` only."""
-    if _use_triton(qi):
+    use_triton = _use_triton(qi)
+    CALLS[("indexer_kl", "triton" if use_triton else "reference")] += 1
+    if use_triton:
         return _triton_op("indexer_kl_triton", "indexer_kl_triton")(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale, index_scale)
     return reference.indexer_kl_reference(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale, index_scale)

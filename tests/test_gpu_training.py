@@ -84,3 +84,72 @@ def test_kl_gradient_reaches_only_index_projections_on_cuda():
             assert param.grad is not None and param.grad.abs().sum() > 0, name
         else:
             assert param.grad is None or torch.count_nonzero(param.grad) == 0, name
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # the README's GPU command on the shipped defaults (msa_small, vic_elec)
+    ["model=dense_small"],
+    ["+experiment=vic_elec_sensor"],
+    ["model.group_policy=hybrid"],
+])
+def test_cli_train_on_gpu_with_shipped_configs_runs_the_triton_ops(tmp_path, overrides):
+    from tsfm_msa.cli import main
+    from tsfm_msa.kernels.dispatch import CALLS
+
+    CALLS.clear()
+    main(["train", "trainer=gpu", *overrides, "trainer.max_steps=6", "trainer.val_check_interval=3",
+          "indexer_warmup.steps=3", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"])
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert not any(backend == "reference" for _, backend in CALLS), dict(CALLS)
+    assert CALLS[("dense_attention", "chunked")] == 0, dict(CALLS)
+    if overrides == ["model=dense_small"]:
+        assert CALLS[("dense_attention", "flex")] > 0
+    else:
+        for op in ("select_blocks", "sparse_attention", "indexer_kl"):
+            assert CALLS[(op, "triton")] > 0, dict(CALLS)
+        assert CALLS[("dense_attention", "flex")] > 0  # the indexer warmup's dense main branch
+
+
+def test_warmup_index_loss_on_flex_matches_the_cpu_path():
+    """The warmup's dense index loss through FlexAttention equals the exact chunked CPU path."""
+    from tsfm_msa.model.attention import MSAAttention
+    from tsfm_msa.tokens import build_layout
+
+    layout = build_layout(ROLES, [0, 1, 2], ["a", "b", "c"], context_len=1000, horizon=64, patch_len=8, block_size=16)
+    layer = MSAAttention(d_model=32, n_heads=6, n_kv_heads=3, head_dim=32, index_dim=16, top_k=2, warmup_kl_stride=3)
+    layer.warmup_step = 1
+    L = layout.seq_len
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 6, L, 32, generator=g), torch.randn(2, 3, L, 32, generator=g)
+    qi, ki = torch.randn(2, 3, L, 16, generator=g), torch.randn(2, L, 16, generator=g)
+    grads = []
+    for device in ("cpu", "cuda"):
+        lay = layout.to(device)
+        qi_d = qi.to(device).requires_grad_()
+        ki_d = ki.to(device).requires_grad_()
+        loss = layer.dense_index_loss(q.to(device), k.to(device), qi_d, ki_d, lay)
+        loss.backward()
+        grads.append((loss.detach().cpu(), qi_d.grad.cpu(), ki_d.grad.cpu()))
+    for cpu, gpu in zip(*grads):
+        torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["dense", "msa"])
+def test_long_window_step_has_no_quadratic_memory(kind):
+    """A 64K-token training step: an [L, L] bool mask alone would take 4 GiB, scores 16 GiB."""
+    roles = ["target", "past_covariate", "past_covariate", "past_covariate"]
+    model = PatchTransformer(roles, [0, 0, 1, 1], ["a", "b"], attention=kind, patch_len=16, d_model=128, n_layers=1,
+                             n_heads=4, n_kv_heads=2, head_dim=64, block_size=128, top_k=8, index_dim=32).cuda()
+    context = 16 * 16384
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batch = {"context": torch.randn(1, context, 4, device="cuda", generator=g),
+             "context_mask": torch.ones(1, context, 4, dtype=torch.bool, device="cuda"),
+             "horizon": torch.randn(1, 64, 4, device="cuda", generator=g),
+             "horizon_mask": torch.ones(1, 64, 4, dtype=torch.bool, device="cuda")}
+    for phase in (["sparse"] if kind == "dense" else ["indexer_warmup", "sparse"]):
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch, phase)
+        (out.quantiles.float().mean() + out.kl).backward()
+        assert torch.isfinite(out.quantiles).all()
+        assert torch.cuda.max_memory_allocated() < 3 * 2**30, (phase, torch.cuda.max_memory_allocated() / 2**30)

@@ -13,7 +13,7 @@ only on the schema and the lengths, so it is built once and shared by every samp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,9 @@ class TokenLayout:
     visible_count: torch.Tensor  # [L] long, keys visible to each query (the dense support size)
     own_local_block: torch.Tensor  # [L] long, the "local" block forced under the free policy (-1 on padding)
     group_local_block: torch.Tensor  # [n_groups, L] long, block of group g with the query's latest visible data
+    # Static work derived from the layout (RoPE angles, attention block masks, expanded selection
+    # inputs) is computed once and kept here, so no training step rebuilds it.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def seq_len(self) -> int:
@@ -65,8 +68,14 @@ class TokenLayout:
     def n_patches(self) -> int:
         return self.n_context_patches + self.n_horizon_patches
 
+    def cached(self, key, build):
+        """``build()`` once per layout and ``key``; later calls return the stored value."""
+        if key not in self.cache:
+            self.cache[key] = build()
+        return self.cache[key]
+
     def to(self, device: torch.device | str) -> "TokenLayout":
-        moved = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        moved = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "cache"}
         for name, value in moved.items():
             if isinstance(value, torch.Tensor):
                 moved[name] = value.to(device)
@@ -106,57 +115,61 @@ def build_layout(
         raise LayoutError("the layout needs at least one target variate")
     n_ctx = -(-context_len // patch_len)
     n_hor = -(-horizon // patch_len)
+    n_patches = n_ctx + n_hor
+    role_of = torch.tensor([ROLES.index(r) for r in roles], dtype=torch.long)  # [V]
+    has_future = torch.tensor([r in ROLES_WITH_FUTURE for r in roles])  # [V]
+    is_plan_role = torch.tensor([r in ("future_covariate", "action") for r in roles])  # [V]
+    group_of = torch.tensor(list(groups), dtype=torch.long)  # [V]
+    target_role = ROLES.index("target")
 
-    variate, patch, group, role_idx, hidden, q_time, k_time, block_group = [], [], [], [], [], [], [], []
+    # Every group's segment, built with tensor ops (no per-token Python loop): the (time, variate)
+    # grid of the group's members, minus the horizon patches of past-only covariates, then padding.
+    segments: list[dict[str, torch.Tensor]] = []
+    block_group_parts = []
     for g in range(len(group_names)):
-        members = [v for v in range(len(roles)) if groups[v] == g]
-        if not members:
+        members = torch.nonzero(group_of == g).flatten()  # [M] variate ids, ascending
+        if members.numel() == 0:
             raise LayoutError(f"sensor group {group_names[g]!r} has no variates; drop it from the group list")
-        start = len(variate)
-        for t in range(n_ctx + n_hor):
-            for v in members:
-                role = roles[v]
-                if t >= n_ctx and role not in ROLES_WITH_FUTURE:
-                    continue
-                variate.append(v)
-                patch.append(t)
-                group.append(g)
-                role_idx.append(ROLES.index(role))
-                hidden.append(role == "target" and t >= n_ctx)
-                q_time.append(t)
-                sees_plan = future_covariates_visible and role in ("future_covariate", "action") and t >= n_ctx
-                k_time.append(n_ctx if sees_plan else t)
-        pad = -(len(variate) - start) % block_size
-        variate += [-1] * pad
-        patch += [-1] * pad
-        group += [g] * pad  # padding keeps its segment's group so block_group below is well defined
-        role_idx += [-1] * pad
-        hidden += [False] * pad
-        q_time += [-1] * pad
-        k_time += [INT32_MAX] * pad
-        block_group += [g] * ((len(variate) - start) // block_size)
+        t_grid = torch.arange(n_patches).repeat_interleave(members.numel())  # [T*M] time-major
+        v_grid = members.repeat(n_patches)
+        keep = (t_grid < n_ctx) | has_future[v_grid]
+        t_seg, v_seg = t_grid[keep], v_grid[keep]
+        role_seg = role_of[v_seg]
+        hidden_seg = (role_seg == target_role) & (t_seg >= n_ctx)
+        sees_plan = future_covariates_visible & is_plan_role[v_seg] & (t_seg >= n_ctx)
+        k_time_seg = torch.where(sees_plan, torch.full_like(t_seg, n_ctx), t_seg)
+        pad = -t_seg.numel() % block_size
+        segments.append({
+            "variate": _pad(v_seg, pad, -1), "patch": _pad(t_seg, pad, -1), "role": _pad(role_seg, pad, -1),
+            "hidden": _pad(hidden_seg, pad, False), "q_time": _pad(t_seg, pad, -1),
+            "k_time": _pad(k_time_seg, pad, INT32_MAX),
+            # Padding keeps its segment's group here so block_group is well defined; reset to -1 below.
+            "group": torch.full((t_seg.numel() + pad,), g, dtype=torch.long),
+        })
+        block_group_parts.append(torch.full(((t_seg.numel() + pad) // block_size,), g, dtype=torch.long))
 
-    token_variate = torch.tensor(variate, dtype=torch.long)
-    token_patch = torch.tensor(patch, dtype=torch.long)
-    token_group = torch.tensor(group, dtype=torch.long)
-    q_time_t = torch.tensor(q_time, dtype=torch.int32)
-    k_time_t = torch.tensor(k_time, dtype=torch.int32)
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([s[name] for s in segments])
+
+    token_variate = cat("variate")
+    token_patch = cat("patch")
+    q_time_t = cat("q_time").to(torch.int32)
+    k_time_t = cat("k_time").to(torch.int32)
+    is_hidden = cat("hidden")
     is_pad = token_variate < 0
-    token_group = torch.where(is_pad, -1, token_group)
+    token_group = torch.where(is_pad, -1, cat("group"))
     seq_len = token_variate.numel()
     positions = torch.arange(seq_len)
 
+    # Position of every (variate, patch) token through an O(V * P) lookup table, not a search per patch.
+    where = torch.full((len(roles), n_patches), -1, dtype=torch.long)
+    where[token_variate[~is_pad], token_patch[~is_pad]] = positions[~is_pad]
     targets = [v for v, r in enumerate(roles) if r == "target"]
-    forecast_index = torch.empty(len(targets), n_hor, dtype=torch.long)
-    for row, v in enumerate(targets):
-        for t in range(n_hor):
-            hit = positions[(token_variate == v) & (token_patch == n_ctx + t)]
-            forecast_index[row, t] = hit[0]
+    forecast_index = where[targets][:, n_ctx:]  # [n_targets, n_hor]
 
-    is_hidden = torch.tensor(hidden, dtype=torch.bool)
     carries_data = ~is_pad & ~is_hidden
     group_local = _group_local_blocks(token_group, token_patch, q_time_t, k_time_t, carries_data, block_size,
-                                     len(group_names), seq_len)
+                                     len(group_names))
     # A token's own block is its local block, except for the hidden horizon targets: their own block
     # holds only other hidden tokens (no data), so they are given their group's block with the
     # latest observed data instead of spending a slot on nothing.
@@ -174,11 +187,11 @@ def build_layout(
         token_variate=token_variate,
         token_patch=token_patch,
         token_group=token_group,
-        token_role=torch.tensor(role_idx, dtype=torch.long),
+        token_role=cat("role"),
         is_hidden=is_hidden,
         q_time=q_time_t,
         k_time=k_time_t,
-        block_group=torch.tensor(block_group, dtype=torch.long),
+        block_group=torch.cat(block_group_parts),
         forecast_index=forecast_index,
         visible_count=visible_count,
         own_local_block=own_local,
@@ -186,23 +199,44 @@ def build_layout(
     )
 
 
-def _group_local_blocks(token_group, token_patch, q_time, k_time, carries_data, block_size, n_groups,
-                        seq_len) -> torch.Tensor:
+def _pad(x: torch.Tensor, count: int, value) -> torch.Tensor:
+    return torch.cat([x, torch.full((count,), value, dtype=x.dtype)])
+
+
+def _latest_position_at_or_before(key: torch.Tensor, position: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """For every query value ``query [L]``: the largest ``position`` among entries with
+    ``key <= query`` (-1 if none). Sort by key, running max of positions, one sorted search per
+    query: O(L log L) time and O(L) memory."""
+    if key.numel() == 0:
+        return torch.full_like(query, -1, dtype=torch.long)
+    order = torch.sort(key, stable=True).indices
+    running_max = torch.cummax(position[order], dim=0).values
+    count = torch.searchsorted(key[order].contiguous(), query.to(key.dtype).contiguous(), right=True)
+    return torch.where(count > 0, running_max[(count - 1).clamp(min=0)], -1)
+
+
+def _group_local_blocks(token_group, token_patch, q_time, k_time, carries_data, block_size, n_groups) -> torch.Tensor:
     """For each group g and query i: the block of group g holding g's latest data-carrying key that
     is visible to i and not later than i's own time (-1 if none). This is group g's block "covering
     the query's time" for the sensor policy. Hidden horizon targets carry no data, so they never make
     a block local; a visible future plan (``future_covariates_visible``) is skipped when choosing the
-    local block, and only used as a fallback when nothing of the group is at or before the query."""
-    positions = torch.arange(seq_len)
-    out = torch.full((n_groups, seq_len), -1, dtype=torch.long)
-    visible = (k_time[None, :] <= q_time[:, None]) & carries_data[None, :]  # [L(query), L(key)]
-    current = visible & (token_patch[None, :] <= q_time[:, None].long())
+    local block, and only used as a fallback when nothing of the group is at or before the query.
+
+    Per group: one sorted search of the query times among the group's data-carrying keys, keyed by
+    the time from which the key counts (``max(k_time, patch)`` for the current data, ``k_time`` for
+    the fallback) -- O(L log L), never an [L, L] matrix."""
+    positions = torch.arange(token_group.numel())
+    query = q_time.long()
+    out = torch.full((n_groups, token_group.numel()), -1, dtype=torch.long)
     for g in range(n_groups):
-        in_group = (token_group == g)[None, :]
-        last = torch.where(current & in_group, positions[None, :], -1).amax(-1)
-        fallback = torch.where(visible & in_group, positions[None, :], -1).amax(-1)
-        last = torch.where(last >= 0, last, fallback)
-        out[g] = torch.where(last >= 0, last // block_size, -1)
+        member = carries_data & (token_group == g)
+        pos = positions[member]
+        k_g = k_time[member].long()
+        current = _latest_position_at_or_before(torch.maximum(k_g, token_patch[member]), pos, query)
+        fallback = _latest_position_at_or_before(k_g, pos, query)
+        last = torch.where(current >= 0, current, fallback)
+        # Padding queries (q_time = -1) see nothing.
+        out[g] = torch.where((last >= 0) & (query >= 0), last // block_size, -1)
     return out
 
 

@@ -5,6 +5,7 @@ time (key j visible to query i iff ``k_time[j] <= q_time[i]``), never by flatten
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -12,11 +13,17 @@ import torch
 from torch import nn
 
 from tsfm_msa import kernels
+from tsfm_msa.model.dense_attention import time_masked_attention
 from tsfm_msa.model.rope import apply_rope, rope_angles
 from tsfm_msa.tokens import TokenLayout
 
 GROUP_POLICIES = ("free", "sensor", "hybrid")
 PHASES = ("indexer_warmup", "sparse")
+# Warmup index loss: every query row up to this many tokens; beyond, every AUTO_KL_STRIDE-th row.
+# The loss needs two extra attention passes (teacher with Hq heads, student with G heads); on a
+# subset of 1/8 of the rows they add about 1/8 + G/(8 Hq) of a dense attention step.
+AUTO_KL_FULL_ROWS = 8192
+AUTO_KL_STRIDE = 8
 
 
 class ModelConfigError(ValueError):
@@ -48,7 +55,7 @@ class _QKV(nn.Module):
         q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, L, D]
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, L, D]
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_angles(layout.token_patch.clamp(min=0), self.head_dim)
+        cos, sin = layout_rope(layout, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def merge(self, out: torch.Tensor) -> torch.Tensor:
@@ -57,19 +64,13 @@ class _QKV(nn.Module):
 
 
 class DenseGQA(_QKV):
-    """Dense grouped-query attention with the time-visibility mask (PyTorch SDPA)."""
+    """Dense grouped-query attention with the time-visibility mask: FlexAttention with a block mask
+    from per-tile time ranges on CUDA, exact chunked attention on the CPU (no [L, L] mask)."""
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, phase: str = "sparse") -> tuple[torch.Tensor, AttentionAux]:
         q, k, v = self.project(x, layout)
-        visible = layout.k_time[None, :] <= layout.q_time[:, None]  # [L, L]
-        # Padding queries see nothing; give them their own key so softmax stays finite, then zero them.
-        empty = ~visible.any(-1)
-        mask = visible | (torch.eye(visible.shape[0], dtype=torch.bool, device=x.device) & empty[:, None])
-        rep = self.n_heads // self.n_kv_heads
-        out = nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask
-        )
-        out = out.masked_fill(empty[None, None, :, None], 0.0)
+        out, _ = time_masked_attention(q, k, v, layout.q_time, layout.k_time, cache=layout.cache,
+                                       cache_key="dense_mask")
         return self.merge(out), AttentionAux()
 
 
@@ -94,6 +95,7 @@ class MSAAttention(_QKV):
         group_policy: str = "free",
         k_own: int | None = None,
         collect_stats: bool = True,
+        warmup_kl_stride: int | None = None,
     ) -> None:
         super().__init__(d_model, n_heads, n_kv_heads, head_dim)
         if group_policy not in GROUP_POLICIES:
@@ -106,6 +108,12 @@ class MSAAttention(_QKV):
                 raise ModelConfigError(f"hybrid policy needs 1 <= k_own <= top_k ({top_k}), got k_own={k_own}")
         self.index_dim, self.top_k, self.group_policy, self.k_own = index_dim, top_k, group_policy, k_own
         self.collect_stats = collect_stats
+        if warmup_kl_stride is not None and (not isinstance(warmup_kl_stride, int) or warmup_kl_stride <= 0):
+            raise ModelConfigError(f"warmup_kl_stride must be a positive integer or null (auto), got {warmup_kl_stride!r}")
+        self.warmup_kl_stride = warmup_kl_stride
+        # Set by the model before each forward: picks the warmup loss's row subset, identically in a
+        # forward and in its activation-checkpointing recompute.
+        self.warmup_step = 0
         # Probes swap the learned indexer for a baseline selector (local window, random-k, oracle, ...):
         # called as selector(layer, q, k, qi, ki, layout) -> block_idx [B, G, L, K] in the sparse phase.
         self.selector: Callable[..., torch.Tensor] | None = None
@@ -118,31 +126,36 @@ class MSAAttention(_QKV):
                 f"top_k={self.top_k} is larger than the number of KV blocks ({layout.n_blocks}) of this layout; "
                 f"lower model.top_k or model.block_size")
         if self.group_policy in ("sensor", "hybrid") and layout.n_groups != self.n_kv_heads:
+            groups = layout.n_groups
+            fix = (f"set model.n_kv_heads={groups} model.n_heads={groups * max(1, self.n_heads // self.n_kv_heads)} "
+                   f"(n_heads must be a multiple of n_kv_heads)")
             raise ModelConfigError(
                 f"group_policy={self.group_policy} maps GQA groups to sensor groups, so n_kv_heads "
-                f"({self.n_kv_heads}) must equal the number of sensor groups ({layout.n_groups}: "
-                f"{list(layout.group_names)}); set model.n_kv_heads={layout.n_groups} or use group_policy=free")
+                f"({self.n_kv_heads}) must equal the number of sensor groups ({groups}: "
+                f"{list(layout.group_names)}); {fix}, or use model.group_policy=free")
 
     def index_branch(self, x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         batch, seq_len, _ = x.shape
         xd = x.detach()  # the KL loss must not reach the backbone
         qi = self.index_q(xd).view(batch, seq_len, self.n_kv_heads, self.index_dim).transpose(1, 2)
         ki = self.index_k(xd)  # [B, L, Di]
-        cos, sin = rope_angles(layout.token_patch.clamp(min=0), self.index_dim)
+        cos, sin = layout_rope(layout, self.index_dim)
         return apply_rope(qi, cos, sin), apply_rope(ki, cos, sin)
 
     def select(self, qi: torch.Tensor, ki: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Selected blocks ``[B, G, L, K]`` under the group policy."""
         batch, groups, seq_len, _ = qi.shape
-        q_time = layout.q_time.expand(batch, seq_len)
-        k_time = layout.k_time.expand(batch, seq_len)
+        q_time, k_time = batch_times(layout, batch)
         bs = layout.block_size
         if self.group_policy == "free":
-            forced = layout.own_local_block.view(1, 1, seq_len, 1).expand(batch, groups, seq_len, 1)
-            return kernels.select_blocks(qi, ki, q_time, k_time, bs, self.top_k, None, forced.int().contiguous())
-        own = layout.block_group[None, :] == torch.arange(groups, device=qi.device)[:, None]  # [G, NB]
-        own = own[None].expand(batch, groups, layout.n_blocks).contiguous()
-        local = layout.group_local_block[None, :, :, None].expand(batch, groups, seq_len, 1).int().contiguous()
+            forced = layout.cached(("forced_own", batch, groups), lambda: (
+                layout.own_local_block.view(1, 1, seq_len, 1).expand(batch, groups, seq_len, 1).int().contiguous()))
+            return kernels.select_blocks(qi, ki, q_time, k_time, bs, self.top_k, None, forced)
+        own = layout.cached(("own_group_blocks", batch, groups), lambda: (
+            (layout.block_group[None, :] == torch.arange(groups, device=qi.device)[:, None])[None]
+            .expand(batch, groups, layout.n_blocks).contiguous()))  # [B, G, NB]
+        local = layout.cached(("forced_group_local", batch), lambda: (
+            layout.group_local_block[None, :, :, None].expand(batch, groups, seq_len, 1).int().contiguous()))
         if self.group_policy == "sensor":
             return kernels.select_blocks(qi, ki, q_time, k_time, bs, self.top_k, own, local)
         first = kernels.select_blocks(qi, ki, q_time, k_time, bs, self.k_own, own, local)
@@ -153,27 +166,86 @@ class MSAAttention(_QKV):
     def forward(self, x: torch.Tensor, layout: TokenLayout, phase: str = "sparse") -> tuple[torch.Tensor, AttentionAux]:
         if phase not in PHASES:
             raise ModelConfigError(f"phase must be one of {PHASES}, got {phase!r}")
-        batch, seq_len, _ = x.shape
+        batch = x.shape[0]
         q, k, v = self.project(x, layout)
         qi, ki = self.index_branch(x, layout)
-        q_time = layout.q_time.expand(batch, seq_len).contiguous()
-        k_time = layout.k_time.expand(batch, seq_len).contiguous()
         if phase == "indexer_warmup":
-            # Dense support: every block, so the main branch is dense attention and the indexer
-            # learns from the dense teacher.
-            all_blocks = torch.arange(layout.n_blocks, dtype=torch.int32, device=x.device)
-            block_idx = all_blocks.expand(batch, self.n_kv_heads, seq_len, layout.n_blocks).contiguous()
-        elif self.selector is not None:
+            # Dense main branch (the model trains as a dense model), and the indexer learns from the
+            # dense teacher on the dense visible support -- no all-blocks block list, no O(L^2) buffer.
+            out, _ = time_masked_attention(q, k, v, layout.q_time, layout.k_time, cache=layout.cache,
+                                           cache_key="dense_mask")
+            return self.merge(out), AttentionAux(kl=self.dense_index_loss(q, k, qi, ki, layout))
+        q_time, k_time = batch_times(layout, batch)
+        if self.selector is not None:
             block_idx = self.selector(self, q, k, qi, ki, layout)
         else:
             block_idx = self.select(qi, ki, layout)
         out, lse = kernels.sparse_attention(q, k, v, block_idx, q_time, k_time, layout.block_size)
         kl = kernels.indexer_kl(qi, ki, block_idx, q, k, lse, q_time, k_time, layout.block_size)
         aux = AttentionAux(kl=kl, block_idx=block_idx.detach())
-        if self.collect_stats and phase == "sparse":
+        if self.collect_stats:
             local = layout.own_local_block[None] if self.group_policy == "free" else layout.group_local_block
             aux.stats = support_stats(block_idx, layout, local)
         return self.merge(out), aux
+
+    def kl_query_stride(self, layout: TokenLayout) -> int:
+        """Every how many query rows the warmup's index loss is computed on (see dense_index_loss)."""
+        if self.warmup_kl_stride is not None:
+            return self.warmup_kl_stride
+        return 1 if layout.seq_len <= AUTO_KL_FULL_ROWS else AUTO_KL_STRIDE
+
+    def dense_index_loss(self, q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
+                         layout: TokenLayout) -> torch.Tensor:
+        """Indexer loss of the warmup phase: cross-entropy H(p, s) of the indexer's distribution
+        ``s = softmax(qi . ki * index_scale)`` against the dense teacher ``p = mean over the group's
+        heads of softmax(q . k / sqrt(D))``, both over every visible key. It differs from KL(p || s)
+        by the teacher's entropy, a constant for the indexer, so the gradients are the KL's.
+
+        Written through two attention calls that never form the [L, L] probabilities:
+        ``u = p @ ki`` (teacher attention with the index keys as values) and ``a = s @ ki`` with
+        ``lse_s`` (student attention), so ``H = lse_s - index_scale * qi . u``,
+        ``dH/dqi = index_scale * (a - u)`` and ``dH/dki_j = index_scale * sum_i (s_ij - p_ij) qi_i``:
+        the first two come from autograd through ``u``, the last through the student's values.
+
+        At long L the loss is taken on every ``stride``-th query row (a fixed-size subset whose
+        offset rotates with the training step): an unbiased estimate of the mean over rows that
+        keeps the warmup close to a dense step's cost.
+        """
+        batch, groups, seq_len, index_dim = qi.shape
+        rep = self.n_heads // groups
+        index_scale = 1.0 / math.sqrt(index_dim)
+        stride = self.kl_query_stride(layout)
+        offset = self.warmup_step % stride
+        rows = layout.cached(("kl_rows", stride, offset), lambda: (
+            torch.arange(offset, offset + stride * (seq_len // stride), stride, device=qi.device)))
+        q_time = layout.cached(("kl_row_times", stride, offset), lambda: layout.q_time[rows].contiguous())
+        valid = layout.cached(("kl_row_valid", stride, offset), lambda: layout.visible_count[rows] > 0)
+        mask_key = ("kl_mask", stride, offset)
+        teacher_values = ki[:, None].expand(batch, groups, seq_len, index_dim).contiguous()
+        u, _ = time_masked_attention(q.detach()[:, :, rows], k.detach(), teacher_values, q_time, layout.k_time,
+                                     cache=layout.cache, cache_key=mask_key)
+        u = u.float().view(batch, groups, rep, rows.numel(), index_dim).mean(2)  # [B, G, n, Di]
+        qi_rows = qi[:, :, rows]
+        a, lse_s = time_masked_attention(qi_rows.detach(), ki.detach()[:, None], ki[:, None], q_time, layout.k_time,
+                                         scale=index_scale, cache=layout.cache, cache_key=mask_key)
+        qi_f, a = qi_rows.float(), a.float()
+        cross = -index_scale * (qi_f * u).sum(-1)  # [B, G, n]: gradients to qi and, through u, to ki
+        student = index_scale * ((qi_f * a.detach()).sum(-1) + (qi_f.detach() * a).sum(-1))
+        per_row = lse_s.detach() + cross + (student - student.detach())  # value: the cross-entropy
+        per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+        return per_row.sum() / (valid.sum() * batch * groups).clamp(min=1)
+
+
+def layout_rope(layout: TokenLayout, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE angles of the layout's patch times, computed once per layout and head dim."""
+    return layout.cached(("rope", dim), lambda: rope_angles(layout.token_patch.clamp(min=0), dim))
+
+
+def batch_times(layout: TokenLayout, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q_time, k_time [B, L]`` int32 as the kernels take them, built once per layout and batch size."""
+    return layout.cached(("batch_times", batch), lambda: (
+        layout.q_time.expand(batch, layout.seq_len).contiguous(),
+        layout.k_time.expand(batch, layout.seq_len).contiguous()))
 
 
 @torch.no_grad()

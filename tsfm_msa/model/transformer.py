@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from tsfm_msa.model.attention import PHASES, AttentionAux, DenseGQA, ModelConfigError, MSAAttention
@@ -67,6 +68,8 @@ class PatchTransformer(nn.Module):
         future_covariates_visible: bool = False,
         quantiles: tuple[float, ...] | list[float] = DEFAULT_QUANTILES,
         max_variates: int = 64,
+        activation_checkpointing: bool = False,
+        warmup_kl_stride: int | None = None,
     ) -> None:
         super().__init__()
         kinds = [attention] * n_layers if isinstance(attention, str) else list(attention)
@@ -97,12 +100,17 @@ class PatchTransformer(nn.Module):
             if kind == "dense":
                 attn = DenseGQA(d_model, n_heads, n_kv_heads, head_dim)
             else:
-                attn = MSAAttention(d_model, n_heads, n_kv_heads, head_dim, index_dim, top_k, group_policy, k_own)
+                attn = MSAAttention(d_model, n_heads, n_kv_heads, head_dim, index_dim, top_k, group_policy, k_own,
+                                    warmup_kl_stride=warmup_kl_stride)
             layers.append(Block(attn, d_model, mlp_ratio, dropout))
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, patch_len * len(quantiles))
         self._layouts: dict[tuple[int, int, str], TokenLayout] = {}
+        # Recompute each block's activations in the backward pass instead of keeping them: memory
+        # per layer drops from the block's intermediates to its input, for about one more forward.
+        self.activation_checkpointing = bool(activation_checkpointing)
+        self._warmup_forwards = 0
 
     @property
     def has_msa(self) -> bool:
@@ -134,9 +142,18 @@ class PatchTransformer(nn.Module):
         x = x + self.variate_embed(layout.token_variate.clamp(min=0)) + self.role_embed(layout.token_role.clamp(min=0))
         x = x + layout.is_hidden[:, None] * self.hidden_embed
         x = x * (layout.token_variate >= 0)[:, None]  # padding tokens carry nothing
+        if phase == "indexer_warmup" and self.training:
+            self._warmup_forwards += 1
+            for layer in self.layers:
+                if isinstance(layer.attention, MSAAttention):
+                    layer.attention.warmup_step = self._warmup_forwards
+        checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         auxes = []
         for layer in self.layers:
-            x, aux = layer(x, layout, phase)
+            if checkpointed:
+                x, aux = torch.utils.checkpoint.checkpoint(layer, x, layout, phase, use_reentrant=False)
+            else:
+                x, aux = layer(x, layout, phase)
             auxes.append(aux)
         return self.norm(x), layout, auxes
 

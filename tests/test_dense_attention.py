@@ -1,0 +1,125 @@
+"""Dense attention under time visibility and the indexer-warmup loss, checked against brute force
+([L, L] matrices are fine here: the layouts are tiny)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tsfm_msa import kernels
+from tsfm_msa.model.attention import MSAAttention
+from tsfm_msa.model.dense_attention import time_masked_attention, time_block_mask
+from tsfm_msa.tokens import build_layout
+
+ROLES = ["target", "past_covariate", "future_covariate", "target"]
+GROUPS = [0, 1, 1, 0]
+
+
+def _layout(block_size: int = 4):
+    return build_layout(ROLES, GROUPS, ["a", "b"], context_len=37, horizon=9, patch_len=4, block_size=block_size)
+
+
+def _brute_attention(q, k, v, q_time, k_time, scale):
+    rep = q.shape[1] // k.shape[1]
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(rep, 1)) * scale
+    visible = k_time[None, :] <= q_time[:, None]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None]).nan_to_num(0.0)
+    return probs @ v.double().repeat_interleave(rep, 1), lse
+
+
+def test_chunked_attention_matches_brute_force_including_padding_rows():
+    layout = _layout()
+    g = torch.Generator().manual_seed(1)
+    L = layout.seq_len
+    q, k, v = (torch.randn(2, 6, L, 8, generator=g), torch.randn(2, 3, L, 8, generator=g),
+               torch.randn(2, 3, L, 5, generator=g))
+    out, lse = time_masked_attention(q, k, v, layout.q_time, layout.k_time, scale=0.3)
+    ref_out, ref_lse = _brute_attention(q, k, v, layout.q_time, layout.k_time, 0.3)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (~finite).any()  # padding rows see nothing
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=1e-5, rtol=1e-5)
+    assert (out[~finite.expand_as(lse)] == 0).all()
+
+
+def test_block_mask_tiles_agree_with_time_ranges():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    g = torch.Generator().manual_seed(2)
+    q_time = torch.sort(torch.randint(-1, 40, (300,), generator=g)).values.int()
+    k_time = torch.randint(0, 40, (260,), generator=g).int()
+    k_time[::7] = kernels.INT32_MAX
+    mask = time_block_mask(q_time, k_time)
+    dense = mask.to_dense()[0, 0].bool()  # [NQB, NKB] tiles Flex will visit
+    visible = k_time[None, :].long() <= q_time[:, None].long()
+    for qb in range(dense.shape[0]):
+        for kb in range(dense.shape[1]):
+            tile = visible[qb * 128:(qb + 1) * 128, kb * 128:(kb + 1) * 128]
+            if tile.any():  # a tile with a visible key is never skipped
+                assert dense[qb, kb]
+
+
+def _brute_kl_parts(q, k, qi, ki, q_time, k_time):
+    """Per-row teacher p, student log-probabilities and validity on the dense support."""
+    b, hq, L, d = q.shape
+    groups, di = qi.shape[1], qi.shape[-1]
+    rep = hq // groups
+    visible = k_time[None, :] <= q_time[:, None]
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(rep, 1)) / math.sqrt(d)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(logits, -1).nan_to_num(0.0).view(b, groups, rep, L, L).mean(2)
+    s = torch.einsum("bgqd,bkd->bgqk", qi.double(), ki.double()) / math.sqrt(di)
+    log_s = torch.log_softmax(s.masked_fill(~visible, float("-inf")), -1)
+    return p, log_s, visible.any(-1)
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_warmup_index_loss_is_the_dense_cross_entropy_with_kl_gradients(stride):
+    layout = _layout()
+    L = layout.seq_len
+    layer = MSAAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=2,
+                         warmup_kl_stride=stride)
+    layer.warmup_step = 5
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, L, 8, generator=g), torch.randn(2, 2, L, 8, generator=g)
+    qi = torch.randn(2, 2, L, 6, generator=g, requires_grad=True)
+    ki = torch.randn(2, L, 6, generator=g, requires_grad=True)
+    loss = layer.dense_index_loss(q, k, qi, ki, layout)
+    loss.backward()
+
+    qi2, ki2 = qi.detach().clone().requires_grad_(), ki.detach().clone().requires_grad_()
+    p, log_s, valid = _brute_kl_parts(q, k, qi2, ki2, layout.q_time, layout.k_time)
+    rows = torch.arange(5 % stride, L, stride)[: L // stride]
+    keep = torch.zeros(L, dtype=torch.bool)
+    keep[rows] = True
+    keep &= valid
+    log_p = torch.log(p.clamp_min(1e-300))
+    kl = (p * (log_p - log_s.nan_to_num(0.0, neginf=0.0))).sum(-1)  # [B, G, L]
+    entropy = -(p * log_p).sum(-1)
+    expected_kl = kl[..., keep].mean()
+    expected_xent = expected_kl + entropy[..., keep].mean()
+    torch.testing.assert_close(loss.double(), expected_xent, atol=1e-5, rtol=1e-5)
+    expected_kl.backward()
+    torch.testing.assert_close(qi.grad, qi2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ki.grad, ki2.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_warmup_gradients_equal_the_kl_reference_on_all_blocks():
+    """stride 1: the same gradients as the sparse-phase KL op given every block (the old warmup)."""
+    layout = _layout()
+    L = layout.seq_len
+    layer = MSAAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=2, warmup_kl_stride=1)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(1, 4, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g)
+    qi = torch.randn(1, 2, L, 6, generator=g, requires_grad=True)
+    ki = torch.randn(1, L, 6, generator=g, requires_grad=True)
+    layer.dense_index_loss(q, k, qi, ki, layout).backward()
+    qi2, ki2 = qi.detach().clone().requires_grad_(), ki.detach().clone().requires_grad_()
+    q_time, k_time = layout.q_time[None].contiguous(), layout.k_time[None].contiguous()
+    every = torch.arange(layout.n_blocks, dtype=torch.int32).expand(1, 2, L, layout.n_blocks).contiguous()
+    _, lse = kernels.sparse_attention_reference(q, k, v, every, q_time, k_time, layout.block_size)
+    kernels.indexer_kl_reference(qi2, ki2, every, q, k, lse, q_time, k_time, layout.block_size).backward()
+    torch.testing.assert_close(qi.grad, qi2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ki.grad, ki2.grad, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,155 @@
+"""Dense attention under the time-visibility rule, linear in memory outside the attention kernel.
+
+Key j is visible to query i iff ``k_time[j] <= q_time[i]`` (padding keys carry INT32_MAX, padding
+queries -1 and see nothing). Two implementations of one function:
+
+- CUDA: FlexAttention with a ``mask_mod`` on the time ids and a ``BlockMask`` built from the time
+  range of every 128-token tile, so tiles with no visible key are skipped, tiles that are fully
+  visible run unmasked, and GQA reads K/V without copying them per head. No [L, L] tensor exists;
+  the block mask is [L/128, L/128] and is built once per layout (cached by the caller's key).
+- CPU (and any device without Flex): exact attention in query chunks of bounded size, fp32
+  accumulation, differentiable through autograd. Used at the small lengths CPU training meets.
+
+Both return the output and the log-sum-exp of every query row (``-inf`` where nothing is visible,
+with a zero output), which the indexer warmup needs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Hashable
+
+import torch
+
+from tsfm_msa.kernels import INT32_MAX
+from tsfm_msa.kernels.dispatch import CALLS
+
+FLEX_BLOCK = 128
+# Elements of one chunk's [B, Hq, Lc, L] score tile on the CPU path.
+_CHUNK_ELEMENTS = 1 << 24
+# Flex's tensor-core tiles need head dims of at least 16: smaller ones are zero-padded (the dot
+# products, and so the result, do not change).
+_FLEX_MIN_DIM = 16
+
+_compiled_flex = None
+
+
+def time_masked_attention(
+    q: torch.Tensor,  # [B, Hq, Lq, D]
+    k: torch.Tensor,  # [B, G, L, D]
+    v: torch.Tensor,  # [B, G, L, Dv]
+    q_time: torch.Tensor,  # [Lq] int32 (shared by the batch)
+    k_time: torch.Tensor,  # [L] int32
+    scale: float | None = None,
+    cache: dict | None = None,
+    cache_key: Hashable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention of every query head over the keys visible to it by time.
+
+    ``Hq`` must be a multiple of ``G`` (GQA). ``cache``/``cache_key`` keep the Flex block mask of a
+    fixed (q_time, k_time) pair, so it is built once per layout. Returns ``out [B, Hq, Lq, Dv]`` in
+    the dtype of ``v`` and ``lse [B, Hq, Lq]`` float32.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.is_cuda and _flex_usable():
+        CALLS[("dense_attention", "flex")] += 1
+        mask = None
+        if cache is not None and cache_key is not None:
+            mask = cache.get(cache_key)
+        if mask is None:
+            mask = time_block_mask(q_time, k_time)
+            if cache is not None and cache_key is not None:
+                cache[cache_key] = mask
+        return _flex(q, k, v, mask, scale)
+    CALLS[("dense_attention", "chunked")] += 1
+    return _chunked_reference(q, k, v, q_time, k_time, scale)
+
+
+def _flex_usable() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def time_block_mask(q_time: torch.Tensor, k_time: torch.Tensor):
+    """Flex ``BlockMask`` for the time-visibility rule, from per-tile time ranges.
+
+    A (query tile, key tile) pair is skipped when its earliest key is later than its latest query,
+    runs unmasked when its latest key is visible to its earliest query (no padding on either side),
+    and is masked token by token otherwise. O(L) to read the times, O((L/128)^2) for the tile table.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n_q, n_k = q_time.numel(), k_time.numel()
+    q_pad = _pad_to(q_time.to(torch.int32), FLEX_BLOCK, -1)
+    k_pad = _pad_to(k_time.to(torch.int32), FLEX_BLOCK, INT32_MAX)
+    q_tiles, k_tiles = q_pad.view(-1, FLEX_BLOCK), k_pad.view(-1, FLEX_BLOCK)
+    q_min, q_max = q_tiles.amin(-1), q_tiles.amax(-1)  # padding queries (-1) pull q_min down: never "full"
+    k_min, k_max = k_tiles.amin(-1), k_tiles.amax(-1)  # padding keys (INT32_MAX) push k_max up: never "full"
+    any_visible = k_min[None, :] <= q_max[:, None]  # [NQB, NKB]
+    full = k_max[None, :] <= q_min[:, None]
+    partial = any_visible & ~full
+
+    def listed(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = table.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~table).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return count[None, None].contiguous(), order[None, None].contiguous()
+
+    kv_num, kv_idx = listed(partial)
+    full_num, full_idx = listed(full)
+
+    def visible_by_time(b, h, q_idx, kv_idx):
+        return k_pad[kv_idx] <= q_pad[q_idx]
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=visible_by_time, seq_lengths=(n_q, n_k))
+
+
+def _pad_to(x: torch.Tensor, multiple: int, value: int) -> torch.Tensor:
+    pad = -x.numel() % multiple
+    return torch.nn.functional.pad(x, (0, pad), value=value) if pad else x
+
+
+def _flex(q, k, v, block_mask, scale):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None:
+        import torch._dynamo
+
+        # One compiled kernel per (shape, dtype); a run meets a few layouts and mask variants.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    dv = v.shape[-1]
+    if q.shape[-1] < _FLEX_MIN_DIM:
+        q = torch.nn.functional.pad(q, (0, _FLEX_MIN_DIM - q.shape[-1]))
+        k = torch.nn.functional.pad(k, (0, _FLEX_MIN_DIM - k.shape[-1]))
+    if dv < _FLEX_MIN_DIM:
+        v = torch.nn.functional.pad(v, (0, _FLEX_MIN_DIM - dv))
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    out, lse = _compiled_flex(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=block_mask, scale=scale,
+                              enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
+    return out[..., :dv], lse.float()
+
+
+def _chunked_reference(q, k, v, q_time, k_time, scale):
+    batch, n_heads, n_q, _ = q.shape
+    groups, n_k, dv = k.shape[1], k.shape[2], v.shape[-1]
+    rep = n_heads // groups
+    qg = q.float().view(batch, groups, rep, n_q, -1)
+    kf, vf = k.float(), v.float()
+    chunk = max(1, min(n_q, _CHUNK_ELEMENTS // max(1, batch * n_heads * n_k)))
+    outs, lses = [], []
+    for start in range(0, n_q, chunk):
+        stop = min(n_q, start + chunk)
+        visible = k_time[None, :] <= q_time[start:stop, None]  # [Lc, L]
+        logits = torch.einsum("bgrqd,bgkd->bgrqk", qg[:, :, :, start:stop], kf) * scale
+        logits = logits.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)  # [B, G, R, Lc]
+        lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        probs = torch.exp(logits - lse_safe[..., None])
+        outs.append(torch.einsum("bgrqk,bgkd->bgrqd", probs, vf))
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(batch, n_heads, n_q, dv).to(v.dtype)
+    return out, torch.cat(lses, dim=3).reshape(batch, n_heads, n_q)
