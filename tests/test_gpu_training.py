@@ -42,8 +42,8 @@ def test_msa_training_step_on_cuda_matches_reference(policy):
     batch = _batch(2, 4096, 256, seed=1)  # ~800 tokens, 15 blocks of 64
     outputs = {}
     try:
-        # Dense-support phase (every block kept), so the comparison does not hinge on near-tied
-        # block scores: the fp32 reference against the Triton kernels under bf16 autocast.
+        # Dense-support phase, so the comparison does not hinge on near-tied block scores: the
+        # dense main branch (FlexAttention) in fp32 against bf16 autocast.
         kernels.set_backend("reference")
         with torch.no_grad():
             outputs["reference"] = model(batch, "indexer_warmup").quantiles.float()

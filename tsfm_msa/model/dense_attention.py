@@ -116,10 +116,10 @@ def _flex(q, k, v, block_mask, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
     if _compiled_flex is None:
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
         # One compiled kernel per (shape, dtype); a run meets a few layouts and mask variants.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     dv = v.shape[-1]
     if q.shape[-1] < _FLEX_MIN_DIM:
