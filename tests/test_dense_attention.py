@@ -80,8 +80,8 @@ def test_warmup_index_loss_is_the_dense_cross_entropy_with_kl_gradients(stride):
     layout = _layout()
     L = layout.seq_len
     layer = MSAAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=2,
-                         warmup_kl_stride=stride)
-    layer.warmup_step = 5
+                         kl_row_stride=stride)
+    layer.train_step = 5
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(2, 4, L, 8, generator=g), torch.randn(2, 2, L, 8, generator=g)
     qi = torch.randn(2, 2, L, 6, generator=g, requires_grad=True)
@@ -110,7 +110,7 @@ def test_warmup_gradients_equal_the_kl_reference_on_all_blocks():
     """stride 1: the same gradients as the sparse-phase KL op given every block (the old warmup)."""
     layout = _layout()
     L = layout.seq_len
-    layer = MSAAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=2, warmup_kl_stride=1)
+    layer = MSAAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=2, kl_row_stride=1)
     g = torch.Generator().manual_seed(4)
     q, k, v = torch.randn(1, 4, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g)
     qi = torch.randn(1, 2, L, 6, generator=g, requires_grad=True)
@@ -123,3 +123,23 @@ def test_warmup_gradients_equal_the_kl_reference_on_all_blocks():
     kernels.indexer_kl_reference(qi2, ki2, every, q, k, lse, q_time, k_time, layout.block_size).backward()
     torch.testing.assert_close(qi.grad, qi2.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ki.grad, ki2.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_phase_kl_on_rotating_row_subsets_partitions_the_full_kl():
+    """In training, the sparse-phase KL over every stride-th row: the offsets together cover every
+    row once, so their row-weighted mean is the full KL."""
+    layout = _layout(block_size=4)
+    torch.manual_seed(6)
+    layer = MSAAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=3, kl_row_stride=3)
+    x = torch.randn(2, layout.seq_len, 16)
+    layer.eval()
+    full = layer(x, layout, "sparse")[1].kl
+    layer.train()
+    valid_rows = (layout.visible_count > 0)
+    parts, weights = [], []
+    for step in range(3):
+        layer.train_step = step
+        parts.append(layer(x, layout, "sparse")[1].kl)
+        weights.append(float(valid_rows[torch.arange(layout.seq_len) % 3 == step].sum()))
+    mixed = sum(p * w for p, w in zip(parts, weights)) / sum(weights)
+    torch.testing.assert_close(mixed, full, atol=1e-5, rtol=1e-5)

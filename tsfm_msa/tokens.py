@@ -71,7 +71,10 @@ class TokenLayout:
     def cached(self, key, build):
         """``build()`` once per layout and ``key``; later calls return the stored value."""
         if key not in self.cache:
-            self.cache[key] = build()
+            # Normal tensors even when first met under inference mode (a validation or predict
+            # pass), so training may later save them for backward.
+            with torch.inference_mode(False), torch.no_grad():
+                self.cache[key] = build()
         return self.cache[key]
 
     def to(self, device: torch.device | str) -> "TokenLayout":

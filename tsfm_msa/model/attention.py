@@ -19,10 +19,12 @@ from tsfm_msa.tokens import TokenLayout
 
 GROUP_POLICIES = ("free", "sensor", "hybrid")
 PHASES = ("indexer_warmup", "sparse")
-# Warmup index loss: every query row up to this many tokens; beyond, every AUTO_KL_STRIDE-th row.
-# The loss needs two extra attention passes (teacher with Hq heads, student with G heads); on a
-# subset of 1/8 of the rows they add about 1/8 + G/(8 Hq) of a dense attention step.
-AUTO_KL_FULL_ROWS = 8192
+# Indexer loss in training: every query row up to this many tokens; beyond, every AUTO_KL_STRIDE-th
+# row (an unbiased estimate of the mean over rows). In the warmup the loss needs two extra
+# attention passes (teacher with Hq heads, student with G heads): on 1/8 of the rows they add about
+# 1/8 + G/(8 Hq) of a dense attention pass (H200, 32K-512K tokens: warmup step 1.14-1.20x dense);
+# in the sparse phase the KL kernel's work drops with the rows it gets.
+AUTO_KL_FULL_ROWS = 2048
 AUTO_KL_STRIDE = 8
 
 
@@ -95,7 +97,7 @@ class MSAAttention(_QKV):
         group_policy: str = "free",
         k_own: int | None = None,
         collect_stats: bool = True,
-        warmup_kl_stride: int | None = None,
+        kl_row_stride: int | None = None,
     ) -> None:
         super().__init__(d_model, n_heads, n_kv_heads, head_dim)
         if group_policy not in GROUP_POLICIES:
@@ -108,12 +110,12 @@ class MSAAttention(_QKV):
                 raise ModelConfigError(f"hybrid policy needs 1 <= k_own <= top_k ({top_k}), got k_own={k_own}")
         self.index_dim, self.top_k, self.group_policy, self.k_own = index_dim, top_k, group_policy, k_own
         self.collect_stats = collect_stats
-        if warmup_kl_stride is not None and (not isinstance(warmup_kl_stride, int) or warmup_kl_stride <= 0):
-            raise ModelConfigError(f"warmup_kl_stride must be a positive integer or null (auto), got {warmup_kl_stride!r}")
-        self.warmup_kl_stride = warmup_kl_stride
-        # Set by the model before each forward: picks the warmup loss's row subset, identically in a
-        # forward and in its activation-checkpointing recompute.
-        self.warmup_step = 0
+        if kl_row_stride is not None and (not isinstance(kl_row_stride, int) or kl_row_stride <= 0):
+            raise ModelConfigError(f"model.kl_row_stride must be a positive integer or null (auto), got {kl_row_stride!r}")
+        self.kl_row_stride = kl_row_stride
+        # Set by the model before each training forward: picks the index loss's row subset,
+        # identically in a forward and in its activation-checkpointing recompute.
+        self.train_step = 0
         # Probes swap the learned indexer for a baseline selector (local window, random-k, oracle, ...):
         # called as selector(layer, q, k, qi, ki, layout) -> block_idx [B, G, L, K] in the sparse phase.
         self.selector: Callable[..., torch.Tensor] | None = None
@@ -181,7 +183,15 @@ class MSAAttention(_QKV):
         else:
             block_idx = self.select(qi, ki, layout)
         out, lse = kernels.sparse_attention(q, k, v, block_idx, q_time, k_time, layout.block_size)
-        kl = kernels.indexer_kl(qi, ki, block_idx, q, k, lse, q_time, k_time, layout.block_size)
+        kl_idx = block_idx
+        stride = self.kl_query_stride(layout)
+        if self.training and stride > 1:
+            # Rows left out of this step's KL get no blocks: the KL kernel skips them and averages
+            # over the rest.
+            skipped = layout.cached(("kl_rows_skipped", stride, self.train_step % stride), lambda: (
+                torch.arange(layout.seq_len, device=x.device) % stride != self.train_step % stride))
+            kl_idx = block_idx.masked_fill(skipped[None, None, :, None], -1)
+        kl = kernels.indexer_kl(qi, ki, kl_idx, q, k, lse, q_time, k_time, layout.block_size)
         aux = AttentionAux(kl=kl, block_idx=block_idx.detach())
         if self.collect_stats:
             local = layout.own_local_block[None] if self.group_policy == "free" else layout.group_local_block
@@ -189,9 +199,9 @@ class MSAAttention(_QKV):
         return self.merge(out), aux
 
     def kl_query_stride(self, layout: TokenLayout) -> int:
-        """Every how many query rows the warmup's index loss is computed on (see dense_index_loss)."""
-        if self.warmup_kl_stride is not None:
-            return self.warmup_kl_stride
+        """Every how many query rows the index loss is computed on in training (see dense_index_loss)."""
+        if self.kl_row_stride is not None:
+            return self.kl_row_stride
         return 1 if layout.seq_len <= AUTO_KL_FULL_ROWS else AUTO_KL_STRIDE
 
     def dense_index_loss(self, q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
@@ -215,7 +225,7 @@ class MSAAttention(_QKV):
         rep = self.n_heads // groups
         index_scale = 1.0 / math.sqrt(index_dim)
         stride = self.kl_query_stride(layout)
-        offset = self.warmup_step % stride
+        offset = self.train_step % stride
         rows = layout.cached(("kl_rows", stride, offset), lambda: (
             torch.arange(offset, offset + stride * (seq_len // stride), stride, device=qi.device)))
         q_time = layout.cached(("kl_row_times", stride, offset), lambda: layout.q_time[rows].contiguous())

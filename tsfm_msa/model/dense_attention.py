@@ -7,8 +7,9 @@ queries -1 and see nothing). Two implementations of one function:
   range of every 128-token tile, so tiles with no visible key are skipped, tiles that are fully
   visible run unmasked, and GQA reads K/V without copying them per head. No [L, L] tensor exists;
   the block mask is [L/128, L/128] and is built once per layout (cached by the caller's key).
-- CPU (and any device without Flex): exact attention in query chunks of bounded size, fp32
-  accumulation, differentiable through autograd. Used at the small lengths CPU training meets.
+- CPU (and any device without Flex), and short windows on CUDA (at most ``SMALL_PAIRS`` query-key
+  pairs, where a compiled kernel buys nothing): exact attention in query chunks of bounded size,
+  fp32 accumulation, differentiable through autograd.
 
 Both return the output and the log-sum-exp of every query row (``-inf`` where nothing is visible,
 with a zero output), which the indexer warmup needs.
@@ -24,6 +25,8 @@ from tsfm_msa.kernels import INT32_MAX
 from tsfm_msa.kernels.dispatch import CALLS
 
 FLEX_BLOCK = 128
+# Up to this many (query, key) pairs (2K x 2K tokens) the chunked path is used on CUDA too.
+SMALL_PAIRS = 1 << 22
 # Elements of one chunk's [B, Hq, Lc, L] score tile on the CPU path.
 _CHUNK_ELEMENTS = 1 << 24
 # Flex's tensor-core tiles need head dims of at least 16: smaller ones are zero-padded (the dot
@@ -50,7 +53,7 @@ def time_masked_attention(
     the dtype of ``v`` and ``lse [B, Hq, Lq]`` float32.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if q.is_cuda and _flex_usable():
+    if q.is_cuda and q.shape[2] * k.shape[2] > SMALL_PAIRS and _flex_usable():
         CALLS[("dense_attention", "flex")] += 1
         mask = None
         if cache is not None and cache_key is not None:

@@ -69,7 +69,7 @@ class PatchTransformer(nn.Module):
         quantiles: tuple[float, ...] | list[float] = DEFAULT_QUANTILES,
         max_variates: int = 64,
         activation_checkpointing: bool = False,
-        warmup_kl_stride: int | None = None,
+        kl_row_stride: int | None = None,
     ) -> None:
         super().__init__()
         kinds = [attention] * n_layers if isinstance(attention, str) else list(attention)
@@ -101,7 +101,7 @@ class PatchTransformer(nn.Module):
                 attn = DenseGQA(d_model, n_heads, n_kv_heads, head_dim)
             else:
                 attn = MSAAttention(d_model, n_heads, n_kv_heads, head_dim, index_dim, top_k, group_policy, k_own,
-                                    warmup_kl_stride=warmup_kl_stride)
+                                    kl_row_stride=kl_row_stride)
             layers.append(Block(attn, d_model, mlp_ratio, dropout))
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(d_model)
@@ -110,7 +110,7 @@ class PatchTransformer(nn.Module):
         # Recompute each block's activations in the backward pass instead of keeping them: memory
         # per layer drops from the block's intermediates to its input, for about one more forward.
         self.activation_checkpointing = bool(activation_checkpointing)
-        self._warmup_forwards = 0
+        self._train_forwards = 0
 
     @property
     def has_msa(self) -> bool:
@@ -119,8 +119,9 @@ class PatchTransformer(nn.Module):
     def layout(self, context_len: int, horizon: int, device: torch.device) -> TokenLayout:
         key = (context_len, horizon, str(device))
         if key not in self._layouts:
-            layout = build_layout(self.roles, self.groups, self.group_names, context_len, horizon,
-                                  self.patch_len, self.block_size, self.future_covariates_visible).to(device)
+            with torch.inference_mode(False):  # the layout outlives an inference-mode first call
+                layout = build_layout(self.roles, self.groups, self.group_names, context_len, horizon,
+                                      self.patch_len, self.block_size, self.future_covariates_visible).to(device)
             for layer in self.layers:
                 if isinstance(layer.attention, MSAAttention):
                     layer.attention.check_layout(layout)
@@ -142,11 +143,11 @@ class PatchTransformer(nn.Module):
         x = x + self.variate_embed(layout.token_variate.clamp(min=0)) + self.role_embed(layout.token_role.clamp(min=0))
         x = x + layout.is_hidden[:, None] * self.hidden_embed
         x = x * (layout.token_variate >= 0)[:, None]  # padding tokens carry nothing
-        if phase == "indexer_warmup" and self.training:
-            self._warmup_forwards += 1
+        if self.training:
+            self._train_forwards += 1
             for layer in self.layers:
                 if isinstance(layer.attention, MSAAttention):
-                    layer.attention.warmup_step = self._warmup_forwards
+                    layer.attention.train_step = self._train_forwards
         checkpointed = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         auxes = []
         for layer in self.layers:
