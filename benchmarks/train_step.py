@@ -116,6 +116,65 @@ def time_steps(kind: str, phase: str, context: int, reps: int, device: torch.dev
             "peak_gib": peak}
 
 
+def op_breakdown(context: int, device: torch.device, reps: int = 5) -> dict:
+    """Milliseconds of each MSA op of one layer (forward + backward where it has one) on the real
+    layer inputs of a sparse step, next to the whole dense-attention call of the same layer."""
+    from tsfm_msa import kernels
+    from tsfm_msa.model.attention import batch_times
+    from tsfm_msa.model.dense_attention import time_masked_attention
+
+    torch.manual_seed(0)
+    model = PatchTransformer(ROLES, GROUPS, NAMES, attention="msa", **MODEL).to(device).train()
+    layer = model.layers[0].attention
+    batch = random_batch(context, device)
+    layout = model.layout(context, HORIZON, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        from tsfm_msa.tokens import patch_tokens
+
+        values, mask = patch_tokens(batch["context"], batch["context_mask"], batch["horizon"], batch["horizon_mask"], layout)
+        x = model.input_proj(torch.cat([values, mask.to(values.dtype)], dim=-1)).detach()
+        q, k, v = (t.detach().requires_grad_() for t in layer.project(x, layout))
+        qi, ki = (t.detach().requires_grad_() for t in layer.index_branch(x, layout))
+    q_time, k_time = batch_times(layout, 1)
+    bs = layout.block_size
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        out = []
+        for _ in range(reps):
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize()
+            out.append(start.elapsed_time(stop))
+        return sorted(out)[len(out) // 2]
+
+    block_idx = layer.select(qi, ki, layout)
+    res = {"tokens": layout.seq_len}
+    res["select_ms"] = timed(lambda: layer.select(qi, ki, layout))
+    res["sparse_attention_fwd_ms"] = timed(lambda: kernels.sparse_attention(q, k, v, block_idx, q_time, k_time, bs))
+
+    def attn_fwd_bwd():
+        o, _ = kernels.sparse_attention(q, k, v, block_idx, q_time, k_time, bs)
+        o.float().sum().backward()
+    res["sparse_attention_fwd_bwd_ms"] = timed(attn_fwd_bwd)
+    _, lse = kernels.sparse_attention(q, k, v, block_idx, q_time, k_time, bs)
+    lse = lse.detach()
+    res["indexer_kl_fwd_bwd_ms"] = timed(lambda: kernels.indexer_kl(qi, ki, block_idx, q, k, lse, q_time, k_time, bs).backward())
+
+    def dense_fwd_bwd():
+        o, _ = time_masked_attention(q, k, v, layout.q_time, layout.k_time, cache=layout.cache, cache_key="dense_mask")
+        o.float().sum().backward()
+    res["dense_attention_fwd_bwd_ms"] = timed(dense_fwd_bwd)
+    # Floor: the selected work at the matrix-unit rate measured for this GPU (~790 TFLOP/s bf16):
+    # forward 4 L K bs D Hq FLOPs (QK^T and PV), backward 2.5x that.
+    flops = 4 * layout.seq_len * MODEL["top_k"] * bs * MODEL["head_dim"] * MODEL["n_heads"] * 3.5
+    res["selected_work_floor_ms"] = flops / 790e12 * 1e3
+    return res
+
+
 LAYOUT_PROBE = """
 import resource, sys, time
 from tsfm_msa.tokens import build_layout
@@ -179,6 +238,14 @@ def markdown(result: dict) -> str:
                   "|---|---|---|"]
         for lay in result["layout"]:
             lines.append(f"| {lay['tokens']:,} | {lay['seconds']:.2f} | {lay['peak_extra_mib']:.0f} |")
+    if result.get("breakdown"):
+        keys = [k for k in result["breakdown"][0] if k != "tokens"]
+        lines += ["", "One MSA layer's ops at the sparse step's inputs (ms, median), next to the dense attention "
+                  "(Flex) forward+backward of the same layer:", "",
+                  "| tokens | " + " | ".join(k.replace("_ms", "") for k in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for b in result["breakdown"]:
+            lines.append(f"| {b['tokens']:,} | " + " | ".join(f"{b[k]:.2f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +258,7 @@ def main() -> None:
     parser.add_argument("--long-reps", type=int, default=3, help="timed steps from 256K tokens on")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="h200")
+    parser.add_argument("--breakdown", default="32k,128k", help="lengths for the per-op breakdown of one MSA layer")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {"versions": versions(device), "model": MODEL, "rows": [], "layout": []}
@@ -198,6 +266,11 @@ def main() -> None:
         if text:
             result["layout"].append(layout_cost(parse_length(text)))
             print("layout", result["layout"][-1], flush=True)
+    result["breakdown"] = []
+    for text in args.breakdown.split(","):
+        if text and device.type == "cuda":
+            result["breakdown"].append(op_breakdown(context_for(parse_length(text)), device))
+            print("breakdown", result["breakdown"][-1], flush=True)
     for text in args.lengths.split(","):
         tokens = parse_length(text)
         row = {"requested": tokens}

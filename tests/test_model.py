@@ -193,3 +193,17 @@ def test_support_stats_match_a_direct_count():
     assert stats["support_frac"] == pytest.approx(float(frac.mean()))
     share = (chosen & local).sum(-1).float()[..., valid] / support[..., valid]
     assert stats["local_share"] == pytest.approx(float(share.mean()))
+
+
+@pytest.mark.parametrize("phase", ["indexer_warmup", "sparse"])
+def test_activation_checkpointing_gives_the_same_gradients(phase):
+    batch = random_batch(2, 48, 16, 3, seed=4)
+    grads = []
+    for checkpointing in (False, True):
+        model = small_model("msa", seed=1, activation_checkpointing=checkpointing, kl_row_stride=2).train()
+        out = model(batch, phase)
+        (out.quantiles.square().mean() + out.kl).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
