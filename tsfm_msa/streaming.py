@@ -532,7 +532,8 @@ class StreamingForecaster:
         needed = self._blocks_after(n_new)
         if needed * self.block_size > self.max_tokens:
             raise StreamCapacityError(
-                f"the cache holds {self.cached_tokens} token slots; {n_new} more patches need {needed * self.block_size}, "
+                f"the cache holds {self.cached_tokens} token slots; with {n_new} more patches it would hold "
+                f"{needed * self.block_size}, "
                 f"beyond max_tokens={self.max_tokens}; raise max_tokens or start a new StreamingForecaster from "
                 f"recent history")
         snapshot = (self._n_ctx, self._n_blocks, list(self._open), list(self._last_slot))
