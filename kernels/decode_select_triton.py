@@ -4,11 +4,12 @@ Same semantics as :func:`decode_reference.decode_select_reference`. With ``Lq`` 
 matrix ``[B, G, Lq, NB]`` is small too (``NB = Lk / bs``), so the kernel writes it and a torch
 ``topk`` picks the blocks (policy mask and forced blocks applied there, shared with the reference).
 
-A program per (batch * group, tile of ``BLOCK_M`` queries, chunk of keys) streams its chunk of the
-cache in tiles of ``BLOCK_N`` keys: one ``tl.dot`` ``[BLOCK_M, Di] x [Di, BLOCK_N]`` in fp32, the
-time mask, and a max-pool of every ``bs`` columns (``BLOCK_N`` is a multiple of ``bs``, so a tile of
-16 covers two blocks of 8). Splitting the key axis over programs fills the GPU although only a few
-queries arrive per update. Cost: O(Lq * Lk * Di) reads of the cache's index keys, once per group.
+A program per (batch, tile of ``BLOCK_M`` rows, chunk of keys) streams its chunk of the cache in
+tiles of ``BLOCK_N`` keys. Rows are (group, query) pairs, so all GQA groups share each load of the
+single index-key head: one ``tl.dot`` ``[BLOCK_M, Di] x [Di, BLOCK_N]`` in fp32, the time mask, and a
+max-pool of every ``bs`` columns (``BLOCK_N`` is a multiple of ``bs``: a tile of 64 covers eight
+blocks of 8). Splitting the key axis over programs fills the GPU although only a few queries arrive
+per update. Cost: O(G * Lq * Lk * Di) flops, and the index keys are read once (``Lk * Di``).
 """
 from __future__ import annotations
 
@@ -40,18 +41,21 @@ def _decode_block_scores_kernel(
     s_ob, s_og, s_oq,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr, DP: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_bg = tl.program_id(0)
-    pid_q = tl.program_id(1)
+    b = tl.program_id(0)
+    pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
-    b = pid_bg // G
-    g = pid_bg % G
-    offs_m = pid_q * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows are (group, query) pairs: every group's queries share each loaded tile of index keys.
+    rows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < G * Lq
+    g = rows // Lq
+    qpos = rows % Lq
     offs_d = tl.arange(0, DP)
-    m_ok = offs_m < Lq
     d_ok = offs_d < DI
-    q_ptrs = qi_ptr + b.to(tl.int64) * s_qb + g * s_qg + offs_m[:, None].to(tl.int64) * s_qq + offs_d[None, :] * s_qd
-    qi = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    q_time = tl.load(qt_ptr + b * s_qtb + offs_m, mask=m_ok, other=-1)
+    q_ptrs = (qi_ptr + b.to(tl.int64) * s_qb + g[:, None].to(tl.int64) * s_qg + qpos[:, None].to(tl.int64) * s_qq
+              + offs_d[None, :] * s_qd)
+    qi = tl.load(q_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    q_time = tl.load(qt_ptr + b * s_qtb + qpos, mask=r_ok, other=-1)
+    o_rows = out_ptr + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_og + qpos.to(tl.int64) * s_oq  # [BLOCK_M]
     NBT: tl.constexpr = BLOCK_N // BS
     key_start = pid_k * KEYS_PER_PROG
     key_stop = tl.minimum(key_start + KEYS_PER_PROG, Lk)
@@ -66,8 +70,7 @@ def _decode_block_scores_kernel(
         s = tl.where(visible, s, float("-inf"))
         pooled = tl.max(tl.reshape(s, (BLOCK_M, NBT, BS)), axis=2)  # [BLOCK_M, NBT]
         offs_blk = start // BS + tl.arange(0, NBT)
-        o_ptrs = out_ptr + b.to(tl.int64) * s_ob + g * s_og + offs_m[:, None].to(tl.int64) * s_oq + offs_blk[None, :]
-        tl.store(o_ptrs, pooled, mask=m_ok[:, None] & (offs_blk[None, :] < NB))
+        tl.store(o_rows[:, None] + offs_blk[None, :], pooled, mask=r_ok[:, None] & (offs_blk[None, :] < NB))
 
 
 def decode_block_scores_triton(qi: torch.Tensor, ki: torch.Tensor, q_time: torch.Tensor, k_time: torch.Tensor,
@@ -79,16 +82,17 @@ def decode_block_scores_triton(qi: torch.Tensor, ki: torch.Tensor, q_time: torch
     n_k = ki.shape[1]
     nb = num_blocks(n_k, block_size)
     out = torch.empty(batch, groups, n_q, nb, dtype=torch.float32, device=qi.device)
-    block_m = 16
-    block_n = max(16, block_size) if index_dim > 64 else max(64, block_size)
+    n_rows = groups * n_q
+    block_m = min(64, max(16, triton.next_power_of_2(n_rows)))
+    block_n = max(64, block_size)
     dp = max(16, triton.next_power_of_2(index_dim))
-    # Enough key chunks to give every SM work; each chunk a multiple of the tile.
-    programs = batch * groups * triton.cdiv(n_q, block_m)
+    # Split the key axis so that every SM gets work although only a few queries arrive.
+    programs = batch * triton.cdiv(n_rows, block_m)
     target = 4 * (torch.cuda.get_device_properties(qi.device).multi_processor_count if qi.is_cuda else 1)
     chunks = max(1, min(triton.cdiv(n_k, block_n), triton.cdiv(target, programs)))
     keys_per_prog = triton.cdiv(triton.cdiv(n_k, chunks), block_n) * block_n
     chunks = triton.cdiv(n_k, keys_per_prog)
-    grid = (batch * groups, triton.cdiv(n_q, block_m), chunks)
+    grid = (batch, triton.cdiv(n_rows, block_m), chunks)
     _decode_block_scores_kernel[grid](
         qi, ki, q_time, k_time, out,
         groups, n_q, n_k, nb, index_dim, keys_per_prog,

@@ -230,3 +230,36 @@ def test_rolling_forecasts_stream_equals_windowed(attention, policy):
     torch.testing.assert_close(stream.quantiles, windowed.quantiles, atol=1e-4, rtol=1e-5)
     with pytest.raises(StreamInputError, match="patch boundary"):
         rolling_forecasts(model, _frame(data), [203], schema=SCHEMA3, horizon=HORIZON, start=40)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels in the interpreter")
+def test_stream_through_the_triton_decode_kernels_matches_the_reference_path():
+    pytest.importorskip("triton")
+    from tsfm_msa.kernels import dispatch
+
+    model = small_model("msa", "hybrid", top_k=3, n_kv_heads=3, seed=10)
+    data = _data(14, 120)
+    ref = StreamingForecaster(model, data[:64], schema=SCHEMA3, horizon=HORIZON)
+    ref.update(data[64:120])
+    dispatch.set_backend("triton")
+    try:
+        tri = StreamingForecaster(model, data[:64], schema=SCHEMA3, horizon=HORIZON, prefill_patches=5)
+        tri.update(data[64:120])
+        got = tri.forecast().quantiles
+    finally:
+        dispatch.set_backend("auto")
+    torch.testing.assert_close(got, ref.forecast().quantiles, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs CUDA (and no interpreter)")
+@pytest.mark.parametrize("attention,policy", CASES)
+def test_stream_equals_full_forward_on_gpu(attention, policy):
+    """fp32 on CUDA: the stream runs the Triton decode kernels, the full forward the training kernels."""
+    model = small_model(attention, policy, top_k=3, n_kv_heads=3, seed=11).cuda()
+    data = _data(15, 600)
+    stream = StreamingForecaster(model, data[:200], schema=SCHEMA3, horizon=HORIZON)
+    for end in (233, 300, 420, 600):
+        stream.update(data[stream.n_steps:end])
+        torch.testing.assert_close(stream.forecast().quantiles, _reference(stream, data), atol=2e-3, rtol=1e-4)
