@@ -263,3 +263,18 @@ def test_stream_equals_full_forward_on_gpu(attention, policy):
     for end in (233, 300, 420, 600):
         stream.update(data[stream.n_steps:end])
         torch.testing.assert_close(stream.forecast().quantiles, _reference(stream, data), atol=2e-3, rtol=1e-4)
+
+
+def test_rolling_results_convert_to_gluonts_quantile_forecasts():
+    pytest.importorskip("gluonts")
+    from tsfm_msa.streaming import rolling_quantile_forecasts
+
+    model = small_model("msa", "free", top_k=3, n_kv_heads=3, seed=12)
+    frame = _frame(_data(16, 300))
+    result = rolling_forecasts(model, frame, [200, 224, 248], schema=SCHEMA3, horizon=HORIZON, start=40)
+    levels = tuple(model.quantile_levels.tolist())
+    forecasts = rolling_quantile_forecasts(result, frame.index, levels, item_id="a")
+    assert [f.start_date.to_timestamp() for f in forecasts] == [frame.index[o] for o in (200, 224, 248)]
+    median = forecasts[1].quantile(0.5)
+    np.testing.assert_allclose(median, result.quantiles[1, 0, :, 4].numpy(), rtol=1e-6)
+    assert forecasts[0].prediction_length == HORIZON

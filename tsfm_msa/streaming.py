@@ -203,7 +203,7 @@ class StreamingForecaster:
         self._reserve(self._n_blocks + len(tokens.new_block_groups))
         try:
             self._stage(tokens)
-            x = self._run_layers(x, tokens, self._forced(tokens, horizon=True))
+            x = self._run_layers(x, tokens, self._forced(tokens))
         finally:
             self._k_time[0, written] = INT32_MAX  # horizon tokens are never cached
             self._block_group[self._n_blocks:] = -1
@@ -449,7 +449,7 @@ class StreamingForecaster:
         x = x + tokens.hidden[:, None] * net.hidden_embed
         return x[None]  # [1, n, d_model]
 
-    def _forced(self, tokens: _Tokens, horizon: bool) -> torch.Tensor:
+    def _forced(self, tokens: _Tokens) -> torch.Tensor:
         """Local blocks ``[G_sensor, n]`` of every new query: for sensor group g, the block holding
         g's latest data-carrying token not later than the query (the full layout's
         ``group_local_block``), and ``[0]`` row: the token's own block, or for hidden horizon targets
@@ -567,7 +567,7 @@ class StreamingForecaster:
         values, mask = self._token_patches(scaled, tokens, self._n_ctx)
         x = self._embed(values, mask, tokens)
         self._stage(tokens)
-        self._run_layers(x, tokens, self._forced(tokens, horizon=False))
+        self._run_layers(x, tokens, self._forced(tokens))
         self._n_blocks += len(tokens.new_block_groups)
         self._open, self._last_slot = tokens.open_after, tokens.last_slot_after
         self._n_ctx += n_patches
@@ -695,3 +695,24 @@ def _rows(series, begin: int, end: int):
     if isinstance(series, pd.DataFrame):
         return series.iloc[begin:end]
     return series[begin:end]
+
+
+def rolling_quantile_forecasts(result: RollingResult, index: pd.DatetimeIndex, levels: tuple[float, ...],
+                               item_id: str | None = None) -> list:
+    """GluonTS ``QuantileForecast``s of a :func:`rolling_forecasts` result, one per origin, keyed like
+    the predictor's (the quantile levels as strings, then ``"mean"`` = mean of the quantiles).
+    ``index`` is the series' time index (it gives each window's start period). Univariate targets
+    get ``[Q + 1, h]`` arrays, several targets ``[Q + 1, h, n_targets]``."""
+    from gluonts.model.forecast import QuantileForecast
+
+    keys = [str(round(float(q), 4)) for q in levels] + ["mean"]
+    freq = index.freq or pd.infer_freq(index)
+    out = []
+    for w, origin in enumerate(result.origins):
+        q = result.quantiles[w].float()  # [T, h, Q]
+        arrays = torch.cat([q, q.mean(-1, keepdim=True)], dim=-1).permute(2, 1, 0).cpu().numpy()  # [Q + 1, h, T]
+        if arrays.shape[-1] == 1:
+            arrays = arrays[..., 0]
+        out.append(QuantileForecast(arrays, start_date=pd.Period(index[origin], freq=freq), forecast_keys=keys,
+                                    item_id=item_id))
+    return out
