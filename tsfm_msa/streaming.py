@@ -122,6 +122,7 @@ class StreamingForecaster:
         timestamp_column: str = "timestamp",
         prefill_patches: int = 64,
     ) -> None:
+        """``prefill_patches`` bounds the patches appended per pass (the history is fed in such passes)."""
         net, hparams = _unwrap(model)
         self.model = net.eval()
         if schema is None:
@@ -540,7 +541,7 @@ class StreamingForecaster:
         done = 0
         try:
             while done < n_new:
-                step = min(self.prefill_patches, n_new - done)
+                step = min(self._patches_per_chunk(), n_new - done)
                 chunk = rows[done * P:(done + step) * P]
                 self._append_patches(self.scaled(chunk), step)
                 done += step
@@ -552,6 +553,13 @@ class StreamingForecaster:
         if stamps is not None and len(stamps):
             self.last_stamp = stamps[-1]
         return n_new
+
+    def _patches_per_chunk(self) -> int:
+        """Patches appended per pass: at most ``prefill_patches``, and few enough that the per-pass
+        score tiles (new queries x heads x cached tokens) stay below ~2^28 elements at long context."""
+        rows = max(max(a.attention.n_heads, a.attention.n_kv_heads) for a in self.model.layers)
+        per_patch = rows * self.n_var * max(self.cached_tokens, 1)
+        return max(1, min(self.prefill_patches, (1 << 28) // per_patch))
 
     def _blocks_after(self, n_patches: int) -> int:
         bs = self.block_size
