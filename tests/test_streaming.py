@@ -278,3 +278,17 @@ def test_rolling_results_convert_to_gluonts_quantile_forecasts():
     median = forecasts[1].quantile(0.5)
     np.testing.assert_allclose(median, result.quantiles[1, 0, :, 4].numpy(), rtol=1e-6)
     assert forecasts[0].prediction_length == HORIZON
+
+
+def test_forecast_module_gives_schema_and_horizon():
+    from tsfm_msa.train.module import ForecastModule
+
+    config = dict(patch_len=8, d_model=32, n_layers=2, n_heads=6, n_kv_heads=3, head_dim=8, block_size=8, top_k=3,
+                  index_dim=8, group_policy="sensor", attention="msa")
+    torch.manual_seed(13)
+    module = ForecastModule(model_config=config, schema=SCHEMA3.to_dict(), context_len=96, horizon=HORIZON).eval()
+    data = _data(17, 200)
+    stream = StreamingForecaster(module, _frame(data[:96]))
+    stream.update(_frame(data[96:200], start=str(pd.Timestamp("2024-01-01") + pd.Timedelta(hours=96))))
+    assert stream.horizon == HORIZON and stream.schema == SCHEMA3
+    torch.testing.assert_close(stream.forecast().quantiles, _reference(stream, data), atol=1e-4, rtol=1e-5)
