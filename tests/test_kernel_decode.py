@@ -170,3 +170,16 @@ def test_decode_kernels_bf16_on_gpu(block_size):
     ref_out, ref_lse = decode_attention_reference(c["q"], c["k"], c["v"], ref_idx, c["q_time"], c["k_time"], block_size)
     torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=2e-2)
+
+
+@needs_interp
+def test_decode_select_triton_many_rows_span_several_tiles():
+    """3 groups x 30 queries = 90 (group, query) rows: two row tiles of 64, and several key chunks."""
+    from tsfm_msa.kernels.decode_select_triton import decode_select_triton
+
+    c = _cache(9, 1, 3, 30, 200, 8, per_step=5, index_dim=16)
+    ref_idx, ref_s = decode_select_reference(c["qi"], c["ki"], c["q_time"], c["k_time"], 8, 3, c["allowed"],
+                                             return_scores=True)
+    idx, s = decode_select_triton(c["qi"], c["ki"], c["q_time"], c["k_time"], 8, 3, c["allowed"], return_scores=True)
+    assert _same_sets(ref_idx, idx)
+    torch.testing.assert_close(s, ref_s, atol=1e-5, rtol=1e-5)
