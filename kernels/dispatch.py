@@ -95,3 +95,23 @@ def indexer_kl(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale=N
     if use_triton:
         return _triton_op("indexer_kl_triton", "indexer_kl_triton")(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale, index_scale)
     return reference.indexer_kl_reference(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale, index_scale)
+
+
+def decode_select(qi, ki, q_time, k_time, block_size, k, allowed=None, forced=None, return_scores=False):
+    """Top-k cache blocks for a few new queries (``Lq != Lk``); see
+    :func:`decode_reference.decode_select_reference`."""
+    if _use_triton(qi):
+        return _triton_op("decode_select_triton", "decode_select_triton")(qi, ki, q_time, k_time, block_size, k, allowed, forced, return_scores)
+    from .decode_reference import decode_select_reference
+
+    return decode_select_reference(qi, ki, q_time, k_time, block_size, k, allowed, forced, return_scores)
+
+
+def decode_attention(q, k, v, block_idx, q_time, k_time, block_size, scale=None):
+    """Sparse attention of a few new queries over their selected cache blocks; see
+    :func:`decode_reference.decode_attention_reference`; returns ``(out, lse)``."""
+    if _use_triton(q):
+        return _triton_op("decode_attention_triton", "decode_attention_triton")(q, k, v, block_idx, q_time, k_time, block_size, scale)
+    from .decode_reference import decode_attention_reference
+
+    return decode_attention_reference(q, k, v, block_idx, q_time, k_time, block_size, scale)
