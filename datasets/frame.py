@@ -352,7 +352,7 @@ def parse_timestamps(col: pd.Series, name: str, item_id: object) -> pd.DatetimeI
     if pdt.is_numeric_dtype(col.dtype) and not pdt.is_bool_dtype(col.dtype):
         first = col.dropna().iloc[0] if col.notna().any() else None
         raise DataValidationError(
-            f"timestamp column {name!r} ({option('timestamp')}) holds numbers (e.g. {first!r}), not dates; pandas "
+            f"timestamp column {name!r} ({option('timestamp')}) holds numbers (e.g. {first}), not dates; pandas "
             "would read them as nanoseconds after 1970. Write dates such as 2024-01-31 13:45, read a year "
             f"column as text ({option('read_kwargs', {'dtype': {name: 'str'}})}), or convert Unix times "
             "in Python (pd.to_datetime(df[col], unit='s'))"

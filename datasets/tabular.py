@@ -164,10 +164,10 @@ def _in_time_order(
             f"{what}: the rows of series {first} ({', '.join(series_keys)}) are not in increasing time order; "
             f"sort the data by time first, or let the loader do it with {option('sort_by_time', True)}"
         )
-    moved = sum(
+    moved = sum(  # groups iterate in the same first-appearance order as in_order
         rows_out_of_order(t.to_numpy(dtype="datetime64[ns]").view(np.int64))
-        for key, t in series
-        if not in_order[key]
+        for ok, (_, t) in zip(in_order.to_numpy(), series)
+        if not ok
     )
     warnings.warn(
         f"{what}: {moved} of {len(df)} rows were out of time order within their series and have been sorted "
