@@ -566,7 +566,8 @@ def check_grid(ts: pd.DatetimeIndex, freq: str, item_id: str, *, freq_source: st
     if bad.size:
         i = int(bad[0])
         grid = pd.date_range(start=ts[0], end=ts[-1], freq=offset)
-        absent = f"{len(grid) - len(ts)} of {len(grid)} steps are absent" if len(grid) > len(ts) else "steps are off the grid"
+        n_absent = len(grid) - len(ts)
+        absent = f"{n_absent} of {len(grid)} steps are absent" if n_absent > 0 else "steps are off the grid"
         raise DataValidationError(
             f"item {item_id!r}: timestamps are not on a regular {freq!r} grid (freq {freq_source}; {absent}): "
             f"after {ts[i - 1]} (row {i - 1}) comes {ts[i]} but the next step should be {expected[i]}. "

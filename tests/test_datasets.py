@@ -88,9 +88,11 @@ def test_booleans_become_binary_01():
 @pytest.mark.parametrize(
     "mutate, kw, match",
     [
-        (None, dict(targets=["y", "nope"]), r"columns \['nope'\] \(named in data.loader.targets\) not found.*available columns are \['time', 'y'"),
+        (None, dict(targets=["y", "nope"]),
+         r"columns \['nope'\] \(named in data.loader.targets\) not found.*available columns are \['time', 'y'"),
         (None, dict(targets=[]), r"no target variates given \(data.loader.targets is empty\)"),
-        (None, dict(past_covariates=["temp", "y"]), r"'y' is listed both in data.loader.targets and in data.loader.past_covariates"),
+        (None, dict(past_covariates=["temp", "y"]),
+         r"'y' is listed both in data.loader.targets and in data.loader.past_covariates"),
         (None, dict(groups={"ghost": "g"}), r"data.loader.groups has keys \['ghost'\].*must be among"),
         (lambda d: d.assign(temp=["a"] + ["1.0"] * (len(d) - 1)), {},
          r"'temp' \(past_covariate\) is not numeric.*'a' at row 0"),
@@ -344,7 +346,8 @@ def test_long_and_wide_give_same_frames():
         assert a.timestamps.equals(b.timestamps)
         np.testing.assert_array_equal(a.values, b.values)
     with pytest.raises(DataValidationError,
-                       match=r"variates \[.nope.\] \(named in data.loader.targets.*not found in column .var. \(data.loader.variable_col\)"):
+                       match=r"variates \[.nope.\] \(named in data.loader.targets.*not found in column .var. "
+                             r"\(data.loader.variable_col\)"):
         from_pandas(long, format="long", variable_col="var", value_col="val", **(kw | dict(targets=["nope"])))
     dup = pd.concat([long, long.iloc[:1]])
     with pytest.raises(DataValidationError, match=r"duplicate timestamps in long data"):

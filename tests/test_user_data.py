@@ -348,3 +348,13 @@ def test_data_configs_extend_the_shared_base(data):
         assert "_base" in fh.read()
     evaluate = _compose([f"data={data}", "data.horizon=6"], config="evaluate")
     assert evaluate.data.val_stride == 6
+
+
+def test_window_and_split_messages_name_data_keys():
+    frames = _load(_wide(100))
+    with pytest.raises(DataValidationError, match=r"a window needs at least 124.*data.context_len / data.horizon"):
+        SeriesDataModule(frames=frames, context_len=100, horizon=24).setup()
+    with pytest.raises(DataValidationError, match=r"smaller data.val_fraction / data.test_fraction"):
+        SeriesDataModule(frames=frames, context_len=8, horizon=4, val_fraction=0.5, test_fraction=0.5).setup()
+    with pytest.raises(DataValidationError, match=r"'val' has no full window.*larger split \(data.val_fraction\)"):
+        SeriesDataModule(frames=frames, context_len=8, horizon=24, val_fraction=0.1).setup()
