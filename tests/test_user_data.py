@@ -251,6 +251,12 @@ def test_csv_config_lists_every_loader_option_with_a_comment():
     cfg = _compose(["data=csv"])
     listed = set(cfg.data.loader) - {"_target_", "_partial_"}
     assert listed == options
+    loader = OmegaConf.to_container(cfg.data.loader)
+    for name, param in inspect.signature(from_pandas).parameters.items():  # the config's defaults are the code's
+        if param.default is not inspect.Parameter.empty:
+            default = list(param.default) if isinstance(param.default, tuple) else param.default
+            assert loader[name] == default, name
+    assert loader["read_kwargs"] is None
     text = (ROOT / "configs" / "data" / "csv.yaml").read_text()
     for name in options:  # each option is explained on its line or just above it
         lines = text.splitlines()
