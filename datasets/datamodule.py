@@ -179,5 +179,6 @@ class SeriesDataModule(L.LightningDataModule):
         """Seasonal-naive MAE on the unscaled targets of the split's windows (same windows as its loader)."""
         ds = self.dataset(split)
         if ds is None:
-            raise DataValidationError(f"split {split!r} is empty; set a positive {split}_fraction or {split}_length")
+            raise DataValidationError(
+                f"split {split!r} is empty; set a positive data.{split}_fraction or {split}_length")
         return seasonal_naive_mae(ds, season)

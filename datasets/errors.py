@@ -1,6 +1,11 @@
-"""The one error type raised for bad user data."""
+"""The one error type raised for bad user data, and how messages name a loader option."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+# Where the loader options live in the Hydra config (configs/data/csv.yaml): `data.loader.<option>`.
+LOADER_KEY = "data.loader"
 
 
 class DataValidationError(ValueError):
@@ -9,3 +14,27 @@ class DataValidationError(ValueError):
     Messages name the column / key / item at fault, say what was expected and how to fix it.
     Subclasses ValueError so callers that already catch ValueError keep working.
     """
+
+
+def option(name: str, example: object = ...) -> str:
+    """How a user sets a loader option, on the command line and in Python.
+
+    option("freq", "h") -> "data.loader.freq=h (Python: freq='h')"; option("freq") -> "data.loader.freq".
+    Messages name the full override key because `freq=h` alone is not a valid override.
+    """
+    if example is ...:
+        return f"{LOADER_KEY}.{name}"
+    return f"{LOADER_KEY}.{name}={_as_override(example)} (Python: {name}={example!r})"
+
+
+def _as_override(value: object) -> str:
+    """A value as Hydra's override grammar writes it (True -> true, ['a'] -> [a], {'a': 'b'} -> {a:b})."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_as_override(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return "[" + ",".join(_as_override(v) for v in value) + "]"
+    return str(value)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import datetime
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,12 +15,27 @@ import pandas as pd
 from pandas.api import types as pdt
 from pandas.tseries.frequencies import to_offset
 
-from .errors import DataValidationError
+from .errors import DataValidationError, option
 from .schema import ROLES, SeriesSchema, Variate, normalize_freq
 
 Names = str | Sequence[str]
 
 _TRUE_FALSE = {"true": 1.0, "false": 0.0}
+
+# Cells holding one of these strings (compared after stripping spaces, case-insensitive) are missing
+# values (NaN). Blank and whitespace-only cells always are. Documented in configs/data/csv.yaml.
+DEFAULT_MISSING_VALUES: tuple[str, ...] = (
+    "", "NA", "N/A", "NaN", "null", "None", "-", "--", "?", "#N/A", "missing",
+)
+# fill_missing_steps refuses to invent more than this share of the grid (as empty steps) unless raised.
+DEFAULT_MAX_FILL_FRACTION = 0.1
+
+# A time of day without a date ("13:45", "1:05:30 PM"): pandas would silently date it today.
+_TIME_OF_DAY = re.compile(r"\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?\s*([AaPp]\.?[Mm]\.?)?")
+_DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")
+# Options that list the variates of each role (for messages naming the option to edit).
+_ROLE_OPTION = {"target": "targets", "past_covariate": "past_covariates",
+                "future_covariate": "future_covariates", "action": "actions"}
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -118,6 +136,9 @@ class SeriesFrame:
         freq: str | None = None,
         item_id: str = "0",
         fill_missing_steps: bool = False,
+        max_fill_fraction: float = DEFAULT_MAX_FILL_FRACTION,
+        sort_by_time: bool = True,
+        missing_values: Sequence[str | float] = DEFAULT_MISSING_VALUES,
     ) -> "SeriesFrame":
         """Build a validated frame from a wide DataFrame (one row per time step, one column per variate).
 
@@ -125,7 +146,12 @@ class SeriesFrame:
             times are converted to UTC and the zone dropped, so DST does not break the grid.
         groups: variate name -> sensor group; variates not listed get the group named after their role.
         freq: pandas frequency string; inferred from the timestamps when None.
-        fill_missing_steps: insert NaN rows for time steps absent from the grid instead of raising.
+        fill_missing_steps: insert NaN rows for time steps absent from the grid instead of raising
+            (with a warning that counts them), but never more than max_fill_fraction of the grid.
+        sort_by_time: rows out of time order are sorted, with a warning that counts the moved rows;
+            False rejects them.
+        missing_values: cell strings that mean "missing" (matched after stripping spaces, ignoring
+            case; blank cells always are) and numbers that do (sentinels such as -999).
         Boolean columns (bool dtype or TRUE/FALSE strings) become 0/1; non-target 0/1 columns are
         flagged binary (left unscaled).
         """
@@ -133,8 +159,12 @@ class SeriesFrame:
             raise DataValidationError(f"expected a pandas DataFrame, got {type(df).__name__}")
         roles = resolve_roles(targets, past_covariates, future_covariates, actions)
         names = [n for n, _ in roles]
-        check_columns_exist(df, names + ([timestamp] if timestamp is not None else []))
+        given_as = {n: _ROLE_OPTION[r] for n, r in roles}
+        if timestamp is not None:
+            given_as[timestamp] = "timestamp"
+        check_columns_exist(df, list(given_as), given_as)
         group_of = resolve_groups(roles, groups)
+        markers = missing_markers(missing_values)
 
         if timestamp is None:
             if not isinstance(df.index, pd.DatetimeIndex):
@@ -145,18 +175,21 @@ class SeriesFrame:
             ts = _as_naive_index(df.index, "the DataFrame index")
         else:
             ts = parse_timestamps(df[timestamp], timestamp, item_id)
+        if len(ts) and sort_by_time and not ts.is_monotonic_increasing:
+            order = time_order(ts, f"item {item_id!r}")  # [T]
+            ts, df = ts[order], df.iloc[order]
         check_timestamps(ts, str(item_id))
 
         values = np.empty((len(df), len(names)), dtype=np.float32)  # [T, V]
         for j, (name, role) in enumerate(roles):
-            values[:, j] = column_to_float(df[name], name, role)
+            values[:, j] = column_to_float(df[name], name, role, markers)
 
         freq_source = "given as freq="
         if freq is None:
             freq, freq_source = infer_freq(ts, str(item_id))
         freq = normalize_freq(freq)
         if fill_missing_steps:
-            ts, values = reindex_to_grid(ts, values, freq, str(item_id))
+            ts, values = reindex_to_grid(ts, values, freq, str(item_id), max_fill_fraction)
         else:
             check_grid(ts, freq, str(item_id), freq_source=freq_source)
 
@@ -220,7 +253,10 @@ def _as_tuple(names: Names, arg: str) -> tuple[str, ...]:
     out = tuple(names)
     for n in out:
         if not isinstance(n, str):
-            raise DataValidationError(f"{arg} must be column names (str), got {n!r} of type {type(n).__name__}")
+            raise DataValidationError(
+                f"{option(arg)} must list column names (str), got {n!r} of type {type(n).__name__}; on the "
+                f"command line quote names that look like numbers, booleans or null: '{option(arg)}=[\"{n}\"]'"
+            )
     return out
 
 
@@ -234,8 +270,8 @@ def resolve_roles(targets: Names, past: Names, future: Names, actions: Names) ->
     }
     if not lists["target"]:
         raise DataValidationError(
-            "no target variates given (targets is empty); pass targets=['<column>', ...] naming at "
-            "least one column to forecast"
+            f"no target variates given ({option('targets')} is empty); set "
+            f"{option('targets', ['<column>'])} naming at least one column to forecast"
         )
     role_of: dict[str, str] = {}
     out: list[tuple[str, str]] = []
@@ -243,9 +279,11 @@ def resolve_roles(targets: Names, past: Names, future: Names, actions: Names) ->
         for n in lists[role]:
             if n in role_of:
                 if role_of[n] == role:
-                    raise DataValidationError(f"variate {n!r} is listed twice as {role}; list it once")
+                    raise DataValidationError(
+                        f"variate {n!r} is listed twice in {option(_ROLE_OPTION[role])}; list it once")
                 raise DataValidationError(
-                    f"variate {n!r} is listed both as {role_of[n]} and as {role}; a variate has exactly one role"
+                    f"variate {n!r} is listed both in {option(_ROLE_OPTION[role_of[n]])} and in "
+                    f"{option(_ROLE_OPTION[role])}; a variate has exactly one role"
                 )
             role_of[n] = role
             out.append((n, role))
@@ -258,38 +296,86 @@ def resolve_groups(roles: list[tuple[str, str]], groups: Mapping[str, str] | Non
     if groups is None:
         return group_of
     if not isinstance(groups, Mapping):
-        raise DataValidationError(f"groups must be a dict variate -> group name, got {type(groups).__name__}")
+        raise DataValidationError(
+            f"{option('groups')} must map variate -> group name (e.g. {option('groups', {'load': 'grid'})}), "
+            f"got {type(groups).__name__}"
+        )
     unknown = [k for k in groups if k not in group_of]
     if unknown:
         raise DataValidationError(
-            f"groups has keys {unknown} that are not variates of this series; keys must be among "
+            f"{option('groups')} has keys {unknown} that are not variates of this series; keys must be among "
             f"{list(group_of)} (targets, covariates and actions)"
         )
     for k, g in groups.items():
         if not isinstance(g, str) or not g:
-            raise DataValidationError(f"groups[{k!r}] must be a non-empty group name (str), got {g!r}")
+            raise DataValidationError(f"{option('groups')}[{k!r}] must be a non-empty group name (str), got {g!r}")
         group_of[k] = g
     return group_of
 
 
-def check_columns_exist(df: pd.DataFrame, names: Sequence[str]) -> None:
+def check_columns_exist(
+    df: pd.DataFrame, names: Sequence[str], given_as: Mapping[str, str] | None = None
+) -> None:
+    """Every name is exactly one column; given_as maps a name to the loader option that named it."""
     missing = [n for n in names if n not in df.columns]
     if missing:
+        where = ""
+        if given_as:
+            options = list(dict.fromkeys(option(given_as[n]) for n in missing if n in given_as))
+            where = f" (named in {', '.join(options)})"
         raise DataValidationError(
-            f"columns {missing} not found in the data; available columns are {[str(c) for c in df.columns]}"
+            f"columns {missing}{where} not found in the data; available columns are "
+            f"{[str(c) for c in df.columns]}{_column_hint(df, missing)}"
         )
     doubled = [n for n in names if (df.columns == n).sum() > 1]
     if doubled:
         raise DataValidationError(f"columns {doubled} appear more than once in the data; rename or drop the copies")
 
 
+def _column_hint(df: pd.DataFrame, missing: Sequence[str]) -> str:
+    """Why a named column may be absent: a wrong CSV separator, or spaces around header names."""
+    columns = [str(c) for c in df.columns]
+    if len(columns) == 1:
+        for sep in (";", "\t", "|"):
+            if sep in columns[0]:
+                return (f". The file seems to separate columns with {sep!r}: set "
+                        f"{option('read_kwargs', {'sep': sep})}")
+    stripped = {c.strip(): c for c in columns}
+    if any(str(n).strip() in stripped for n in missing):
+        return (f". Header names have spaces around them: set {option('read_kwargs', {'skipinitialspace': True})}, "
+                "or name the columns exactly as in the file")
+    return ""
+
+
 def parse_timestamps(col: pd.Series, name: str, item_id: object) -> pd.DatetimeIndex:
+    """Dates/times of a column; numbers and dateless times of day are refused (pandas misreads them)."""
+    if pdt.is_numeric_dtype(col.dtype) and not pdt.is_bool_dtype(col.dtype):
+        first = col.dropna().iloc[0] if col.notna().any() else None
+        raise DataValidationError(
+            f"timestamp column {name!r} ({option('timestamp')}) holds numbers (e.g. {first}), not dates; pandas "
+            "would read them as nanoseconds after 1970. Write dates such as 2024-01-31 13:45, read a year "
+            f"column as text ({option('read_kwargs', {'dtype': {name: 'str'}})}), or convert Unix times "
+            "in Python (pd.to_datetime(df[col], unit='s'))"
+        )
+    if pdt.is_object_dtype(col.dtype) or pdt.is_string_dtype(col.dtype):
+        present = col.dropna()
+        time_only = present.map(
+            lambda x: isinstance(x, datetime.time)
+            or (isinstance(x, str) and _TIME_OF_DAY.fullmatch(x.strip()) is not None)
+        ).astype(bool)
+        if time_only.any():
+            row = present.index[int(np.flatnonzero(time_only.to_numpy())[0])]
+            raise DataValidationError(
+                f"timestamp column {name!r} ({option('timestamp')}) holds a time of day without a date "
+                f"({present[row]!r} at row {row}); pandas would silently give it today's date. Combine the "
+                "date and the time into one column (e.g. 2024-01-31 13:45) before loading"
+            )
     try:
         ts = pd.to_datetime(col)
     except (ValueError, TypeError) as err:
         raise DataValidationError(
-            f"timestamp column {name!r} cannot be parsed as dates/times ({err}); pass a column of "
-            "datetimes or ISO-8601 strings"
+            f"timestamp column {name!r} ({option('timestamp')}) cannot be parsed as dates/times ({err}); "
+            "pass a column of datetimes or ISO-8601 strings"
         ) from err
     return _as_naive_index(pd.DatetimeIndex(ts), f"timestamp column {name!r}")
 
@@ -318,13 +404,49 @@ def detect_binary(values: np.ndarray, roles: Sequence[str]) -> tuple[bool, ...]:
     return tuple(flags)
 
 
-def column_to_float(col: pd.Series, name: str, role: str) -> np.ndarray:
-    """float64 [T] values of one column, NaN = missing; booleans become 0/1."""
+@dataclass(frozen=True)
+class MissingMarkers:
+    """The missing_values option split by kind: cell strings (normalized) and numeric sentinels."""
+
+    given: tuple[str | float, ...]
+    strings: frozenset[str]
+    numbers: tuple[float, ...]
+
+
+def missing_markers(missing_values: Sequence[str | float] | None) -> MissingMarkers:
+    """Validate the missing_values option: strings (matched stripped, case-insensitive) and numbers."""
+    if missing_values is None:
+        missing_values = ()
+    if isinstance(missing_values, (str, bytes)) or not isinstance(missing_values, Sequence):
+        raise DataValidationError(
+            f"{option('missing_values')} must be a list of strings/numbers, got {missing_values!r}; e.g. "
+            f"{option('missing_values', ['', 'NA', '-'])}"
+        )
+    strings, numbers = {""}, []
+    for m in missing_values:
+        if isinstance(m, str):
+            strings.add(m.strip().lower())
+        elif isinstance(m, (int, float)) and not isinstance(m, bool):
+            numbers.append(float(m))
+        elif m is not None:  # None (an unquoted null on the command line) is missing anyway
+            raise DataValidationError(
+                f"{option('missing_values')} holds {m!r} of type {type(m).__name__}; give strings or numbers"
+            )
+    return MissingMarkers(tuple(missing_values), frozenset(strings), tuple(numbers))
+
+
+def column_to_float(
+    col: pd.Series, name: str, role: str, markers: MissingMarkers | None = None
+) -> np.ndarray:
+    """float64 [T] values of one column, NaN = missing (missing-value markers included); booleans become 0/1."""
+    markers = markers if markers is not None else missing_markers(DEFAULT_MISSING_VALUES)
     if pdt.is_bool_dtype(col.dtype) or (
         pdt.is_numeric_dtype(col.dtype) and not pdt.is_complex_dtype(col.dtype)
     ):
-        return col.to_numpy(dtype=np.float64, na_value=np.nan)
+        return _mask_sentinels(col.to_numpy(dtype=np.float64, na_value=np.nan), markers)
     if pdt.is_object_dtype(col.dtype) or pdt.is_string_dtype(col.dtype):
+        is_marker = col.map(lambda x: isinstance(x, str) and x.strip().lower() in markers.strings).astype(bool)
+        col = col.astype(object).mask(is_marker, None)
         present = col[col.notna()]
         # Booleans that arrive as Python bools or TRUE/FALSE strings (CSV exports from R, Excel).
         as_bool = present.map(
@@ -338,11 +460,17 @@ def column_to_float(col: pd.Series, name: str, role: str) -> np.ndarray:
         num = pd.to_numeric(col, errors="coerce")
         bad = num.isna() & col.notna()
         if not bad.any():
-            return num.to_numpy(dtype=np.float64, na_value=np.nan)
+            return _mask_sentinels(num.to_numpy(dtype=np.float64, na_value=np.nan), markers)
         row = int(np.flatnonzero(bad.to_numpy())[0])
+        value = col.iloc[row]
+        hint = ""
+        if isinstance(value, str) and _DECIMAL_COMMA.fullmatch(value.strip()):
+            hint = f"; it has a decimal comma: set {option('read_kwargs', {'decimal': ','})}"
         raise DataValidationError(
-            f"column {name!r} ({role}) is not numeric: value {col.iloc[row]!r} at row {row} is not a number "
-            "or TRUE/FALSE; convert it to numbers (e.g. one-hot encode categories into 0/1 columns) or drop it"
+            f"column {name!r} ({role}) is not numeric: value {value!r} at row {col.index[row]} is not a number, "
+            f"TRUE/FALSE or a missing-value marker{hint}. If it marks a missing value, add it to "
+            f"{option('missing_values')} (now {list(markers.given)}); otherwise convert the column to numbers "
+            f"(e.g. one-hot encode categories into 0/1 columns) or remove it from {option(_ROLE_OPTION[role])}"
         )
     raise DataValidationError(
         f"column {name!r} ({role}) has dtype {col.dtype}, which is not numeric; targets, covariates and "
@@ -350,8 +478,40 @@ def column_to_float(col: pd.Series, name: str, role: str) -> np.ndarray:
     )
 
 
+def _mask_sentinels(values: np.ndarray, markers: MissingMarkers) -> np.ndarray:
+    """float64 [T] with numeric missing-value sentinels (e.g. -999) set to NaN."""
+    if markers.numbers:
+        values = values.copy()
+        values[np.isin(values, markers.numbers)] = np.nan
+    return values
+
+
 # ---------------------------------------------------------------------------------------------
 # time-axis checks
+
+
+def rows_out_of_order(t: np.ndarray) -> int:
+    """Fewest rows that must move to sort int64 times t [T]: T minus the longest non-decreasing run
+    (a subsequence, found in O(T log T) by patience sorting)."""
+    tails: list[int] = []  # tails[k]: smallest last value of a non-decreasing subsequence of length k + 1
+    for x in t.tolist():
+        k = bisect.bisect_right(tails, x)
+        if k == len(tails):
+            tails.append(x)
+        else:
+            tails[k] = x
+    return len(t) - len(tails)
+
+
+def time_order(ts: pd.DatetimeIndex, what: str) -> np.ndarray:
+    """int [T] row order that sorts unsorted times (stable); warns how many rows had to move."""
+    moved = rows_out_of_order(ts.asi8)
+    warnings.warn(
+        f"{what}: {moved} of {len(ts)} rows were out of time order and have been sorted by time "
+        f"(set {option('sort_by_time', False)} to reject unsorted data instead)",
+        stacklevel=4,
+    )
+    return np.argsort(ts.asi8, kind="stable")
 
 
 def check_timestamps(ts: pd.DatetimeIndex, item_id: str) -> None:
@@ -365,14 +525,16 @@ def check_timestamps(ts: pd.DatetimeIndex, item_id: str) -> None:
         i = int(back[0]) + 1
         raise DataValidationError(
             f"timestamps of item {item_id!r} are not in increasing order: row {i} ({ts[i]}) comes after "
-            f"row {i - 1} ({ts[i - 1]}); sort the data by time first (df.sort_values(<timestamp column>))"
+            f"row {i - 1} ({ts[i - 1]}); sort the data by time first, or let the loader do it with "
+            f"{option('sort_by_time', True)}"
         )
     same = np.flatnonzero(step == 0)
     if same.size:
         i = int(same[0]) + 1
         raise DataValidationError(
-            f"item {item_id!r} has duplicate timestamps: {ts[i]} appears at rows {i - 1} and {i}; "
-            "aggregate duplicates (e.g. df.groupby(<timestamp column>).mean()) or drop them"
+            f"item {item_id!r} has duplicate timestamps: {ts[i]} appears at rows {i - 1} and {i} (after sorting "
+            "by time); aggregate duplicates (e.g. df.groupby(<timestamp column>).mean()) or drop them. "
+            f"Several series stacked in one file? Name their id column in {option('item_id')}"
         )
 
 
@@ -380,7 +542,8 @@ def infer_freq(ts: pd.DatetimeIndex, item_id: str) -> tuple[str, str]:
     """(freq, how it was found). Exact pandas inference first, else the most common step."""
     if len(ts) < 3:
         raise DataValidationError(
-            f"item {item_id!r} has only {len(ts)} time steps, too few to infer the frequency; pass freq="
+            f"item {item_id!r} has only {len(ts)} time steps, too few to infer the frequency; set "
+            f"{option('freq', 'h')}"
         )
     freq = pd.infer_freq(ts)
     if freq is not None:
@@ -396,28 +559,45 @@ def check_grid(ts: pd.DatetimeIndex, freq: str, item_id: str, *, freq_source: st
     if not offset.is_on_offset(ts[0]):
         raise DataValidationError(
             f"item {item_id!r}: first timestamp {ts[0]} is not on the {freq!r} grid (freq {freq_source}); "
-            "pass the right freq= (e.g. 'ME' vs 'MS' for month ends vs starts) or resample the data"
+            f"set the right {option('freq')} (e.g. 'ME' vs 'MS' for month ends vs starts) or resample the data"
         )
     expected = pd.date_range(start=ts[0], periods=len(ts), freq=offset)
     bad = np.flatnonzero(expected.asi8 != ts.asi8)
     if bad.size:
         i = int(bad[0])
+        grid = pd.date_range(start=ts[0], end=ts[-1], freq=offset)
+        n_absent = len(grid) - len(ts)
+        absent = f"{n_absent} of {len(grid)} steps are absent" if n_absent > 0 else "steps are off the grid"
         raise DataValidationError(
-            f"item {item_id!r}: timestamps are not on a regular {freq!r} grid (freq {freq_source}): "
+            f"item {item_id!r}: timestamps are not on a regular {freq!r} grid (freq {freq_source}; {absent}): "
             f"after {ts[i - 1]} (row {i - 1}) comes {ts[i]} but the next step should be {expected[i]}. "
-            "Pass the right freq=..., resample to a regular grid (df.resample(freq).mean()), or pass "
-            "fill_missing_steps=True to insert missing steps as NaN"
+            f"Set the right {option('freq')}, resample to a regular grid (df.resample(freq).mean()), or set "
+            f"{option('fill_missing_steps', True)} to insert missing steps as NaN"
         )
 
 
 def reindex_to_grid(
-    ts: pd.DatetimeIndex, values: np.ndarray, freq: str, item_id: str
+    ts: pd.DatetimeIndex,
+    values: np.ndarray,
+    freq: str,
+    item_id: str,
+    max_fill_fraction: float = DEFAULT_MAX_FILL_FRACTION,
 ) -> tuple[pd.DatetimeIndex, np.ndarray]:
-    """Place rows on the full regular grid between first and last time; absent steps become NaN rows."""
+    """Place rows on the full regular grid between first and last time; absent steps become NaN rows.
+
+    Warns how many steps were inserted; refuses to insert more than max_fill_fraction of the grid.
+    """
+    if isinstance(max_fill_fraction, bool) or not isinstance(max_fill_fraction, (int, float)) or not (
+        0.0 <= max_fill_fraction <= 1.0
+    ):
+        raise DataValidationError(
+            f"{option('max_fill_fraction')} must be a number in [0, 1] (the largest share of the time grid "
+            f"fill_missing_steps may insert), got {max_fill_fraction!r}"
+        )
     offset = to_offset(freq)
     if not offset.is_on_offset(ts[0]):
         raise DataValidationError(
-            f"item {item_id!r}: first timestamp {ts[0]} is not on the {freq!r} grid; pass the right freq="
+            f"item {item_id!r}: first timestamp {ts[0]} is not on the {freq!r} grid; set the right {option('freq')}"
         )
     grid = pd.date_range(start=ts[0], end=ts[-1], freq=offset)  # [T']
     pos = grid.get_indexer(ts)  # [T] position of each row on the grid, -1 if off-grid
@@ -425,7 +605,23 @@ def reindex_to_grid(
         i = int(np.flatnonzero(pos < 0)[0])
         raise DataValidationError(
             f"item {item_id!r}: timestamp {ts[i]} (row {i}) is off the regular {freq!r} grid that starts at "
-            f"{ts[0]}; resample the data (df.resample(freq).mean()) or pass the right freq="
+            f"{ts[0]}; resample the data (df.resample(freq).mean()) or set the right {option('freq')}"
+        )
+    n_filled = len(grid) - len(ts)
+    share = n_filled / len(grid)
+    if share > max_fill_fraction:
+        raise DataValidationError(
+            f"item {item_id!r}: fill_missing_steps would insert {n_filled} empty time steps, {share:.1%} of the "
+            f"{len(grid)}-step {freq!r} grid, more than {option('max_fill_fraction')}={max_fill_fraction}. "
+            f"Check the frequency ({option('freq')}), or allow it with "
+            f"{option('max_fill_fraction', float(np.ceil(share * 100) / 100))}"
+        )
+    if n_filled:
+        warnings.warn(
+            f"item {item_id!r}: fill_missing_steps inserted {n_filled} missing time steps as NaN "
+            f"({share:.1%} of the {len(grid)}-step {freq!r} grid; limit {option('max_fill_fraction')}="
+            f"{max_fill_fraction})",
+            stacklevel=4,
         )
     out = np.full((len(grid), values.shape[1]), np.nan, dtype=np.float32)  # [T', V]
     out[pos] = values
@@ -439,8 +635,8 @@ def _check_values(values: np.ndarray, schema: SeriesSchema, item_id: str) -> Non
     for j, v in enumerate(schema.variates):
         if n_obs[j] == 0:
             raise DataValidationError(
-                f"variate {v.name!r} ({v.role}) of item {item_id!r} has no observed values (all NaN); "
-                "drop the column or the item"
+                f"variate {v.name!r} ({v.role}) of item {item_id!r} has no observed values (every cell is "
+                f"empty or a missing-value marker); remove it from {option(_ROLE_OPTION[v.role])} or drop the item"
             )
         if v.role == "target":
             col = values[observed[:, j], j]
@@ -448,5 +644,5 @@ def _check_values(values: np.ndarray, schema: SeriesSchema, item_id: str) -> Non
                 raise DataValidationError(
                     f"target {v.name!r} of item {item_id!r} is constant (every observed value is {col[0]:g}); "
                     "there is nothing to forecast and its scale is zero. Drop the item, or pass the column "
-                    "as a covariate instead"
+                    f"as a covariate instead ({option('past_covariates')})"
                 )

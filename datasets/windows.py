@@ -68,7 +68,7 @@ def split_by_time(
         if n_train <= 0:
             raise DataValidationError(
                 f"item {f.item_id!r} has {T} steps, not enough for val ({n_val}) + test ({n_test}) steps "
-                "plus a training part; use smaller val/test fractions or lengths"
+                "plus a training part; use smaller data.val_fraction / data.test_fraction (or lengths)"
             )
         train.append(range(0, n_train))
         val.append(range(n_train, n_train + n_val))
@@ -139,7 +139,7 @@ class WindowDataset(Dataset):
                 raise DataValidationError(
                     f"item {f.item_id!r} has {f.length} steps, but a window needs at least {need} "
                     f"(min_context {self.min_context} + horizon {H}; context_len {C}); use a shorter "
-                    "context_len/horizon, a smaller min_context, or drop the item"
+                    "data.context_len / data.horizon, a smaller min_context, or drop the item"
                 )
         ranges = self._check_ranges(time_ranges)
 
@@ -198,7 +198,9 @@ class WindowDataset(Dataset):
             raise DataValidationError(
                 f"split {self.split!r} has no full window: {detail} (horizon {self.horizon} steps inside the "
                 f"split, after at least min_context={self.min_context} steps of the series). Use a shorter "
-                "horizon/context or a larger split fraction/length"
+                f"data.horizon / data.context_len or a larger split ("
+                + (f"data.{self.split}_fraction)" if self.split in ("val", "test") else
+                   "smaller data.val_fraction / data.test_fraction)")
             )
         warnings.warn(f"split {self.split!r}: {len(empty)} item(s) have no full window and are skipped: {detail}",
                       stacklevel=3)

@@ -88,18 +88,22 @@ def test_booleans_become_binary_01():
 @pytest.mark.parametrize(
     "mutate, kw, match",
     [
-        (None, dict(targets=["y", "nope"]), r"columns \['nope'\] not found.*available columns are \['time', 'y'"),
-        (None, dict(targets=[]), r"no target variates"),
-        (None, dict(past_covariates=["temp", "y"]), r"'y' is listed both as target and as past_covariate"),
-        (None, dict(groups={"ghost": "g"}), r"groups has keys \['ghost'\].*must be among"),
+        (None, dict(targets=["y", "nope"]),
+         r"columns \['nope'\] \(named in data.loader.targets\) not found.*available columns are \['time', 'y'"),
+        (None, dict(targets=[]), r"no target variates given \(data.loader.targets is empty\)"),
+        (None, dict(past_covariates=["temp", "y"]),
+         r"'y' is listed both in data.loader.targets and in data.loader.past_covariates"),
+        (None, dict(groups={"ghost": "g"}), r"data.loader.groups has keys \['ghost'\].*must be among"),
         (lambda d: d.assign(temp=["a"] + ["1.0"] * (len(d) - 1)), {},
          r"'temp' \(past_covariate\) is not numeric.*'a' at row 0"),
         (lambda d: d.assign(y=np.nan), {}, r"'y' \(target\) of item '0' has no observed values"),
         (lambda d: d.assign(y=3.5), {}, r"target 'y' of item '0' is constant"),
-        (lambda d: d.iloc[[0, 2, 1, *range(3, len(d))]], {}, r"not in increasing order: row 2"),
+        (lambda d: d.iloc[[0, 2, 1, *range(3, len(d))]], dict(sort_by_time=False),
+         r"not in increasing order: row 2.*data.loader.sort_by_time=true"),
         (lambda d: pd.concat([d.iloc[:5], d.iloc[4:]]), {}, r"duplicate timestamps: 2023-03-01 04:00:00"),
         (lambda d: d.drop(index=[7]), {},
-         r"not on a regular 'h' grid.*comes 2023-03-01 08:00:00.*freq=.*fill_missing_steps"),
+         r"not on a regular 'h' grid.*1 of 200 steps are absent.*comes 2023-03-01 08:00:00.*data.loader.freq.*"
+         r"data.loader.fill_missing_steps=true"),
         (lambda d: d.assign(time=d["time"].astype(str).where(d.index != 3, "garbage")), {}, r"cannot be parsed"),
     ],
 )
@@ -121,7 +125,8 @@ def test_constant_covariate_allowed_and_inf_becomes_nan():
 
 def test_gaps_filled_on_request_and_explicit_freq():
     df = _df(100).drop(index=[10, 11, 50])
-    f = _frame(df, fill_missing_steps=True)
+    with pytest.warns(UserWarning, match=r"inserted 3 missing time steps as NaN \(3.0% of the 100-step"):
+        f = _frame(df, fill_missing_steps=True)
     assert f.length == 100 and np.isnan(f.values[[10, 11, 50]]).all()
     assert not np.isnan(f.values[12]).any()
     with pytest.raises(DataValidationError, match=r"grid \(freq given as freq="):
@@ -340,7 +345,9 @@ def test_long_and_wide_give_same_frames():
         assert a.schema == b.schema and a.schema.binary == b.schema.binary
         assert a.timestamps.equals(b.timestamps)
         np.testing.assert_array_equal(a.values, b.values)
-    with pytest.raises(DataValidationError, match=r"variates \['nope'\] not found in column 'var'; available variates"):
+    with pytest.raises(DataValidationError,
+                       match=r"variates \[.nope.\] \(named in data.loader.targets.*not found in column .var. "
+                             r"\(data.loader.variable_col\)"):
         from_pandas(long, format="long", variable_col="var", value_col="val", **(kw | dict(targets=["nope"])))
     dup = pd.concat([long, long.iloc[:1]])
     with pytest.raises(DataValidationError, match=r"duplicate timestamps in long data"):

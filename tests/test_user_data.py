@@ -1,0 +1,366 @@
+"""A new user's own CSV through the CLI: messy files, every loader option in csv.yaml, README examples (CPU)."""
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import shlex
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tsfm_msa.cli import main
+from tsfm_msa.datasets import DataValidationError, SeriesDataModule, SeriesFrame, from_csv, from_pandas
+from tsfm_msa.train.run import seasonal_naive_reference, summary_markdown, write_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(20261201)
+DATA_CONFIGS = ("vic_elec", "epf", "pedestrian", "synthetic", "csv")
+# A tiny model and budget for end-to-end CLI runs.
+TINY = ["model.patch_len=8", "model.d_model=32", "model.n_layers=1", "model.top_k=2", "data.batch_size=16",
+        "data.train_samples_per_epoch=32", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "cpu_threads=1"]
+
+
+def _compose(overrides: list[str], config: str = "train"):
+    with initialize_config_module("tsfm_msa.configs", version_base=None):
+        return compose(config, overrides=overrides)
+
+
+def _wide(n: int = 120, freq: str = "h") -> pd.DataFrame:
+    """Fresh random hourly table: target load, past covariate temp."""
+    return pd.DataFrame({
+        "date": pd.date_range("2024-01-01", periods=n, freq=freq).strftime("%Y-%m-%d %H:%M:%S"),
+        "load": RNG.normal(100, 10, n).round(3),
+        "temp": RNG.normal(5, 3, n).round(3),
+    })
+
+
+def _load(df: pd.DataFrame, **kw) -> list[SeriesFrame]:
+    return from_pandas(df, **({"timestamp": "date", "targets": ["load"], "past_covariates": ["temp"]} | kw))
+
+
+# ------------------------------------------------------------------------------------ 1. empty file
+
+
+def test_empty_csv_and_header_only_csv_give_one_line_errors(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataValidationError, match=r"CSV file .*empty.csv' is empty \(no header row"):
+        from_csv(empty, timestamp="date", targets=["load"])
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("date,load\n")
+    with pytest.raises(DataValidationError, match=r"the data has no rows \(columns \['date', 'load'\]\)"):
+        from_csv(header_only, timestamp="date", targets=["load"])
+
+
+def test_cli_empty_csv_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "data=csv", f"data.loader.path={empty}", "data.loader.timestamp=date",
+              "data.loader.targets=[load]", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "is empty" in err and "Traceback" not in err and "EmptyDataError" not in err
+
+
+# ------------------------------------------------------------------ 2. no seasonal-naive reference
+
+
+def _one_minute_day(tmp_path: Path) -> Path:
+    """1-minute series exactly one season (1440 steps) long: seasonal naive has no value a day back."""
+    n = 1440
+    t = np.arange(n)
+    df = pd.DataFrame({
+        "date": pd.date_range("2024-05-01", periods=n, freq="min").strftime("%Y-%m-%d %H:%M"),
+        "load": (np.sin(2 * np.pi * t / 60) + RNG.normal(0, 0.1, n)).round(4),
+    })
+    path = tmp_path / "minute.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_summary_without_seasonal_naive_reference_is_valid_json_and_markdown(tmp_path):
+    frames = from_csv(_one_minute_day(tmp_path), timestamp="date", targets=["load"])
+    dm = SeriesDataModule(frames=frames, context_len=64, horizon=16)
+    mae, note = seasonal_naive_reference(dm)
+    assert mae is None and "1440 steps at freq 'min'" in note
+    summary = {"run": "r", "steps": 2, "train_seconds": 0.1, "val_loss": float("nan"), "val_mae": 0.5,
+               "seasonal_naive_val_mae": mae, "seasonal_naive_note": note, "mae_ratio_vs_seasonal_naive": None,
+               "val_support_frac": None, "best_checkpoint": None, "metrics_csv": None}
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_summary(summary, tmp_path)  # a NaN that slipped through is refused, never written as NaN
+    summary["val_loss"] = None
+    write_summary(summary, tmp_path)
+    text = (tmp_path / "summary.json").read_text()
+    loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in summary.json"))
+    assert loaded["seasonal_naive_val_mae"] is None and loaded["mae_ratio_vs_seasonal_naive"] is None
+    md = (tmp_path / "summary.md").read_text()
+    assert "n/a — no seasonal-naive reference" in md and "1440 steps" in md
+    assert "n/a — the model has no validation MAE" in summary_markdown(
+        summary | {"seasonal_naive_val_mae": 1.0, "seasonal_naive_note": None, "val_mae": None})
+
+
+def test_cli_trains_one_season_of_minute_data_and_writes_the_summary(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    main(["train", "data=csv", f"data.loader.path={_one_minute_day(tmp_path)}", "data.loader.timestamp=date",
+          "data.loader.targets=[load]", "data.context_len=64", "data.horizon=16", *TINY,
+          "trainer.max_steps=2", "trainer.val_check_interval=2", "indexer_warmup.steps=1",
+          f"hydra.run.dir={run_dir}"])
+    summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=pytest.fail)
+    assert summary["seasonal_naive_val_mae"] is None and "one season" in summary["seasonal_naive_note"]
+    assert summary["val_mae"] > 0
+    assert "no seasonal-naive reference" in (run_dir / "summary.md").read_text()
+    assert "no seasonal-naive reference" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 3. missing values
+
+
+def test_missing_value_markers_become_nan(tmp_path):
+    df = _wide(40)
+    df = df.astype({"load": object, "temp": object})
+    markers = {3: " ", 5: "NA", 7: "n/a ", 9: "-", 11: "null", 13: "", 15: "  NaN", 17: "?"}
+    for row, marker in markers.items():
+        df.loc[row, "temp"] = marker
+    df.loc[20, "load"] = "   "
+    path = tmp_path / "blanks.csv"
+    df.to_csv(path, index=False)
+    [frame] = from_csv(path, timestamp="date", targets=["load"], past_covariates=["temp"])
+    assert np.isnan(frame.column("temp")[list(markers)]).all() and np.isnan(frame.column("load")[20])
+    observed = [r for r in range(40) if r not in markers]
+    np.testing.assert_allclose(frame.column("temp")[observed], df["temp"][observed].astype(float), rtol=1e-6)
+
+
+def test_missing_values_option_is_configurable():
+    df = _wide(30).astype({"temp": object})
+    df.loc[4, "temp"] = "absent"
+    df.loc[6, "temp"] = -999.0
+    with pytest.raises(DataValidationError, match=r"'absent' at row 4 is not a number.*data.loader.missing_values"):
+        _load(df)
+    [frame] = _load(df, missing_values=["", "absent", -999])
+    assert np.isnan(frame.column("temp")[[4, 6]]).all() and np.isfinite(frame.column("temp")[5])
+    # With an empty list only blank cells are missing: "NA" is then a bad value, named in the message.
+    df.loc[4, "temp"] = "NA"
+    with pytest.raises(DataValidationError, match=r"'NA' at row 4.*now \[\]"):
+        _load(df, missing_values=[])
+    with pytest.raises(DataValidationError, match=r"data.loader.missing_values must be a list"):
+        _load(df, missing_values="NA")
+
+
+def test_decimal_comma_and_separator_hints(tmp_path):
+    df = _wide(10).astype({"temp": object})
+    df.loc[2, "temp"] = "3,5"
+    with pytest.raises(DataValidationError, match=r"decimal comma: set data.loader.read_kwargs=\{decimal:,\}"):
+        _load(df)
+    path = tmp_path / "semicolon.csv"
+    _wide(10).to_csv(path, index=False, sep=";")
+    with pytest.raises(DataValidationError, match=r"separate columns with ';': set data.loader.read_kwargs=\{sep:;\}"):
+        from_csv(path, timestamp="date", targets=["load"])
+    [frame] = from_csv(path, timestamp="date", targets=["load"], read_kwargs={"sep": ";"})
+    assert frame.length == 10
+
+
+# ----------------------------------------------------------------------------------- 4. sorting
+
+
+def test_unsorted_rows_are_sorted_with_a_count_or_refused():
+    df = _wide(50)
+    shuffled = df.iloc[[0, 1, 7, 2, 3, 4, 5, 6, *range(8, 47), 49, 47, 48]]  # rows 7 and 49 moved
+    with pytest.warns(UserWarning, match=r"item '0': 2 of 50 rows were out of time order and have been sorted"):
+        [frame] = _load(shuffled)
+    [expected] = _load(df)
+    np.testing.assert_array_equal(frame.values, expected.values)
+    assert frame.timestamps.equals(expected.timestamps)
+    with pytest.raises(DataValidationError, match=r"not in increasing order.*data.loader.sort_by_time=true"):
+        _load(shuffled, sort_by_time=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sorted input: no warning
+        _load(df)
+
+
+def test_item_stacked_rows_interleaved_and_unsorted():
+    a, b = _wide(30), _wide(30)
+    stacked = pd.concat([a.assign(site="a"), b.assign(site="b")], ignore_index=True)
+    frames = _load(stacked, item_id="site")
+    messy = stacked.iloc[RNG.permutation(len(stacked))]
+    with pytest.warns(UserWarning, match=r"item-stacked data: \d+ of 60 rows were out of time order") as record:
+        mixed = _load(messy, item_id="site")
+    assert len([w for w in record if "out of time order" in str(w.message)]) == 1  # one warning per file
+    assert sorted(f.item_id for f in mixed) == ["a", "b"]
+    for f in mixed:
+        g = next(x for x in frames if x.item_id == f.item_id)
+        np.testing.assert_array_equal(f.values, g.values)
+    with pytest.raises(DataValidationError, match=r"item-stacked data: the rows of series .* not in increasing"):
+        _load(messy, item_id="site", sort_by_time=False)
+    with pytest.raises(DataValidationError, match=r"duplicate timestamps.*data.loader.item_id"):
+        _load(stacked)  # two series stacked without item_id
+
+
+# --------------------------------------------------------------------------- 5. filling the grid
+
+
+def test_fill_missing_steps_counts_and_limits():
+    df = _wide(100)
+    gappy = df.drop(index=range(10, 15))  # 5 of 100 steps absent
+    with pytest.raises(DataValidationError, match=r"5 of 100 steps are absent.*data.loader.fill_missing_steps=true"):
+        _load(gappy)
+    with pytest.warns(UserWarning, match=r"inserted 5 missing time steps as NaN \(5.0% of the 100-step 'h' grid"):
+        [frame] = _load(gappy, fill_missing_steps=True)
+    assert frame.length == 100 and np.isnan(frame.values[10:15]).all()
+    sparse = df.iloc[::3]  # keeps 34 rows on an hourly grid of 100: 66% would be invented
+    with pytest.raises(DataValidationError, match=r"insert 66 empty time steps, 66.0% of the 100-step 'h' grid, "
+                       r"more than data.loader.max_fill_fraction=0.1.*data.loader.max_fill_fraction=0.66"):
+        _load(sparse, fill_missing_steps=True, freq="h")
+    with pytest.warns(UserWarning, match=r"inserted 66 missing"):
+        [frame] = _load(sparse, fill_missing_steps=True, freq="h", max_fill_fraction=0.7)
+    assert frame.length == 100
+    with pytest.raises(DataValidationError, match=r"max_fill_fraction must be a number in \[0, 1\]"):
+        _load(gappy, fill_missing_steps=True, max_fill_fraction=5)
+
+
+# ------------------------------------------------------------------------------- 8. timestamps
+
+
+def test_time_of_day_without_date_and_numeric_timestamps_are_refused():
+    df = _wide(30)
+    df["date"] = pd.date_range("2024-01-01", periods=30, freq="min").strftime("%H:%M")
+    with pytest.raises(DataValidationError, match=r"time of day without a date \('00:00' at row 0\)"):
+        _load(df)
+    df["date"] = pd.date_range("2024-01-01", periods=30, freq="min").strftime("%I:%M:%S %p")
+    with pytest.raises(DataValidationError, match=r"time of day without a date"):
+        _load(df)
+    df["date"] = np.arange(2000, 2030)
+    with pytest.raises(DataValidationError, match=r"holds numbers \(e.g. 2000\), not dates.*read_kwargs"):
+        _load(df)
+    df["date"] = pd.date_range("2000", periods=30, freq="YS").year.astype(str)  # years as text are dates
+    assert _load(df)[0].freq == "YS-JAN"
+
+
+# ---------------------------------------------------------- 6. every loader option in csv.yaml
+
+
+def test_csv_config_lists_every_loader_option_with_a_comment():
+    options = set(inspect.signature(from_pandas).parameters) - {"df"} | {"path", "read_kwargs"}
+    cfg = _compose(["data=csv"])
+    listed = set(cfg.data.loader) - {"_target_", "_partial_"}
+    assert listed == options
+    loader = OmegaConf.to_container(cfg.data.loader)
+    for name, param in inspect.signature(from_pandas).parameters.items():  # the config's defaults are the code's
+        if param.default is not inspect.Parameter.empty:
+            default = list(param.default) if isinstance(param.default, tuple) else param.default
+            assert loader[name] == default, name
+    assert loader["read_kwargs"] is None
+    text = (ROOT / "configs" / "data" / "csv.yaml").read_text()
+    for name in options:  # each option is explained on its line or just above it
+        lines = text.splitlines()
+        i = next(k for k, line in enumerate(lines) if line.strip().startswith(f"{name}:"))
+        assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), name
+
+
+def test_loader_options_override_without_plus(tmp_path):
+    a, b = _wide(60), _wide(60)
+    stacked = pd.concat([a.assign(site="a"), b.assign(site="b")], ignore_index=True)
+    stacked["temp"] = stacked["temp"].astype(object)
+    stacked.loc[7, "temp"] = "-999"
+    path = tmp_path / "stacked.csv"
+    stacked.iloc[::-1].to_csv(path, index=False, sep="|")
+    cfg = _compose(["data=csv", f"data.loader.path={path}", "data.loader.timestamp=date",
+                    "data.loader.targets=[load]", "data.loader.past_covariates=[temp]", "data.loader.item_id=site",
+                    "data.loader.freq=h", "data.loader.sort_by_time=true", "data.loader.missing_values=[-999]",
+                    "data.loader.fill_missing_steps=true", "data.loader.max_fill_fraction=0.2",
+                    "data.loader.groups={load:grid,temp:weather}", 'data.loader.read_kwargs={sep:"|"}',
+                    "data.loader.format=wide", "data.loader.actions=[]", "data.loader.future_covariates=[]",
+                    "data.loader.variable_col=null", "data.loader.value_col=null"])
+    with pytest.warns(UserWarning, match="out of time order"):
+        frames = instantiate(cfg.data.loader, _convert_="all")()
+    assert [f.item_id for f in frames] == ["b", "a"] and frames[0].schema.groups == ("grid", "weather")
+    assert np.isnan(frames[1].column("temp")[7])
+    typo = _compose(["data=csv", f"data.loader.path={path}", "data.loader.timestamp=date",
+                     "data.loader.targets=[load]", "+data.loader.timstamp=date"])
+    with pytest.raises(DataValidationError, match=r"unknown loader option\(s\) \['data.loader.timstamp'\]"):
+        instantiate(typo.data.loader, _convert_="all")()
+
+
+def test_messages_name_the_full_override_key():
+    df = _wide(20)
+    cases = [
+        (dict(targets=[]), r"data.loader.targets is empty"),
+        (dict(targets=["nope"]), r"named in data.loader.targets"),
+        (dict(timestamp="when"), r"named in data.loader.timestamp"),
+        (dict(item_id="site"), r"named in data.loader.item_id"),
+        (dict(format="longg"), r"data.loader.format='longg'"),
+        (dict(format="long"), r"data.loader.format=long .*needs data.loader.timestamp, data.loader.variable_col"),
+        (dict(targets=[2024]), r"data.loader.targets must list column names.*'data.loader.targets=\[\"2024\"\]'"),
+        (dict(groups={"x": "g"}), r"data.loader.groups has keys"),
+        (dict(past_covariates=["load"]), r"listed both in data.loader.targets and in data.loader.past_covariates"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(DataValidationError, match=match):
+            _load(df, **kw)
+
+
+# ------------------------------------------------------- 7. README examples and the shared base
+
+
+def _readme_examples() -> list[tuple[str, list[str]]]:
+    """(CSV text, override list) of every worked example in the README's "Your own data" section."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own data"):]
+    section = section[: section.index("\n## ", 1)]
+    pairs = re.findall(r"```csv\n(.*?)```\s*```bash\n(.*?)```", section, flags=re.S)
+    out = []
+    for csv_text, command in pairs:
+        words = shlex.split(command.replace("\\\n", " "))
+        assert words[:2] == ["tsfm-msa", "train"], words
+        out.append((csv_text, words[2:]))
+    return out
+
+
+def test_readme_examples_compose_and_load(tmp_path):
+    examples = _readme_examples()
+    assert len(examples) == 3  # wide, item-stacked, long
+    layouts = []
+    for csv_text, overrides in examples:
+        path_arg = next(o for o in overrides if o.startswith("data.loader.path="))
+        path = tmp_path / path_arg.split("=", 1)[1]
+        path.write_text(csv_text, encoding="utf-8")
+        overrides = [f"data.loader.path={path}" if o == path_arg else o for o in overrides]
+        cfg = _compose(overrides)
+        frames = instantiate(cfg.data.loader, _convert_="all")()
+        loader = cfg.data.loader
+        names = [*loader.targets, *loader.past_covariates, *loader.future_covariates, *loader.actions]
+        assert all(f.schema.names == tuple(names) for f in frames)
+        layouts.append((loader.format, loader.item_id, len(frames)))
+        if "Température" in names:  # the wide example shows a space and NA as missing values
+            assert np.isnan(frames[0].column("Température")[[1, 3]]).all()
+    assert layouts == [("wide", None, 1), ("wide", "store", 2), ("long", "site", 1)]
+
+
+@pytest.mark.parametrize("data", DATA_CONFIGS)
+def test_data_configs_extend_the_shared_base(data):
+    base = OmegaConf.load(ROOT / "configs" / "data" / "_base.yaml")
+    cfg = _compose([f"data={data}", "data.context_len=128", "data.horizon=12", "data.batch_size=8"])
+    assert set(base) <= set(cfg.data) and cfg.data._target_ == base._target_
+    assert (cfg.data.context_len, cfg.data.horizon, cfg.data.val_stride, cfg.data.test_stride) == (128, 12, 12, 12)
+    assert "_target_" in cfg.data.loader
+    with open(ROOT / "configs" / "data" / f"{data}.yaml") as fh:
+        assert "_base" in fh.read()
+    evaluate = _compose([f"data={data}", "data.horizon=6"], config="evaluate")
+    assert evaluate.data.val_stride == 6
+
+
+def test_window_and_split_messages_name_data_keys():
+    frames = _load(_wide(100))
+    with pytest.raises(DataValidationError, match=r"a window needs at least 124.*data.context_len / data.horizon"):
+        SeriesDataModule(frames=frames, context_len=100, horizon=24).setup()
+    with pytest.raises(DataValidationError, match=r"smaller data.val_fraction / data.test_fraction"):
+        SeriesDataModule(frames=frames, context_len=8, horizon=4, val_fraction=0.5, test_fraction=0.5).setup()
+    with pytest.raises(DataValidationError, match=r"'val' has no full window.*larger split \(data.val_fraction\)"):
+        SeriesDataModule(frames=frames, context_len=8, horizon=24, val_fraction=0.1).setup()
