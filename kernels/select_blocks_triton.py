@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .reference import INT32_MAX, num_blocks
-from .validation import KernelInputError, check_select_inputs
+from .validation import check_kernel_block_size, check_select_inputs
 
 # Benchmarks may override the launch configuration: {"rows": M, "num_warps": w, "num_stages": s}.
 CONFIG_OVERRIDE: dict = {}
@@ -80,21 +80,29 @@ def _merge(top, cand, cids, M: tl.constexpr, KPAD: tl.constexpr, INTERP: tl.cons
 @triton.jit
 def _block_step(
     qv, qtime, t, lrow_ptr, ki_base, kt_base, allowed_row_ptr, fidx, fsc, cand, cids, c, L, s_kl,
-    MASKED: tl.constexpr, BS: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+    MASKED: tl.constexpr, BS: tl.constexpr, BSW: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
     KPAD: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_FORCED: tl.constexpr, IEEE: tl.constexpr,
 ):
     blk = tl.load(lrow_ptr + t)
-    offs_n = blk * BS + tl.arange(0, BS)
+    # Blocks under 16 tokens run in a 16-key tile (tl.dot needs 16); the keys past the block are
+    # masked out of the load and the max.
+    j = tl.arange(0, BSW)
+    offs_n = blk * BS + j
+    in_blk = offs_n < L
+    if BSW != BS:
+        in_blk = in_blk & (j < BS)
     offs_d = tl.arange(0, DIP)
-    kmask = (offs_n < L)[:, None] & (offs_d < DI)[None, :]
+    kmask = in_blk[:, None] & (offs_d < DI)[None, :]
     kv = tl.load(ki_base + offs_n.to(tl.int64)[:, None] * s_kl + offs_d[None, :], mask=kmask, other=0.0)
     if IEEE:
         s = tl.dot(qv, tl.trans(kv), input_precision="ieee")
     else:
         s = tl.dot(qv, tl.trans(kv))
     if MASKED:
-        ktime = tl.load(kt_base + offs_n, mask=offs_n < L, other=2147483647)
+        ktime = tl.load(kt_base + offs_n, mask=in_blk, other=2147483647)
         s = tl.where(ktime[None, :] <= qtime[:, None], s, float("-inf"))
+    elif BSW != BS:
+        s = tl.where((j < BS)[None, :], s, float("-inf"))
     bm = tl.max(s, axis=1)
     if HAS_FORCED:
         hit = fidx == blk
@@ -114,7 +122,7 @@ def _select_kernel(
     qi_ptr, ki_ptr, qt_ptr, kt_ptr, allowed_ptr, forced_ptr, list_ptr, cnt_ptr, out_idx_ptr, out_sc_ptr,
     L, NB, G, K, F, NQL, NSETS,
     s_qb, s_qg, s_ql, s_kb, s_kl,
-    BS: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, TILE_Q: tl.constexpr, GP: tl.constexpr,
+    BS: tl.constexpr, BSW: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, TILE_Q: tl.constexpr, GP: tl.constexpr,
     KPAD: tl.constexpr, FPAD: tl.constexpr, LIST_RATIO: tl.constexpr,
     HAS_ALLOWED: tl.constexpr, HAS_FORCED: tl.constexpr, WRITE_SCORES: tl.constexpr, IEEE: tl.constexpr,
     INTERP: tl.constexpr,
@@ -128,7 +136,7 @@ def _select_kernel(
     g = pid_s * GP + r // TILE_Q
     qq = pid_q * TILE_Q + r % TILE_Q
     row_ok = (g < G) & (qq < L)
-    qtime = tl.load(qt_ptr + b * L + qq, mask=row_ok, other=-1)
+    qtime = tl.load(qt_ptr + b.to(tl.int64) * L + qq, mask=row_ok, other=-1)
     offs_d = tl.arange(0, DIP)
     q_off = b.to(tl.int64) * s_qb + g.to(tl.int64) * s_qg + qq.to(tl.int64) * s_ql
     qv = tl.load(qi_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & (offs_d < DI)[None, :], other=0.0)
@@ -136,11 +144,11 @@ def _select_kernel(
     lt = pid_q // LIST_RATIO
     lbase = (b * NSETS + pid_s) * NQL + lt
     lrow_ptr = list_ptr + lbase.to(tl.int64) * NB
-    n_full = tl.load(cnt_ptr + lbase * 2)
-    n_part = tl.load(cnt_ptr + lbase * 2 + 1)
+    n_full = tl.load(cnt_ptr + lbase.to(tl.int64) * 2)
+    n_part = tl.load(cnt_ptr + lbase.to(tl.int64) * 2 + 1)
     ki_base = ki_ptr + b.to(tl.int64) * s_kb
-    kt_base = kt_ptr + b * L
-    allowed_row_ptr = allowed_ptr + ((b * G + tl.minimum(g, G - 1)) * NB)  # [M] pointers (unused without HAS_ALLOWED)
+    kt_base = kt_ptr + b.to(tl.int64) * L
+    allowed_row_ptr = allowed_ptr + (b * G + tl.minimum(g, G - 1)).to(tl.int64) * NB  # [M] pointers (unused without HAS_ALLOWED)
 
     col = tl.arange(0, KPAD)
     neg = tl.full([M, KPAD], float("-inf"), tl.float32)
@@ -160,7 +168,7 @@ def _select_kernel(
     for t in range(0, n_full):
         fsc, cand, cids = _block_step(
             qv, qtime, t, lrow_ptr, ki_base, kt_base, allowed_row_ptr, fidx, fsc, cand, cids, c, L, s_kl,
-            False, BS, DI, DIP, KPAD, HAS_ALLOWED, HAS_FORCED, IEEE)
+            False, BS, BSW, DI, DIP, KPAD, HAS_ALLOWED, HAS_FORCED, IEEE)
         c += 1
         if c == KPAD:
             top = _merge(top, cand, cids, M, KPAD, INTERP)
@@ -169,7 +177,7 @@ def _select_kernel(
     for t in range(n_full, n_full + n_part):
         fsc, cand, cids = _block_step(
             qv, qtime, t, lrow_ptr, ki_base, kt_base, allowed_row_ptr, fidx, fsc, cand, cids, c, L, s_kl,
-            True, BS, DI, DIP, KPAD, HAS_ALLOWED, HAS_FORCED, IEEE)
+            True, BS, BSW, DI, DIP, KPAD, HAS_ALLOWED, HAS_FORCED, IEEE)
         c += 1
         if c == KPAD:
             top = _merge(top, cand, cids, M, KPAD, INTERP)
@@ -252,8 +260,7 @@ def _build_lists(q_time, k_time, block_size, list_q, nsets, gp, groups, allowed,
 def _launch(qi, ki, q_time, k_time, block_size, k, allowed, forced, write_scores):
     batch, groups, seq_len, index_dim = qi.shape
     nb = num_blocks(seq_len, block_size)
-    if block_size & (block_size - 1) or block_size < 16:
-        raise KernelInputError(f"select_blocks_triton needs a power-of-two block_size >= 16, got {block_size}")
+    check_kernel_block_size(block_size, "block_size")
     device = qi.device
     qi = qi.contiguous()
     ki = ki.contiguous()
@@ -293,7 +300,7 @@ def _launch(qi, ki, q_time, k_time, block_size, k, allowed, forced, write_scores
         qi, ki, q_time, k_time, allowed_u8, forced_i32, lists, counts, out_idx, out_sc,
         seq_len, nb, groups, k, max(1, n_forced), nql, nsets,
         qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
-        BS=block_size, DI=index_dim, DIP=max(16, _next_pow2(index_dim)), TILE_Q=tile_q, GP=gp,
+        BS=block_size, BSW=max(16, block_size), DI=index_dim, DIP=max(16, _next_pow2(index_dim)), TILE_Q=tile_q, GP=gp,
         KPAD=kpad, FPAD=fpad, LIST_RATIO=list_q // tile_q,
         HAS_ALLOWED=allowed is not None, HAS_FORCED=forced is not None, WRITE_SCORES=write_scores,
         IEEE=qi.dtype == torch.float32, INTERP=interp, **kwargs,

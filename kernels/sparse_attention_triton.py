@@ -600,7 +600,9 @@ def _build_union(block_idx, tq, q_time=None, k_time=None, block_size=None):
     count = torch.empty(batch * groups, nt, device=block_idx.device, dtype=torch.int32)
     nw = triton.cdiv(tq, 32)
     bits = torch.empty(batch * groups, nt, tq * slots, nw, device=block_idx.device, dtype=torch.int32)
-    flags = q_time is not None and block_size is not None and block_size == _pow2(block_size, 1)
+    # Mask-free entries need whole 16-key steps: a smaller block leaves padding keys in its step, which
+    # only the mask removes (their zero K rows would score 0 and enter the softmax).
+    flags = q_time is not None and block_size is not None and block_size == _pow2(block_size)
     if flags:
         nbk = triton.cdiv(seq_len, block_size)
         kt = k_time
@@ -629,9 +631,12 @@ def _block_csr(block_idx: torch.Tensor, nb: int):
     bg = torch.arange(n_bg, device=flat.device, dtype=torch.int32)[:, None]
     key = torch.where(flat >= 0, bg * nb + flat, n_bg * nb).reshape(-1)  # empty slots sort last
     sorted_key, order = torch.sort(key, stable=True)
-    pair_entry = (order % (seg_len * slots)).to(torch.int32)
+    # int32 while the sizes fit (the kernels take either): 2^31 pairs are reached by all-block
+    # selections at long L (e.g. B*G*L*K = 4 * 128K * 4096).
+    entry_dtype = torch.int32 if seg_len * slots < 2**31 else torch.int64
+    pair_entry = (order % (seg_len * slots)).to(entry_dtype)
     bounds = torch.arange(n_bg * nb + 1, device=flat.device, dtype=torch.int32)
-    offsets = torch.searchsorted(sorted_key, bounds, out_int32=True)
+    offsets = torch.searchsorted(sorted_key, bounds, out_int32=key.numel() < 2**31)
     return pair_entry, offsets
 
 
@@ -691,8 +696,8 @@ def _use_tma(q, sh: _Shape, bn: int) -> bool:
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
-    if sh.D != sh.DP or q.element_size() != 2 or bn < 16 or sh.BS != sh.bs:
-        return False
+    if sh.D != sh.DP or q.element_size() != 2 or bn < 16 or sh.BS != sh.bs or sh.B * sh.G * sh.L >= 2**31:
+        return False  # (TMA row coordinates are 32-bit)
     triton.set_allocator(_tma_alloc)  # device-side descriptors need a small global scratch
     return True
 
