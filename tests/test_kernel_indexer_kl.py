@@ -113,6 +113,53 @@ def test_kl_deterministic_backward():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@needs_cpu_interp
+@pytest.mark.parametrize("bs,pattern,dtype", [(8, "select", torch.float32), (8, "random", torch.float16),
+                                              (4, "random", torch.float32), (2, "select", torch.float32),
+                                              (1, "random", torch.float32)])
+def test_kl_small_blocks(bs, pattern, dtype):
+    """Blocks under 16 tokens (16-key tiles, the rest masked): loss and gradients match the
+    reference; time-major with shared time steps, a padded tail and empty slots."""
+    args = _problem(2, 2, 2, 37, 16, 8, bs, 3, dtype, share=3, pad_tail=6, pattern=pattern, seed=20 + bs)
+    args[2][1, 0, 3, :] = -1  # a row with no block at all
+    tol = dict(atol=1e-5, rtol=1e-5, gtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3, gtol=2e-2)
+    _check(_both(args, bs), **tol)
+
+
+@needs_cpu_interp
+def test_kl_small_blocks_group_major_sensor():
+    """Group-major layout (each group's segment padded to whole 8-token blocks, padding keys INT32_MAX)
+    with the sensor policy's selection: group g only picks blocks of its own segment."""
+    gen = torch.Generator().manual_seed(30)
+    batch, groups, rep, per_group, dim, bs, k = 1, 2, 2, 19, 16, 8, 2
+    seg = num_blocks(per_group, bs) * bs
+    seq_len = groups * seg
+    t = torch.full((seq_len,), INT32_MAX, dtype=torch.int32)
+    for g in range(groups):
+        t[g * seg:g * seg + per_group] = torch.arange(per_group, dtype=torch.int32)
+    k_time = t.repeat(batch, 1)
+    q_time = torch.where(k_time == INT32_MAX, -1, k_time)
+    nb = seq_len // bs
+    allowed = torch.zeros(batch, groups, nb, dtype=torch.bool)
+    for g in range(groups):
+        allowed[:, g, g * seg // bs:(g + 1) * seg // bs] = True
+    qi, ki = torch.randn(batch, groups, seq_len, dim, generator=gen), torch.randn(batch, seq_len, dim, generator=gen)
+    q = torch.randn(batch, groups * rep, seq_len, dim, generator=gen)
+    kk, v = torch.randn(batch, groups, seq_len, dim, generator=gen), torch.randn(batch, groups, seq_len, dim, generator=gen)
+    block_idx = select_blocks_reference(qi, ki, q_time, k_time, bs, k, allowed)
+    _, lse = sparse_attention_reference(q, kk, v, block_idx, q_time, k_time, bs)
+    _check(_both((qi, ki, block_idx, q, kk, lse, q_time, k_time), bs), atol=1e-5, rtol=1e-5, gtol=1e-4)
+
+
+@needs_cpu_interp
+def test_kl_rejects_block_size_not_power_of_two():
+    from tsfm_msa.kernels import KernelInputError
+
+    args = _problem(1, 1, 1, 24, 16, 16, 12, 1, torch.float32, pattern="random")
+    with pytest.raises(KernelInputError, match="power of two"):
+        _both(args, 12)
+
+
 # ------------------------------------------------------------------ GPU (bf16, realistic sizes)
 
 @pytest.mark.gpu

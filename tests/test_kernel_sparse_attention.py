@@ -142,6 +142,11 @@ CASES = [
     (2, 3, 3, 50, 16, 16, 2, "tile_shared", "series", False, 16),
     (1, 6, 2, 70, 16, 32, 2, "pool", "causal", True, 32),
     (2, 8, 2, 45, 16, 16, 3, "pool", "series", False, 128),
+    # blocks under 16 tokens (16-key steps, the rest masked). 8-query tiles on 8-token tile_shared
+    # selections: every query of a tile chose the same blocks (the case the mask-free flag targets).
+    (2, 4, 2, 45, 8, 8, 3, "tile_shared", "causal", True, 16),
+    (1, 3, 3, 30, 16, 2, 4, "pool", "series", False, 16),
+    (2, 2, 1, 26, 16, 4, 3, "random", "causal", True, 32),
 ]
 
 
