@@ -142,8 +142,11 @@ CASES = [
     (2, 3, 3, 50, 16, 16, 2, "tile_shared", "series", False, 16),
     (1, 6, 2, 70, 16, 32, 2, "pool", "causal", True, 32),
     (2, 8, 2, 45, 16, 16, 3, "pool", "series", False, 128),
-    # blocks under 16 tokens (16-key steps, the rest masked). 8-query tiles on 8-token tile_shared
-    # selections: every query of a tile chose the same blocks (the case the mask-free flag targets).
+]
+# Blocks under 16 tokens (16-key steps, the rest masked). Case 0: 8-query tiles on 8-token
+# tile_shared selections, so every query of a tile chose the same blocks (the case the union's
+# mask-free flag targets; a flag there used to let the padding keys into the softmax).
+SMALL_BLOCK_CASES = [
     (2, 4, 2, 45, 8, 8, 3, "tile_shared", "causal", True, 16),
     (1, 3, 3, 30, 16, 2, 4, "pool", "series", False, 16),
     (2, 2, 1, 26, 16, 4, 3, "random", "causal", True, 32),
@@ -163,6 +166,21 @@ def test_matches_reference(case, dtype, variant, monkeypatch):
     got, ref = run_case(batch, heads, groups, seq_len, dim, bs, k, pattern, layout, dtype, variant,
                         "cpu", causal=causal, seed=case)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    check_close(got, ref, 1e-5 if dtype == torch.float32 else 5e-3)
+
+
+@cpu_only
+@pytest.mark.parametrize("case,dtype,variant", [
+    (0, torch.float32, "query_outer"), (0, torch.float32, "kv_outer"), (0, torch.float16, "query_outer"),
+    (0, torch.float16, "kv_outer"), (1, torch.float32, "query_outer"), (1, torch.float16, "kv_outer"),
+    (2, torch.float32, "kv_outer"), (2, torch.float16, "query_outer"),
+])
+def test_small_blocks_match_reference(case, dtype, variant, monkeypatch):
+    batch, heads, groups, seq_len, dim, bs, k, pattern, layout, causal, rows = SMALL_BLOCK_CASES[case]
+    for name in ("qo_rows", "kv_rows", "dq_rows", "dkdv_rows"):
+        monkeypatch.setitem(sa.CONFIG, name, rows)
+    got, ref = run_case(batch, heads, groups, seq_len, dim, bs, k, pattern, layout, dtype, variant,
+                        "cpu", causal=causal, seed=20 + case)
     check_close(got, ref, 1e-5 if dtype == torch.float32 else 5e-3)
 
 
