@@ -14,6 +14,9 @@ pattern (tile-shared or per-token random).
   on the visible keys, and writes five per-entry partials: ``max s``, ``sum exp(s - max)``,
   ``sum p log p``, ``sum p s``, ``sum p``.  Torch combines the slots of a row (``lse_s`` by LSE merge) and
   ``KL = sum p log p - sum p s + lse_s * sum p``: no ``L x L`` matrix, one pass.
+* Blocks under 16 tokens (any power of two) run in 16-key tiles whose keys past the block are padding
+  (off every support). Entry positions are int64 inside the kernels; the schedule is int64 once
+  ``block_idx`` has 2^31 entries.
 * Backward: the same items recompute ``p`` and ``s``; ``dS = (softmax(s) * sum p - p) * index_scale *
   grad / n_rows``.  ``dqi`` partials go to the entry's own slot (``[B, G, L, K, Di]``, summed over K
   by torch); ``dki`` accumulates in registers over the item's chunks and is written per item, then a
@@ -34,6 +37,9 @@ from .validation import check_kernel_block_size, check_kl_inputs
 
 CONFIG_OVERRIDE: dict = {}
 _CHUNKS_PER_ITEM = 8
+# Schedules (entry positions, item bounds) are int32 below this many block_idx entries, int64 above
+# (the tests lower it to run the int64 path on small inputs).
+INDEX32_LIMIT = 2**31
 
 
 @triton.jit
@@ -219,7 +225,7 @@ def _config(rep: int):
 
 
 def _schedule(block_idx: torch.Tensor, seq_len: int, block_size: int, tq: int):
-    """Work items [NW, 5] int32 (b, g, blk, start, end) over the sorted entry positions ``rows``, sorted by
+    """Work items [NW, 5] int32 / int64 (b, g, blk, start, end) over the sorted entry positions ``rows``, sorted by
     (b, blk, g); ``item_off [B * NB + 1]`` delimits the items of each KV block."""
     batch, groups, _, kslots = block_idx.shape
     nb = num_blocks(seq_len, block_size)
@@ -232,7 +238,7 @@ def _schedule(block_idx: torch.Tensor, seq_len: int, block_size: int, tq: int):
     key = (b * nb + blk) * groups + g
     order = torch.sort(key, stable=True).indices
     # Entry positions (and the items' start / end into them) stay int32 while they fit.
-    index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    index_dtype = torch.int32 if flat.numel() < INDEX32_LIMIT else torch.int64
     rows = pos[order].to(index_dtype).contiguous()
     nkeys = batch * nb * groups
     counts = torch.bincount(key, minlength=nkeys)

@@ -19,6 +19,8 @@ Algorithm
   order of the score (sign-magnitude flip of the fp32 bits in the high word, the block id in the low
   word), so one ``tl.topk`` over ``[M, 2*KPAD]`` keys is exact and exp-free, and the score comes back
   bit-exact from the key.
+* Blocks under 16 tokens (any power of two) run in 16-key tiles with the keys past the block masked,
+  so every ``tl.dot`` has 16 columns; a step still scores one block (half the tile is idle at 8).
 * Forced blocks keep their own score buffer; they are written first (in their order, skipping ``-1``),
   then the best non-forced blocks, then ``-1``.
 """

@@ -152,6 +152,29 @@ def test_kl_small_blocks_group_major_sensor():
 
 
 @needs_cpu_interp
+def test_kl_int64_schedule(monkeypatch):
+    """The int64 schedule (entry positions and item bounds past 2^31, here forced by lowering the
+    limit) gives the same loss and gradients; entry positions index block_idx in flat order."""
+    import tsfm_msa.kernels.indexer_kl_triton as klt
+
+    args = _problem(2, 2, 1, 29, 16, 16, 8, 2, torch.float32, share=2, pad_tail=5, pattern="random", seed=40)
+    block_idx = args[2]
+    items32, rows32, off32 = klt._schedule(block_idx, 29, 8, 16)
+    monkeypatch.setattr(klt, "INDEX32_LIMIT", 1)
+    items, rows, off = klt._schedule(block_idx, 29, 8, 16)
+    assert items.dtype == rows.dtype == torch.int64 and items32.dtype == rows32.dtype == torch.int32
+    assert torch.equal(items, items32.long()) and torch.equal(rows, rows32.long()) and torch.equal(off, off32)
+    # every valid entry appears once, under its own (b, g, block) item
+    flat = block_idx.reshape(-1)
+    assert torch.equal(rows.sort().values, torch.nonzero(flat >= 0).squeeze(1))
+    for b, g, blk, start, end in items.tolist():
+        pos = rows[start:end]
+        assert (flat[pos] == blk).all()
+        assert (pos // (2 * 29 * 2) == b).all() and ((pos // (29 * 2)) % 2 == g).all()
+    _check(_both(args, 8), atol=1e-5, rtol=1e-5, gtol=1e-4)
+
+
+@needs_cpu_interp
 def test_kl_rejects_block_size_not_power_of_two():
     from tsfm_msa.kernels import KernelInputError
 
@@ -164,8 +187,36 @@ def test_kl_rejects_block_size_not_power_of_two():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("rep,head_dim,index_dim,bs", [(4, 128, 64, 128), (16, 128, 128, 64), (1, 64, 64, 64)])
+@pytest.mark.parametrize("rep,head_dim,index_dim,bs", [(4, 128, 64, 128), (16, 128, 128, 64), (1, 64, 64, 64),
+                                                    (4, 16, 16, 8), (4, 64, 64, 8), (2, 8, 8, 2)])
 def test_kl_gpu_bf16(rep, head_dim, index_dim, bs):
     args = _problem(2, 4 if rep < 16 else 2, rep, 2048 + 21, head_dim, index_dim, bs, 8, torch.bfloat16, share=2,
                     pad_tail=50, device="cuda", seed=4)
     _check(_both(args, bs), atol=2e-3, rtol=1e-2, gtol=3e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_kl_gpu_64bit_offsets():
+    """B * G * L * K = 2^29 block_idx entries: the partials' offsets (4 * entries) pass 2^31 and the
+    dqi partials 2^33 elements. One-token blocks keep the reference affordable (L = 16K) while each
+    query keeps 8192 blocks (every second block from a random start, 10% empty slots)."""
+    dev = "cuda"
+    batch, groups, rep, seq_len, dim, bs, k = 1, 4, 2, 16384, 16, 1, 8192
+    gen = torch.Generator(device=dev).manual_seed(50)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device=dev).to(torch.bfloat16)
+
+    qi, ki = rnd(batch, groups, seq_len, dim), rnd(batch, seq_len, dim)
+    q, kk, v = rnd(batch, groups * rep, seq_len, dim), rnd(batch, groups, seq_len, dim), rnd(batch, groups, seq_len, dim)
+    t = torch.arange(seq_len, dtype=torch.int32, device=dev).repeat(batch, 1)
+    q_time, k_time = t.clone(), t.clone()
+    q_time[:, -100:], k_time[:, -100:] = -1, INT32_MAX
+    start = torch.randint(0, seq_len, (batch, groups, seq_len, 1), generator=gen, device=dev)
+    block_idx = (start + 2 * torch.arange(k, device=dev)) % seq_len
+    holes = torch.rand(block_idx.shape, generator=gen, device=dev) < 0.1
+    block_idx = torch.where(holes, -1, block_idx).to(torch.int32)
+    assert block_idx.numel() * 4 >= 2**31
+    _, lse = sparse_attention_reference(q, kk, v, block_idx, q_time, k_time, bs)
+    _check(_both((qi, ki, block_idx, q, kk, lse, q_time, k_time), bs), atol=2e-3, rtol=1e-2, gtol=3e-2)

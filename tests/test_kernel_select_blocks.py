@@ -208,7 +208,8 @@ def test_select_rejects_bad_inputs():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("bs,index_dim,groups", [(128, 64, 4), (64, 128, 4), (128, 64, 8)])
+@pytest.mark.parametrize("bs,index_dim,groups", [(128, 64, 4), (64, 128, 4), (128, 64, 8), (8, 16, 4), (8, 64, 4),
+                                                  (2, 8, 4)])
 def test_select_gpu_bf16(bs, index_dim, groups):
     torch.manual_seed(5)
     dev = "cuda"
@@ -233,4 +234,21 @@ def test_select_gpu_sensor_policy():
     ki = torch.randn(batch, seq_len, index_dim, device=dev, dtype=torch.bfloat16)
     got = select_blocks_triton(qi, ki, q_time, k_time, bs, k, allowed, None, return_scores=True)
     ref = select_blocks_reference(qi, ki, q_time, k_time, bs, k, allowed, None, return_scores=True)
+    _compare(got, ref, exact=False, atol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_select_gpu_sensor_policy_8_token_blocks():
+    torch.manual_seed(7)
+    dev = "cuda"
+    batch, groups, per_group, index_dim, bs, k = 1, 4, 500, 16, 8, 8
+    q_time, k_time, allowed, seq_len = _group_major_times(batch, groups, per_group, bs, device=dev)
+    qi = torch.randn(batch, groups, seq_len, index_dim, device=dev, dtype=torch.bfloat16)
+    ki = torch.randn(batch, seq_len, index_dim, device=dev, dtype=torch.bfloat16)
+    seg = num_blocks(per_group, bs) * bs
+    t = q_time.clamp_min(0).long()
+    forced = torch.stack([(g * seg + t) // bs for g in range(groups)], 1).unsqueeze(-1).to(torch.int32)
+    got = select_blocks_triton(qi, ki, q_time, k_time, bs, k, allowed, forced, return_scores=True)
+    ref = select_blocks_reference(qi, ki, q_time, k_time, bs, k, allowed, forced, return_scores=True)
     _compare(got, ref, exact=False, atol=2e-2)
