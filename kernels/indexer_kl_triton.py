@@ -187,8 +187,10 @@ def _kl_bwd_kernel(
             acc += tl.dot(tl.trans(dsc), qiv)
         tl.store(dqi_part_ptr + pos[:, None] * DI + offs_di[None, :], dq,
                  mask=valid[:, None] & (offs_di < DI)[None, :])
-    tl.store(dki_part_ptr + w.to(tl.int64) * (BS * DI) + jn[:, None] * DI + offs_di[None, :], acc,
-             mask=(jn < BS)[:, None] & (offs_di < DI)[None, :])
+    smask = (offs_di < DI)[None, :]
+    if BSW != BS:
+        smask = smask & (jn < BS)[:, None]
+    tl.store(dki_part_ptr + w.to(tl.int64) * (BS * DI) + jn[:, None] * DI + offs_di[None, :], acc, mask=smask)
 
 
 @triton.jit
