@@ -35,9 +35,10 @@ def _check_times(q_time: torch.Tensor, k_time: torch.Tensor, batch: int, seq_len
 # (1M), which 128 rows reach at 4096. Beyond ~64 the tiles spill registers (slower, still exact).
 MAX_TOP_K = 4096
 # head_dim / index_dim: rows of q, k, v, qi, ki are padded to a power of two >= 16 and masked, so any
-# width runs; 256 bounds the shared memory of the 128-key K/V steps (3 stages of K and V in bf16).
-# GPU tests cover 64 and 128.
-MAX_HEAD_DIM = 256
+# width up to this runs. The bound is what the GPU tests cover (64, 128): the query-outer forward
+# stages 128-key K and V tiles in shared memory (3 stages: 192 KB at 128 in bf16, 384 KB at 256,
+# past the H200's 228 KB), so wider heads need smaller key steps first (CONFIG qo_keys / qo_stages).
+MAX_HEAD_DIM = 128
 
 
 def check_kernel_block_size(block_size: int, key: str = "block_size") -> None:
@@ -62,7 +63,7 @@ def check_kernel_config(block_size: int, top_k: int, head_dim: int, index_dim: i
     for name, value in (("head_dim", head_dim), ("index_dim", index_dim)):
         _need(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_HEAD_DIM,
               f"{prefix}{name}={value!r}: the Triton kernels need 1 <= {name} <= {MAX_HEAD_DIM} "
-              f"(K/V tiles of 128 keys must fit in shared memory); lower {prefix}{name}")
+              f"(the kernels' K/V tiles must fit in shared memory); lower {prefix}{name}")
 
 
 def _check_block_size(block_size: int) -> None:
