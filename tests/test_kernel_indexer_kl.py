@@ -120,7 +120,8 @@ def test_kl_deterministic_backward():
 def test_kl_small_blocks(bs, pattern, dtype):
     """Blocks under 16 tokens (16-key tiles, the rest masked): loss and gradients match the
     reference; time-major with shared time steps, a padded tail and empty slots."""
-    args = _problem(2, 2, 2, 37, 16, 8, bs, 3, dtype, share=3, pad_tail=6, pattern=pattern, seed=20 + bs)
+    seq_len = 37 if bs >= 4 else 21  # (one program per used block: keep the 1- and 2-token cases short)
+    args = _problem(2, 2, 2, seq_len, 16, 8, bs, 3, dtype, share=3, pad_tail=6, pattern=pattern, seed=20 + bs)
     args[2][1, 0, 3, :] = -1  # a row with no block at all
     tol = dict(atol=1e-5, rtol=1e-5, gtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3, gtol=2e-2)
     _check(_both(args, bs), **tol)
