@@ -32,7 +32,7 @@ def _check_times(q_time: torch.Tensor, k_time: torch.Tensor, batch: int, seq_len
 # Limits of the Triton kernels (the references take any size).
 # top_k: select_blocks merges candidates in a [rows, 2 * next_pow2(top_k)] tile and the query-outer
 # union sorts [tile queries * next_pow2(top_k)] entries; Triton tensors hold at most 2^20 elements
-# (1M), which 128 rows reach at 4096. Beyond ~64 the tiles spill registers (slower, still exact).
+# (1M), which 128 rows reach at 4096. Large top_k also costs registers (slower, still exact).
 MAX_TOP_K = 4096
 # head_dim / index_dim: rows of q, k, v, qi, ki are padded to a power of two >= 16 and masked, so any
 # width up to this runs. The bound is what the GPU tests cover (64, 128): the query-outer forward
