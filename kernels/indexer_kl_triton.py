@@ -14,6 +14,9 @@ pattern (tile-shared or per-token random).
   on the visible keys, and writes five per-entry partials: ``max s``, ``sum exp(s - max)``,
   ``sum p log p``, ``sum p s``, ``sum p``.  Torch combines the slots of a row (``lse_s`` by LSE merge) and
   ``KL = sum p log p - sum p s + lse_s * sum p``: no ``L x L`` matrix, one pass.
+* Blocks under 16 tokens (any power of two) run in 16-key tiles whose keys past the block are padding
+  (off every support). Entry positions are int64 inside the kernels; the schedule is int64 once
+  ``block_idx`` has 2^31 entries.
 * Backward: the same items recompute ``p`` and ``s``; ``dS = (softmax(s) * sum p - p) * index_scale *
   grad / n_rows``.  ``dqi`` partials go to the entry's own slot (``[B, G, L, K, Di]``, summed over K
   by torch); ``dki`` accumulates in registers over the item's chunks and is written per item, then a
@@ -30,10 +33,13 @@ import triton
 import triton.language as tl
 
 from .reference import num_blocks
-from .validation import check_kl_inputs
+from .validation import check_kernel_block_size, check_kl_inputs
 
 CONFIG_OVERRIDE: dict = {}
 _CHUNKS_PER_ITEM = 8
+# Schedules (entry positions, item bounds) are int32 below this many block_idx entries, int64 above
+# (the tests lower it to run the int64 path on small inputs).
+INDEX32_LIMIT = 2**31
 
 
 @triton.jit
@@ -41,16 +47,16 @@ def _kl_chunk(
     c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
     L, K, G, R, scale, iscale,
     s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
-    BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+    BSW: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
     TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Teacher probabilities p [TQ, BS], student logits s [TQ, BS] (-inf off support), positions,
+    """Teacher probabilities p [TQ, BSW], student logits s [TQ, BSW] (-inf off support), positions,
     support mask, qi rows of one chunk of gathered queries."""
     t = tl.arange(0, TQ)
     valid = c0 + t < end
     pos = tl.load(rows_ptr + c0 + t, mask=valid, other=0).to(tl.int64)
     qidx = (pos // K) % L
-    qtime = tl.load(qt_ptr + b * L + qidx, mask=valid, other=-1)
+    qtime = tl.load(qt_ptr + b.to(tl.int64) * L + qidx, mask=valid, other=-1)
     offs_di = tl.arange(0, DIP)
     qiv = tl.load(qi_ptr + b.to(tl.int64) * s_qib + g.to(tl.int64) * s_qig + qidx[:, None] * s_qil + offs_di[None, :],
                   mask=valid[:, None] & (offs_di < DI)[None, :], other=0.0)
@@ -58,12 +64,12 @@ def _kl_chunk(
         s = tl.dot(qiv, tl.trans(kiv), input_precision="ieee")
     else:
         s = tl.dot(qiv, tl.trans(kiv))
-    # teacher: mean over the group's R heads, one [TQ, D] x [D, BS] dot per head
+    # teacher: mean over the group's R heads, one [TQ, D] x [D, BSW] dot per head
     offs_d = tl.arange(0, DP)
     q_rows = q_ptr + b.to(tl.int64) * s_qb + qidx[:, None] * s_ql + offs_d[None, :]
     qmask = valid[:, None] & (offs_d < D)[None, :]
     lse_rows = lse_ptr + b.to(tl.int64) * s_lb + qidx
-    p = tl.zeros([TQ, BS], dtype=tl.float32)
+    p = tl.zeros([TQ, BSW], dtype=tl.float32)
     LOG2E: tl.constexpr = 1.4426950408889634
     for r in range(0, R):
         head = (g * R + r).to(tl.int64)
@@ -87,40 +93,47 @@ def _kl_fwd_kernel(
     items_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, part_ptr,
     L, K, G, R, NTOT, scale, iscale,
     s_qib, s_qig, s_qil, s_kib, s_kil, s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_lb, s_lh,
-    BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-    TQ: tl.constexpr, IEEE: tl.constexpr,
+    BS: tl.constexpr, BSW: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
+    DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     w = tl.program_id(0)
     b = tl.load(items_ptr + w * 5 + 0)
     g = tl.load(items_ptr + w * 5 + 1)
     blk = tl.load(items_ptr + w * 5 + 2)
-    start = tl.load(items_ptr + w * 5 + 3)
+    start = tl.load(items_ptr + w * 5 + 3)  # int64 items once the entries pass 2^31
     end = tl.load(items_ptr + w * 5 + 4)
-    offs_n = blk * BS + tl.arange(0, BS)
+    # Blocks under 16 tokens run in a 16-key tile (tl.dot needs 16): the keys past the block load as
+    # padding (time INT32_MAX), so they are off every row's support.
+    jn = tl.arange(0, BSW)
+    offs_n = blk * BS + jn
     nmask = offs_n < L
+    if BSW != BS:
+        nmask = nmask & (jn < BS)
     offs_d = tl.arange(0, DP)
     offs_di = tl.arange(0, DIP)
     kv = tl.load(k_ptr + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh + offs_n.to(tl.int64)[:, None] * s_kl + offs_d[None, :],
                  mask=nmask[:, None] & (offs_d < D)[None, :], other=0.0)
     kiv = tl.load(ki_ptr + b.to(tl.int64) * s_kib + offs_n.to(tl.int64)[:, None] * s_kil + offs_di[None, :],
                   mask=nmask[:, None] & (offs_di < DI)[None, :], other=0.0)
-    ktime = tl.load(kt_ptr + b * L + offs_n, mask=nmask, other=2147483647)
+    ktime = tl.load(kt_ptr + b.to(tl.int64) * L + offs_n, mask=nmask, other=2147483647)
     for c0 in range(start, end, TQ):
         p, s, pos, valid, sup, qiv = _kl_chunk(
             c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
             L, K, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
-            BS, D, DP, DI, DIP, TQ, IEEE)
+            BSW, D, DP, DI, DIP, TQ, IEEE)
         m = tl.max(s, axis=1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         lsum = tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
         plogp = tl.sum(p * tl.log(tl.maximum(p, 1e-30)), axis=1)
         ps = tl.sum(p * tl.where(sup, s, 0.0), axis=1)
         psum = tl.sum(p, axis=1)
+        # 64-bit: 4 * NTOT passes 2^31 once B * G * L * K >= 2^29.
+        ntot = NTOT.to(tl.int64)
         tl.store(part_ptr + pos, m, mask=valid)
-        tl.store(part_ptr + NTOT + pos, lsum, mask=valid)
-        tl.store(part_ptr + 2 * NTOT + pos, plogp, mask=valid)
-        tl.store(part_ptr + 3 * NTOT + pos, ps, mask=valid)
-        tl.store(part_ptr + 4 * NTOT + pos, psum, mask=valid)
+        tl.store(part_ptr + ntot + pos, lsum, mask=valid)
+        tl.store(part_ptr + 2 * ntot + pos, plogp, mask=valid)
+        tl.store(part_ptr + 3 * ntot + pos, ps, mask=valid)
+        tl.store(part_ptr + 4 * ntot + pos, psum, mask=valid)
 
 
 @triton.jit
@@ -129,32 +142,36 @@ def _kl_bwd_kernel(
     dqi_part_ptr, dki_part_ptr,
     L, K, G, R, scale, iscale,
     s_qib, s_qig, s_qil, s_kib, s_kil, s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_lb, s_lh,
-    BS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-    TQ: tl.constexpr, IEEE: tl.constexpr,
+    BS: tl.constexpr, BSW: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
+    DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     w = tl.program_id(0)
     b = tl.load(items_ptr + w * 5 + 0)
     g = tl.load(items_ptr + w * 5 + 1)
     blk = tl.load(items_ptr + w * 5 + 2)
-    start = tl.load(items_ptr + w * 5 + 3)
+    start = tl.load(items_ptr + w * 5 + 3)  # int64 items once the entries pass 2^31
     end = tl.load(items_ptr + w * 5 + 4)
-    offs_n = blk * BS + tl.arange(0, BS)
+    # Blocks under 16 tokens run in a 16-key tile (tl.dot needs 16): the keys past the block load as
+    # padding (time INT32_MAX), so they are off every row's support.
+    jn = tl.arange(0, BSW)
+    offs_n = blk * BS + jn
     nmask = offs_n < L
+    if BSW != BS:
+        nmask = nmask & (jn < BS)
     offs_d = tl.arange(0, DP)
     offs_di = tl.arange(0, DIP)
     kv = tl.load(k_ptr + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh + offs_n.to(tl.int64)[:, None] * s_kl + offs_d[None, :],
                  mask=nmask[:, None] & (offs_d < D)[None, :], other=0.0)
     kiv = tl.load(ki_ptr + b.to(tl.int64) * s_kib + offs_n.to(tl.int64)[:, None] * s_kil + offs_di[None, :],
                   mask=nmask[:, None] & (offs_di < DI)[None, :], other=0.0)
-    ktime = tl.load(kt_ptr + b * L + offs_n, mask=nmask, other=2147483647)
+    ktime = tl.load(kt_ptr + b.to(tl.int64) * L + offs_n, mask=nmask, other=2147483647)
     coef = tl.load(coef_ptr)
-    acc = tl.zeros([BS, DIP], dtype=tl.float32)
-    t = tl.arange(0, TQ)
+    acc = tl.zeros([BSW, DIP], dtype=tl.float32)
     for c0 in range(start, end, TQ):
         p, s, pos, valid, sup, qiv = _kl_chunk(
             c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
             L, K, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
-            BS, D, DP, DI, DIP, TQ, IEEE)
+            BSW, D, DP, DI, DIP, TQ, IEEE)
         row = pos // K  # (b, g, i) flat row
         lse_s = tl.load(lses_ptr + row, mask=valid, other=0.0)
         lse_s = tl.where(lse_s == float("-inf"), 0.0, lse_s)
@@ -170,8 +187,10 @@ def _kl_bwd_kernel(
             acc += tl.dot(tl.trans(dsc), qiv)
         tl.store(dqi_part_ptr + pos[:, None] * DI + offs_di[None, :], dq,
                  mask=valid[:, None] & (offs_di < DI)[None, :])
-    tl.store(dki_part_ptr + w.to(tl.int64) * (BS * DI) + tl.arange(0, BS)[:, None] * DI + offs_di[None, :], acc,
-             mask=(offs_di < DI)[None, :])
+    smask = (offs_di < DI)[None, :]
+    if BSW != BS:
+        smask = smask & (jn < BS)[:, None]
+    tl.store(dki_part_ptr + w.to(tl.int64) * (BS * DI) + jn[:, None] * DI + offs_di[None, :], acc, mask=smask)
 
 
 @triton.jit
@@ -208,7 +227,7 @@ def _config(rep: int):
 
 
 def _schedule(block_idx: torch.Tensor, seq_len: int, block_size: int, tq: int):
-    """Work items [NW, 5] int32 (b, g, blk, start, end) over the sorted entry positions ``rows``, sorted by
+    """Work items [NW, 5] int32 / int64 (b, g, blk, start, end) over the sorted entry positions ``rows``, sorted by
     (b, blk, g); ``item_off [B * NB + 1]`` delimits the items of each KV block."""
     batch, groups, _, kslots = block_idx.shape
     nb = num_blocks(seq_len, block_size)
@@ -220,7 +239,9 @@ def _schedule(block_idx: torch.Tensor, seq_len: int, block_size: int, tq: int):
     g = (pos // (seq_len * kslots)) % groups
     key = (b * nb + blk) * groups + g
     order = torch.sort(key, stable=True).indices
-    rows = pos[order].to(torch.int32).contiguous()
+    # Entry positions (and the items' start / end into them) stay int32 while they fit.
+    index_dtype = torch.int32 if flat.numel() < INDEX32_LIMIT else torch.int64
+    rows = pos[order].to(index_dtype).contiguous()
     nkeys = batch * nb * groups
     counts = torch.bincount(key, minlength=nkeys)
     offs = torch.cumsum(counts, 0) - counts
@@ -232,7 +253,7 @@ def _schedule(block_idx: torch.Tensor, seq_len: int, block_size: int, tq: int):
     start = offs[item_key] + within * per_item
     end = torch.minimum(start + per_item, offs[item_key] + counts[item_key])
     items = torch.stack([item_key // (nb * groups), item_key % groups, (item_key // groups) % nb, start, end], 1)
-    items = items.to(torch.int32).contiguous()
+    items = items.to(index_dtype).contiguous()
     per_block = n_items.view(batch * nb, groups).sum(1)
     item_off = torch.zeros(batch * nb + 1, dtype=torch.int32, device=device)
     item_off[1:] = torch.cumsum(per_block, 0).to(torch.int32)
@@ -278,7 +299,7 @@ def _kl_forward(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale,
         _kl_fwd_kernel[(items.shape[0],)](
             items, rows, qi, ki, q, k, lse, q_time, k_time, part,
             seq_len, kslots, groups, rep, ntot, scale, index_scale, *_strides(qi, ki, q, k, lse),
-            BS=block_size, TQ=tq, **_consts(qi, q), **_launch_kwargs(tq))
+            BS=block_size, BSW=max(16, block_size), TQ=tq, **_consts(qi, q), **_launch_kwargs(tq))
     m, lsum, plogp, ps, psum = (x.view(batch, groups, seq_len, kslots) for x in part)
     mmax = m.amax(-1)
     row_valid = mmax > float("-inf")
@@ -309,7 +330,7 @@ def _kl_backward(grad, qi, ki, block_idx, q, k, lse, q_time, k_time, lse_s, psum
         _kl_bwd_kernel[(nw,)](
             items, rows, qi, ki, q, k, lse, q_time, k_time, lse_s, psum, coef, dqi_part, dki_part,
             seq_len, kslots, groups, rep, scale, index_scale, *_strides(qi, ki, q, k, lse),
-            BS=block_size, TQ=tq, **consts, **_launch_kwargs(tq))
+            BS=block_size, BSW=max(16, block_size), TQ=tq, **consts, **_launch_kwargs(tq))
     _dki_reduce_kernel[(batch * nb,)](dki_part, item_off, dki, seq_len, nb, BS=block_size, DI=index_dim,
                                       DIP=consts["DIP"])
     dqi = dqi_part.sum(3)
@@ -371,8 +392,7 @@ def indexer_kl_triton(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, 
     """Triton version of :func:`reference.indexer_kl_reference`: the scalar KL loss; gradients flow to
     ``qi`` and ``ki`` only."""
     check_kl_inputs(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size)
-    if block_size & (block_size - 1) or block_size < 16:
-        raise ValueError(f"indexer_kl_triton needs a power-of-two block_size >= 16, got {block_size}")
+    check_kernel_block_size(block_size, "block_size")
     loss, _, _, _ = _kl_fwd_op(qi, ki, block_idx, q.detach(), k.detach(), lse.detach(), q_time, k_time, block_size,
                                None if scale is None else float(scale),
                                None if index_scale is None else float(index_scale))

@@ -19,6 +19,9 @@ Algorithm
   order of the score (sign-magnitude flip of the fp32 bits in the high word, the block id in the low
   word), so one ``tl.topk`` over ``[M, 2*KPAD]`` keys is exact and exp-free, and the score comes back
   bit-exact from the key.
+* Blocks under 16 tokens (any power of two): a list step covers ``16 / bs`` consecutive blocks in one
+  16-key tile (``tl.dot`` needs 16 columns), max-pooled per block (reshape ``[M, 16/bs, bs]``), so
+  8-token blocks cost as many steps as 16-token ones.
 * Forced blocks keep their own score buffer; they are written first (in their order, skipping ``-1``),
   then the best non-forced blocks, then ``-1``.
 """
@@ -32,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .reference import INT32_MAX, num_blocks
-from .validation import KernelInputError, check_select_inputs
+from .validation import check_kernel_block_size, check_select_inputs
 
 # Benchmarks may override the launch configuration: {"rows": M, "num_warps": w, "num_stages": s}.
 CONFIG_OVERRIDE: dict = {}
@@ -78,13 +81,35 @@ def _merge(top, cand, cids, M: tl.constexpr, KPAD: tl.constexpr, INTERP: tl.cons
 
 
 @triton.jit
+def _take(bm, blk, slot, fidx, fsc, cand, cids, allowed_row_ptr, NB,
+          KPAD: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_FORCED: tl.constexpr):
+    """Block ``blk``'s pooled scores ``bm [M]``: into the forced buffer if forced, else (when allowed)
+    into candidate column ``slot``."""
+    if HAS_FORCED:
+        hit = fidx == blk
+        fsc = tl.where(hit, bm[:, None], fsc)
+        bm = tl.where(tl.max(hit.to(tl.int32), axis=1) > 0, float("-inf"), bm)
+    if HAS_ALLOWED:
+        ok = tl.load(allowed_row_ptr + tl.minimum(blk, NB - 1))  # blocks past NB score -inf anyway
+        bm = tl.where(ok != 0, bm, float("-inf"))
+    col = tl.arange(0, KPAD)
+    cand = tl.where(col[None, :] == slot, bm[:, None], cand)
+    cids = tl.where(col == slot, blk, cids)
+    return fsc, cand, cids
+
+
+@triton.jit
 def _block_step(
-    qv, qtime, t, lrow_ptr, ki_base, kt_base, allowed_row_ptr, fidx, fsc, cand, cids, c, L, s_kl,
-    MASKED: tl.constexpr, BS: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
-    KPAD: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_FORCED: tl.constexpr, IEEE: tl.constexpr,
+    qv, qtime, t, lrow_ptr, ki_base, kt_base, allowed_row_ptr, fidx, fsc, cand, cids, c, L, NB, s_kl,
+    MASKED: tl.constexpr, M: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, DI: tl.constexpr,
+    DIP: tl.constexpr, KPAD: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_FORCED: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    blk = tl.load(lrow_ptr + t)
-    offs_n = blk * BS + tl.arange(0, BS)
+    """One list step: ``SUB`` consecutive blocks (one tile of ``SUB * BS`` keys, >= 16 for tl.dot),
+    scored with one dot, max-pooled per block, written to candidate columns ``c .. c + SUB - 1``."""
+    TW: tl.constexpr = SUB * BS
+    step = tl.load(lrow_ptr + t)
+    offs_n = step * TW + tl.arange(0, TW)
     offs_d = tl.arange(0, DIP)
     kmask = (offs_n < L)[:, None] & (offs_d < DI)[None, :]
     kv = tl.load(ki_base + offs_n.to(tl.int64)[:, None] * s_kl + offs_d[None, :], mask=kmask, other=0.0)
@@ -92,29 +117,29 @@ def _block_step(
         s = tl.dot(qv, tl.trans(kv), input_precision="ieee")
     else:
         s = tl.dot(qv, tl.trans(kv))
-    if MASKED:
+    if MASKED:  # (keys past L only occur in partial steps: their padding time is INT32_MAX)
         ktime = tl.load(kt_base + offs_n, mask=offs_n < L, other=2147483647)
         s = tl.where(ktime[None, :] <= qtime[:, None], s, float("-inf"))
-    bm = tl.max(s, axis=1)
-    if HAS_FORCED:
-        hit = fidx == blk
-        fsc = tl.where(hit, bm[:, None], fsc)
-        bm = tl.where(tl.max(hit.to(tl.int32), axis=1) > 0, float("-inf"), bm)
-    if HAS_ALLOWED:
-        ok = tl.load(allowed_row_ptr + blk)
-        bm = tl.where(ok != 0, bm, float("-inf"))
-    col = tl.arange(0, KPAD)
-    cand = tl.where(col[None, :] == c, bm[:, None], cand)
-    cids = tl.where(col == c, blk, cids)
+    if SUB == 1:
+        fsc, cand, cids = _take(tl.max(s, axis=1), step, c, fidx, fsc, cand, cids, allowed_row_ptr, NB,
+                                KPAD, HAS_ALLOWED, HAS_FORCED)
+    else:
+        pooled = tl.max(tl.reshape(s, [M, SUB, BS]), axis=2)  # [M, SUB] one max per block
+        sub = tl.arange(0, SUB)
+        for u in tl.static_range(SUB):
+            bm = tl.max(tl.where(sub[None, :] == u, pooled, float("-inf")), axis=1)
+            # a block past the last one (tail of the last step) scores -inf and is never kept
+            fsc, cand, cids = _take(bm, step * SUB + u, c + u, fidx, fsc, cand, cids, allowed_row_ptr, NB,
+                                    KPAD, HAS_ALLOWED, HAS_FORCED)
     return fsc, cand, cids
 
 
 @triton.jit
 def _select_kernel(
     qi_ptr, ki_ptr, qt_ptr, kt_ptr, allowed_ptr, forced_ptr, list_ptr, cnt_ptr, out_idx_ptr, out_sc_ptr,
-    L, NB, G, K, F, NQL, NSETS,
+    L, NB, NL, G, K, F, NQL, NSETS,
     s_qb, s_qg, s_ql, s_kb, s_kl,
-    BS: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, TILE_Q: tl.constexpr, GP: tl.constexpr,
+    BS: tl.constexpr, SUB: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, TILE_Q: tl.constexpr, GP: tl.constexpr,
     KPAD: tl.constexpr, FPAD: tl.constexpr, LIST_RATIO: tl.constexpr,
     HAS_ALLOWED: tl.constexpr, HAS_FORCED: tl.constexpr, WRITE_SCORES: tl.constexpr, IEEE: tl.constexpr,
     INTERP: tl.constexpr,
@@ -128,19 +153,19 @@ def _select_kernel(
     g = pid_s * GP + r // TILE_Q
     qq = pid_q * TILE_Q + r % TILE_Q
     row_ok = (g < G) & (qq < L)
-    qtime = tl.load(qt_ptr + b * L + qq, mask=row_ok, other=-1)
+    qtime = tl.load(qt_ptr + b.to(tl.int64) * L + qq, mask=row_ok, other=-1)
     offs_d = tl.arange(0, DIP)
     q_off = b.to(tl.int64) * s_qb + g.to(tl.int64) * s_qg + qq.to(tl.int64) * s_ql
     qv = tl.load(qi_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & (offs_d < DI)[None, :], other=0.0)
 
     lt = pid_q // LIST_RATIO
     lbase = (b * NSETS + pid_s) * NQL + lt
-    lrow_ptr = list_ptr + lbase.to(tl.int64) * NB
-    n_full = tl.load(cnt_ptr + lbase * 2)
-    n_part = tl.load(cnt_ptr + lbase * 2 + 1)
+    lrow_ptr = list_ptr + lbase.to(tl.int64) * NL
+    n_full = tl.load(cnt_ptr + lbase.to(tl.int64) * 2)
+    n_part = tl.load(cnt_ptr + lbase.to(tl.int64) * 2 + 1)
     ki_base = ki_ptr + b.to(tl.int64) * s_kb
-    kt_base = kt_ptr + b * L
-    allowed_row_ptr = allowed_ptr + ((b * G + tl.minimum(g, G - 1)) * NB)  # [M] pointers (unused without HAS_ALLOWED)
+    kt_base = kt_ptr + b.to(tl.int64) * L
+    allowed_row_ptr = allowed_ptr + (b * G + tl.minimum(g, G - 1)).to(tl.int64) * NB  # [M] pointers (unused without HAS_ALLOWED)
 
     col = tl.arange(0, KPAD)
     neg = tl.full([M, KPAD], float("-inf"), tl.float32)
@@ -159,19 +184,19 @@ def _select_kernel(
     c = 0
     for t in range(0, n_full):
         fsc, cand, cids = _block_step(
-            qv, qtime, t, lrow_ptr, ki_base, kt_base, allowed_row_ptr, fidx, fsc, cand, cids, c, L, s_kl,
-            False, BS, DI, DIP, KPAD, HAS_ALLOWED, HAS_FORCED, IEEE)
-        c += 1
-        if c == KPAD:
+            qv, qtime, t, lrow_ptr, ki_base, kt_base, allowed_row_ptr, fidx, fsc, cand, cids, c, L, NB, s_kl,
+            False, M, BS, SUB, DI, DIP, KPAD, HAS_ALLOWED, HAS_FORCED, IEEE)
+        c += SUB
+        if c == KPAD:  # (KPAD is a multiple of SUB)
             top = _merge(top, cand, cids, M, KPAD, INTERP)
             cand = neg
             c = 0
     for t in range(n_full, n_full + n_part):
         fsc, cand, cids = _block_step(
-            qv, qtime, t, lrow_ptr, ki_base, kt_base, allowed_row_ptr, fidx, fsc, cand, cids, c, L, s_kl,
-            True, BS, DI, DIP, KPAD, HAS_ALLOWED, HAS_FORCED, IEEE)
-        c += 1
-        if c == KPAD:
+            qv, qtime, t, lrow_ptr, ki_base, kt_base, allowed_row_ptr, fidx, fsc, cand, cids, c, L, NB, s_kl,
+            True, M, BS, SUB, DI, DIP, KPAD, HAS_ALLOWED, HAS_FORCED, IEEE)
+        c += SUB
+        if c == KPAD:  # (KPAD is a multiple of SUB)
             top = _merge(top, cand, cids, M, KPAD, INTERP)
             cand = neg
             c = 0
@@ -206,7 +231,7 @@ def _next_pow2(n: int) -> int:
 
 
 def _build_lists(q_time, k_time, block_size, list_q, nsets, gp, groups, allowed, forced):
-    """Sorted per-(batch, set, query tile) KV block lists [B, S, NQL, NB] int32 and counts
+    """Sorted per-(batch, set, query tile) lists of KV steps (blocks of ``block_size`` tokens) [B, S, NQL, NB] int32 and counts
     [B, S, NQL, 2] (full, partial)."""
     batch, seq_len = q_time.shape
     nb = num_blocks(seq_len, block_size)
@@ -252,8 +277,7 @@ def _build_lists(q_time, k_time, block_size, list_q, nsets, gp, groups, allowed,
 def _launch(qi, ki, q_time, k_time, block_size, k, allowed, forced, write_scores):
     batch, groups, seq_len, index_dim = qi.shape
     nb = num_blocks(seq_len, block_size)
-    if block_size & (block_size - 1) or block_size < 16:
-        raise KernelInputError(f"select_blocks_triton needs a power-of-two block_size >= 16, got {block_size}")
+    check_kernel_block_size(block_size, "block_size")
     device = qi.device
     qi = qi.contiguous()
     ki = ki.contiguous()
@@ -274,10 +298,21 @@ def _launch(qi, ki, q_time, k_time, block_size, k, allowed, forced, write_scores
         gp, nsets = gpad, 1
         tile_q = max(16, rows // gpad)
     list_q = max(tile_q, 128)
-    kpad = max(2, _next_pow2(k))
+    # Blocks under 16 tokens: a list step covers ``sub`` consecutive blocks in one 16-key tile (the
+    # lists, their full / partial split and the policy filter work on those 16-token steps).
+    sub = max(1, 16 // block_size)
+    n_steps = num_blocks(seq_len, sub * block_size)
+    kpad = max(2, sub, _next_pow2(k))  # a multiple of sub: merges fall on step boundaries
     n_forced = 0 if forced is None else forced.shape[-1]
     fpad = max(2, _next_pow2(max(1, n_forced)))
-    lists, counts, nql = _build_lists(q_time, k_time, block_size, list_q, nsets, gp, groups, allowed, forced)
+    step_allowed, step_forced = allowed, forced
+    if sub > 1:
+        if allowed is not None:
+            step_allowed = torch.nn.functional.pad(allowed, (0, n_steps * sub - nb)).view(batch, groups, n_steps, sub).any(-1)
+        if forced is not None:
+            step_forced = torch.where(forced < 0, -1, torch.div(forced, sub, rounding_mode="floor"))
+    lists, counts, nql = _build_lists(q_time, k_time, sub * block_size, list_q, nsets, gp, groups, step_allowed,
+                                      step_forced)
 
     out_idx = torch.empty((batch, groups, seq_len, k), dtype=torch.int32, device=device)
     out_sc = torch.empty((batch, groups, seq_len, k), dtype=torch.float32, device=device)
@@ -291,9 +326,9 @@ def _launch(qi, ki, q_time, k_time, block_size, k, allowed, forced, write_scores
     kwargs = {} if interp else {"num_warps": num_warps, "num_stages": num_stages}
     _select_kernel[grid](
         qi, ki, q_time, k_time, allowed_u8, forced_i32, lists, counts, out_idx, out_sc,
-        seq_len, nb, groups, k, max(1, n_forced), nql, nsets,
+        seq_len, nb, n_steps, groups, k, max(1, n_forced), nql, nsets,
         qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
-        BS=block_size, DI=index_dim, DIP=max(16, _next_pow2(index_dim)), TILE_Q=tile_q, GP=gp,
+        BS=block_size, SUB=sub, DI=index_dim, DIP=max(16, _next_pow2(index_dim)), TILE_Q=tile_q, GP=gp,
         KPAD=kpad, FPAD=fpad, LIST_RATIO=list_q // tile_q,
         HAS_ALLOWED=allowed is not None, HAS_FORCED=forced is not None, WRITE_SCORES=write_scores,
         IEEE=qi.dtype == torch.float32, INTERP=interp, **kwargs,

@@ -24,6 +24,10 @@ Both variants pack the ``R = Hq / G`` query heads of a group into the rows of on
   (kv_outer) as per-slot partials written by the owner programs and summed per query afterwards.
 
 Long sequences run the kv_outer order in query segments so the partial buffers stay bounded.
+
+Any block size runs: blocks are stepped in tiles of a power of two >= 16 keys with the keys past the
+block masked (so 8-, 4-, 2- and 1-token blocks run in 16-key steps, always through the mask). Element
+offsets are int64 wherever heads, slots or dims multiply; the CSR schedules turn int64 past 2^31 pairs.
 """
 from __future__ import annotations
 
@@ -39,6 +43,10 @@ from .validation import check_attention_inputs
 INT32_MAX = 2**31 - 1
 _I32_MAX = tl.constexpr(INT32_MAX)  # jit code may only read constexpr globals
 _LOG2E = 1.4426950408889634
+
+# CSR schedules (pair entries, offsets) are int32 below this size, int64 above (the tests lower it to
+# run the int64 path on small inputs).
+INDEX32_LIMIT = 2**31
 
 # Bytes one kv_outer segment may spend on its partial buffer ([B, Hq, Ls, K, D] in the input dtype).
 _PARTIAL_BYTES = 4 << 30
@@ -600,7 +608,9 @@ def _build_union(block_idx, tq, q_time=None, k_time=None, block_size=None):
     count = torch.empty(batch * groups, nt, device=block_idx.device, dtype=torch.int32)
     nw = triton.cdiv(tq, 32)
     bits = torch.empty(batch * groups, nt, tq * slots, nw, device=block_idx.device, dtype=torch.int32)
-    flags = q_time is not None and block_size is not None and block_size == _pow2(block_size, 1)
+    # Mask-free entries need whole 16-key steps: a smaller block leaves padding keys in its step, which
+    # only the mask removes (their zero K rows would score 0 and enter the softmax).
+    flags = q_time is not None and block_size is not None and block_size == _pow2(block_size)
     if flags:
         nbk = triton.cdiv(seq_len, block_size)
         kt = k_time
@@ -629,9 +639,12 @@ def _block_csr(block_idx: torch.Tensor, nb: int):
     bg = torch.arange(n_bg, device=flat.device, dtype=torch.int32)[:, None]
     key = torch.where(flat >= 0, bg * nb + flat, n_bg * nb).reshape(-1)  # empty slots sort last
     sorted_key, order = torch.sort(key, stable=True)
-    pair_entry = (order % (seg_len * slots)).to(torch.int32)
+    # int32 while the sizes fit (the kernels take either): 2^31 pairs are reached by all-block
+    # selections at long L (e.g. B*G*L*K = 4 * 128K * 4096).
+    entry_dtype = torch.int32 if seg_len * slots < INDEX32_LIMIT else torch.int64
+    pair_entry = (order % (seg_len * slots)).to(entry_dtype)
     bounds = torch.arange(n_bg * nb + 1, device=flat.device, dtype=torch.int32)
-    offsets = torch.searchsorted(sorted_key, bounds, out_int32=True)
+    offsets = torch.searchsorted(sorted_key, bounds, out_int32=key.numel() < INDEX32_LIMIT)
     return pair_entry, offsets
 
 
@@ -691,8 +704,8 @@ def _use_tma(q, sh: _Shape, bn: int) -> bool:
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
-    if sh.D != sh.DP or q.element_size() != 2 or bn < 16 or sh.BS != sh.bs:
-        return False
+    if sh.D != sh.DP or q.element_size() != 2 or bn < 16 or sh.BS != sh.bs or sh.B * sh.G * sh.L >= 2**31:
+        return False  # (TMA row coordinates are 32-bit)
     triton.set_allocator(_tma_alloc)  # device-side descriptors need a small global scratch
     return True
 

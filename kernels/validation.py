@@ -24,6 +24,46 @@ def _check_times(q_time: torch.Tensor, k_time: torch.Tensor, batch: int, seq_len
         _check_dims(name, t, 2, "[B, L]")
         _need(tuple(t.shape) == (batch, seq_len), f"{name} must be [B={batch}, L={seq_len}], got {tuple(t.shape)}")
         _need(t.dtype == torch.int32, f"{name} must be int32 (padding keys carry INT32_MAX), got {t.dtype}")
+    # Block ids, token positions and [B, L] time offsets are 32-bit inside the kernels (products with
+    # heads, slots or dims are 64-bit).
+    _need(batch * seq_len < 2**31, f"B * L = {batch} * {seq_len} tokens must stay below 2^31; lower batch_size or context_len")
+
+
+# Limits of the Triton kernels (the references take any size).
+# top_k: select_blocks merges candidates in a [rows, 2 * next_pow2(top_k)] tile and the query-outer
+# union sorts [tile queries * next_pow2(top_k)] entries; Triton tensors hold at most 2^20 elements
+# (1M), which 128 rows reach at 4096. Large top_k also costs registers (slower, still exact).
+MAX_TOP_K = 4096
+# head_dim / index_dim: rows of q, k, v, qi, ki are padded to a power of two >= 16 and masked, so any
+# width up to this runs. The bound is what the GPU tests cover (64, 128): the query-outer forward
+# stages 128-key K and V tiles in shared memory (3 stages: 192 KB at 128 in bf16, 384 KB at 256,
+# past the H200's 228 KB), so wider heads need smaller key steps first (CONFIG qo_keys / qo_stages).
+MAX_HEAD_DIM = 128
+
+
+def check_kernel_block_size(block_size: int, key: str = "block_size") -> None:
+    """Block sizes the Triton kernels take: a power of two (blocks under 16 tokens run in 16-key
+    tiles with the rest masked)."""
+    is_int = isinstance(block_size, int) and not isinstance(block_size, bool)
+    if is_int and block_size > 0 and block_size & (block_size - 1) == 0:
+        return
+    below = 1 << (block_size.bit_length() - 1) if is_int and block_size > 0 else 16
+    raise KernelInputError(f"{key}={block_size!r}: the Triton kernels need a power of two (1, 2, 4, 8, 16, ...); "
+                           f"e.g. {key}={below}")
+
+
+def check_kernel_config(block_size: int, top_k: int, head_dim: int, index_dim: int, prefix: str = "model.") -> None:
+    """Model-build check that the Triton kernels can take these sizes; the message names the config
+    key (``prefix`` + name) and the fix. Per-layout limits (top_k <= number of blocks) are checked
+    where the layout is known."""
+    check_kernel_block_size(block_size, f"{prefix}block_size")
+    _need(isinstance(top_k, int) and not isinstance(top_k, bool) and 0 < top_k <= MAX_TOP_K,
+          f"{prefix}top_k={top_k!r}: the Triton kernels need 1 <= top_k <= {MAX_TOP_K} "
+          f"(a Triton tile holds at most 2^20 elements); lower {prefix}top_k or raise {prefix}block_size")
+    for name, value in (("head_dim", head_dim), ("index_dim", index_dim)):
+        _need(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_HEAD_DIM,
+              f"{prefix}{name}={value!r}: the Triton kernels need 1 <= {name} <= {MAX_HEAD_DIM} "
+              f"(the kernels' K/V tiles must fit in shared memory); lower {prefix}{name}")
 
 
 def _check_block_size(block_size: int) -> None:

@@ -113,12 +113,111 @@ def test_kl_deterministic_backward():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@needs_cpu_interp
+@pytest.mark.parametrize("bs,pattern,dtype", [(8, "select", torch.float32), (8, "random", torch.float16),
+                                              (4, "random", torch.float32), (2, "select", torch.float32),
+                                              (1, "random", torch.float32)])
+def test_kl_small_blocks(bs, pattern, dtype):
+    """Blocks under 16 tokens (16-key tiles, the rest masked): loss and gradients match the
+    reference; time-major with shared time steps, a padded tail and empty slots."""
+    seq_len = 37 if bs >= 4 else 21  # (one program per used block: keep the 1- and 2-token cases short)
+    args = _problem(2, 2, 2, seq_len, 16, 8, bs, 3, dtype, share=3, pad_tail=6, pattern=pattern, seed=20 + bs)
+    args[2][1, 0, 3, :] = -1  # a row with no block at all
+    tol = dict(atol=1e-5, rtol=1e-5, gtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3, gtol=2e-2)
+    _check(_both(args, bs), **tol)
+
+
+@needs_cpu_interp
+def test_kl_small_blocks_group_major_sensor():
+    """Group-major layout (each group's segment padded to whole 8-token blocks, padding keys INT32_MAX)
+    with the sensor policy's selection: group g only picks blocks of its own segment."""
+    gen = torch.Generator().manual_seed(30)
+    batch, groups, rep, per_group, dim, bs, k = 1, 2, 2, 19, 16, 8, 2
+    seg = num_blocks(per_group, bs) * bs
+    seq_len = groups * seg
+    t = torch.full((seq_len,), INT32_MAX, dtype=torch.int32)
+    for g in range(groups):
+        t[g * seg:g * seg + per_group] = torch.arange(per_group, dtype=torch.int32)
+    k_time = t.repeat(batch, 1)
+    q_time = torch.where(k_time == INT32_MAX, -1, k_time)
+    nb = seq_len // bs
+    allowed = torch.zeros(batch, groups, nb, dtype=torch.bool)
+    for g in range(groups):
+        allowed[:, g, g * seg // bs:(g + 1) * seg // bs] = True
+    qi, ki = torch.randn(batch, groups, seq_len, dim, generator=gen), torch.randn(batch, seq_len, dim, generator=gen)
+    q = torch.randn(batch, groups * rep, seq_len, dim, generator=gen)
+    kk, v = torch.randn(batch, groups, seq_len, dim, generator=gen), torch.randn(batch, groups, seq_len, dim, generator=gen)
+    block_idx = select_blocks_reference(qi, ki, q_time, k_time, bs, k, allowed)
+    _, lse = sparse_attention_reference(q, kk, v, block_idx, q_time, k_time, bs)
+    _check(_both((qi, ki, block_idx, q, kk, lse, q_time, k_time), bs), atol=1e-5, rtol=1e-5, gtol=1e-4)
+
+
+@needs_cpu_interp
+def test_kl_int64_schedule(monkeypatch):
+    """The int64 schedule (entry positions and item bounds past 2^31, here forced by lowering the
+    limit) gives the same loss and gradients; entry positions index block_idx in flat order."""
+    import tsfm_msa.kernels.indexer_kl_triton as klt
+
+    args = _problem(2, 2, 1, 29, 16, 16, 8, 2, torch.float32, share=2, pad_tail=5, pattern="random", seed=40)
+    block_idx = args[2]
+    items32, rows32, off32 = klt._schedule(block_idx, 29, 8, 16)
+    monkeypatch.setattr(klt, "INDEX32_LIMIT", 1)
+    items, rows, off = klt._schedule(block_idx, 29, 8, 16)
+    assert items.dtype == rows.dtype == torch.int64 and items32.dtype == rows32.dtype == torch.int32
+    assert torch.equal(items, items32.long()) and torch.equal(rows, rows32.long()) and torch.equal(off, off32)
+    # every valid entry appears once, under its own (b, g, block) item
+    flat = block_idx.reshape(-1)
+    assert torch.equal(rows.sort().values, torch.nonzero(flat >= 0).squeeze(1))
+    for b, g, blk, start, end in items.tolist():
+        pos = rows[start:end]
+        assert (flat[pos] == blk).all()
+        assert (pos // (2 * 29 * 2) == b).all() and ((pos // (29 * 2)) % 2 == g).all()
+    _check(_both(args, 8), atol=1e-5, rtol=1e-5, gtol=1e-4)
+
+
+@needs_cpu_interp
+def test_kl_rejects_block_size_not_power_of_two():
+    from tsfm_msa.kernels import KernelInputError
+
+    args = _problem(1, 1, 1, 24, 16, 16, 12, 1, torch.float32, pattern="random")
+    with pytest.raises(KernelInputError, match="power of two"):
+        _both(args, 12)
+
+
 # ------------------------------------------------------------------ GPU (bf16, realistic sizes)
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("rep,head_dim,index_dim,bs", [(4, 128, 64, 128), (16, 128, 128, 64), (1, 64, 64, 64)])
+@pytest.mark.parametrize("rep,head_dim,index_dim,bs", [(4, 128, 64, 128), (16, 128, 128, 64), (1, 64, 64, 64),
+                                                    (4, 16, 16, 8), (4, 64, 64, 8), (2, 8, 8, 2)])
 def test_kl_gpu_bf16(rep, head_dim, index_dim, bs):
     args = _problem(2, 4 if rep < 16 else 2, rep, 2048 + 21, head_dim, index_dim, bs, 8, torch.bfloat16, share=2,
                     pad_tail=50, device="cuda", seed=4)
     _check(_both(args, bs), atol=2e-3, rtol=1e-2, gtol=3e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_kl_gpu_64bit_offsets():
+    """B * G * L * K = 2^29 block_idx entries: the partials' offsets (4 * entries) pass 2^31 and the
+    dqi partials 2^33 elements. One-token blocks keep the reference affordable (L = 16K) while each
+    query keeps 8192 blocks (every second block from a random start, 10% empty slots)."""
+    dev = "cuda"
+    batch, groups, rep, seq_len, dim, bs, k = 1, 4, 2, 16384, 16, 1, 8192
+    gen = torch.Generator(device=dev).manual_seed(50)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device=dev).to(torch.bfloat16)
+
+    qi, ki = rnd(batch, groups, seq_len, dim), rnd(batch, seq_len, dim)
+    q, kk, v = rnd(batch, groups * rep, seq_len, dim), rnd(batch, groups, seq_len, dim), rnd(batch, groups, seq_len, dim)
+    t = torch.arange(seq_len, dtype=torch.int32, device=dev).repeat(batch, 1)
+    q_time, k_time = t.clone(), t.clone()
+    q_time[:, -100:], k_time[:, -100:] = -1, INT32_MAX
+    start = torch.randint(0, seq_len, (batch, groups, seq_len, 1), generator=gen, device=dev)
+    block_idx = (start + 2 * torch.arange(k, device=dev)) % seq_len
+    holes = torch.rand(block_idx.shape, generator=gen, device=dev) < 0.1
+    block_idx = torch.where(holes, -1, block_idx).to(torch.int32)
+    assert block_idx.numel() * 4 >= 2**31
+    _, lse = sparse_attention_reference(q, kk, v, block_idx, q_time, k_time, bs)
+    _check(_both((qi, ki, block_idx, q, kk, lse, q_time, k_time), bs), atol=2e-3, rtol=1e-2, gtol=3e-2)

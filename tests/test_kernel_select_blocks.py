@@ -151,6 +151,45 @@ def test_select_fp16_single_group_block32():
 
 
 @needs_cpu_interp
+@pytest.mark.parametrize("bs,case", [(8, "forced_allowed"), (8, "free"), (4, "forced_allowed"), (2, "free"),
+                                     (1, "forced_allowed")])
+def test_select_small_blocks_time_major(bs, case):
+    """Blocks under 16 tokens run in 16-key tiles: same selections and scores as the reference
+    (time-major layout, 3 tokens a time step, a padded tail, forced local blocks, random policy)."""
+    torch.manual_seed(10 + bs)
+    batch, groups, seq_len, index_dim, k = 2, 2, 37, 8, 3
+    qi = torch.randn(batch, groups, seq_len, index_dim)
+    ki = torch.randn(batch, seq_len, index_dim)
+    q_time, k_time = _times(batch, seq_len, share=3, pad_tail=7)
+    nb = num_blocks(seq_len, bs)
+    allowed = forced = None
+    if case == "forced_allowed":
+        forced = _local_forced(batch, groups, seq_len, bs)
+        allowed = torch.rand(batch, groups, nb) < 0.6
+    _run(qi, ki, q_time, k_time, bs, k, allowed, forced)
+
+
+@needs_cpu_interp
+def test_select_small_blocks_sensor_group_major_fp16():
+    """Sensor policy on a group-major layout with 8-token blocks (fp16 inputs): each group picks
+    only its own blocks; forced blocks with a -1 hole."""
+    torch.manual_seed(12)
+    batch, groups, per_group, index_dim, bs, k = 1, 2, 21, 16, 8, 2
+    q_time, k_time, allowed, seq_len = _group_major_times(batch, groups, per_group, bs)
+    qi = torch.randn(batch, groups, seq_len, index_dim, dtype=torch.float16)
+    ki = torch.randn(batch, seq_len, index_dim, dtype=torch.float16)
+    seg = num_blocks(per_group, bs) * bs
+    t = q_time.clamp_min(0).long()
+    forced = torch.stack([(g * seg + t) // bs for g in range(groups)], 1).unsqueeze(-1).to(torch.int32)
+    forced[:, :, ::5] = -1  # some rows force nothing
+    got, _ = _run(qi, ki, q_time, k_time, bs, k, allowed, forced, exact=False, atol=1e-3)
+    idx = got[0]
+    for g in range(groups):
+        row = idx[0, g]
+        assert allowed[0, g][row[row >= 0].long()].all(), "a block outside the group's sensors was chosen"
+
+
+@needs_cpu_interp
 def test_select_rejects_bad_inputs():
     from tsfm_msa.kernels import KernelInputError
 
@@ -161,13 +200,16 @@ def test_select_rejects_bad_inputs():
         select_blocks_triton(qi, ki, q_time, k_time, 16, 4)  # k > NB = 3
     with pytest.raises(KernelInputError):
         select_blocks_triton(qi, ki, q_time.long(), k_time, 16, 2)
+    with pytest.raises(KernelInputError, match="power of two"):
+        select_blocks_triton(qi, ki, q_time, k_time, 12, 2)
 
 
 # ------------------------------------------------------------------ GPU (bf16, realistic sizes)
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("bs,index_dim,groups", [(128, 64, 4), (64, 128, 4), (128, 64, 8)])
+@pytest.mark.parametrize("bs,index_dim,groups", [(128, 64, 4), (64, 128, 4), (128, 64, 8), (8, 16, 4), (8, 64, 4),
+                                                  (2, 8, 4)])
 def test_select_gpu_bf16(bs, index_dim, groups):
     torch.manual_seed(5)
     dev = "cuda"
@@ -192,4 +234,21 @@ def test_select_gpu_sensor_policy():
     ki = torch.randn(batch, seq_len, index_dim, device=dev, dtype=torch.bfloat16)
     got = select_blocks_triton(qi, ki, q_time, k_time, bs, k, allowed, None, return_scores=True)
     ref = select_blocks_reference(qi, ki, q_time, k_time, bs, k, allowed, None, return_scores=True)
+    _compare(got, ref, exact=False, atol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_select_gpu_sensor_policy_8_token_blocks():
+    torch.manual_seed(7)
+    dev = "cuda"
+    batch, groups, per_group, index_dim, bs, k = 1, 4, 500, 16, 8, 8
+    q_time, k_time, allowed, seq_len = _group_major_times(batch, groups, per_group, bs, device=dev)
+    qi = torch.randn(batch, groups, seq_len, index_dim, device=dev, dtype=torch.bfloat16)
+    ki = torch.randn(batch, seq_len, index_dim, device=dev, dtype=torch.bfloat16)
+    seg = num_blocks(per_group, bs) * bs
+    t = q_time.clamp_min(0).long()
+    forced = torch.stack([(g * seg + t) // bs for g in range(groups)], 1).unsqueeze(-1).to(torch.int32)
+    got = select_blocks_triton(qi, ki, q_time, k_time, bs, k, allowed, forced, return_scores=True)
+    ref = select_blocks_reference(qi, ki, q_time, k_time, bs, k, allowed, forced, return_scores=True)
     _compare(got, ref, exact=False, atol=2e-2)

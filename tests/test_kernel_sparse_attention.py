@@ -7,6 +7,7 @@ sizes, compiled) need CUDA and the interpreter off; ``tests/conftest.py`` defaul
 with ``TRITON_INTERPRET=0 python -m pytest -m gpu tests/test_kernel_sparse_attention.py``.
 """
 import importlib
+import math
 import os
 
 import torch
@@ -143,6 +144,14 @@ CASES = [
     (1, 6, 2, 70, 16, 32, 2, "pool", "causal", True, 32),
     (2, 8, 2, 45, 16, 16, 3, "pool", "series", False, 128),
 ]
+# Blocks under 16 tokens (16-key steps, the rest masked). Case 0: 8-query tiles on 8-token
+# tile_shared selections, so every query of a tile chose the same blocks (the case the union's
+# mask-free flag targets; a flag there used to let the padding keys into the softmax).
+SMALL_BLOCK_CASES = [
+    (2, 4, 2, 45, 8, 8, 3, "tile_shared", "causal", True, 16),
+    (1, 3, 3, 30, 16, 2, 4, "pool", "series", False, 16),
+    (2, 2, 1, 26, 16, 4, 3, "random", "causal", True, 32),
+]
 
 
 @cpu_only
@@ -162,6 +171,21 @@ def test_matches_reference(case, dtype, variant, monkeypatch):
 
 
 @cpu_only
+@pytest.mark.parametrize("case,dtype,variant", [
+    (0, torch.float32, "query_outer"), (0, torch.float32, "kv_outer"), (0, torch.float16, "query_outer"),
+    (0, torch.float16, "kv_outer"), (1, torch.float32, "query_outer"), (1, torch.float16, "kv_outer"),
+    (2, torch.float32, "kv_outer"), (2, torch.float16, "query_outer"),
+])
+def test_small_blocks_match_reference(case, dtype, variant, monkeypatch):
+    batch, heads, groups, seq_len, dim, bs, k, pattern, layout, causal, rows = SMALL_BLOCK_CASES[case]
+    for name in ("qo_rows", "kv_rows", "dq_rows", "dkdv_rows"):
+        monkeypatch.setitem(sa.CONFIG, name, rows)
+    got, ref = run_case(batch, heads, groups, seq_len, dim, bs, k, pattern, layout, dtype, variant,
+                        "cpu", causal=causal, seed=20 + case)
+    check_close(got, ref, 1e-5 if dtype == torch.float32 else 5e-3)
+
+
+@cpu_only
 @pytest.mark.parametrize("variant", ["query_outer", "kv_outer"])
 def test_lse_gradient_and_segments(variant, monkeypatch):
     """A loss on lse reaches q and k; kv_outer split into query segments (tiny partial budget)
@@ -169,6 +193,26 @@ def test_lse_gradient_and_segments(variant, monkeypatch):
     monkeypatch.setattr(sa, "_PARTIAL_BYTES", 2 * 2 * 3 * 16 * 4 * 20)  # ~20 queries a segment
     got, ref = run_case(2, 4, 2, 61, 16, 16, 3, "random", "causal", torch.float32, variant, "cpu",
                         seed=7, lse_grad=True)
+    check_close(got, ref, 1e-5)
+
+
+@cpu_only
+def test_int64_csr(monkeypatch):
+    """CSR schedules in int64 (forced by lowering the limit; real past 2^31 pairs) invert
+    block_idx exactly and run the kv_outer forward and backward unchanged."""
+    gen = torch.Generator().manual_seed(9)
+    block_idx = make_block_idx(2, 2, 40, 8, 3, "random", gen, empty=0.2)
+    entry32, off32 = sa._block_csr(block_idx, 5)
+    monkeypatch.setattr(sa, "INDEX32_LIMIT", 1)
+    entry, off = sa._block_csr(block_idx, 5)
+    assert entry.dtype == off.dtype == torch.int64 and entry32.dtype == off32.dtype == torch.int32
+    assert torch.equal(entry, entry32.long()) and torch.equal(off, off32.long())
+    flat = block_idx.reshape(4, 40 * 3)
+    for key in range(4 * 5):
+        bg, blk = divmod(key, 5)
+        got = entry[off[key]:off[key + 1]]
+        assert torch.equal(got, torch.nonzero(flat[bg] == blk).squeeze(1)), key
+    got, ref = run_case(2, 4, 2, 40, 16, 8, 3, "random", "causal", torch.float32, "kv_outer", "cpu", seed=9)
     check_close(got, ref, 1e-5)
 
 
@@ -261,6 +305,9 @@ GPU_CASES = [
     (16, 4, 128, 128, 16, "random"),
     (16, 4, 64, 64, 16, "pool"),
     (64, 4, 128, 128, 16, "random"),
+    (16, 4, 64, 8, 16, "tile_shared"),  # 8-token blocks (msa_small): 16-key steps, half masked
+    (16, 4, 16, 8, 16, "random"),
+    (8, 4, 8, 2, 8, "pool"),  # the probes' 2-token blocks and head_dim 8
 ]
 
 
@@ -282,3 +329,84 @@ def test_gpu_batch_padding_fp16():
     got, ref = run_case(2, 8, 2, 3000, 64, 64, 8, "pool", "causal", torch.float16, "auto", "cuda",
                         seed=11, empty=0.1)
     check_close(got, ref, 1e-2)
+
+
+def _rows_reference(q, k, v, block_idx, q_time, k_time, bs, groups, rows):
+    """Reference on a few (group, query) rows only: out, lse and (through autograd) dq of those rows
+    and dk, dv, by gathering each row's selected tokens; nothing of size L x L."""
+    g, i = rows[:, 0], rows[:, 1]  # [S]
+    heads = q.shape[1]
+    rep = heads // groups
+    seq_len, dim = q.shape[2], q.shape[3]
+    h = g[:, None] * rep + torch.arange(rep, device=q.device)  # [S, R]
+    q_rows = q[0, h, i[:, None]].detach().float().requires_grad_()  # [S, R, D]
+    k32 = k.detach().float().requires_grad_()
+    v32 = v.detach().float().requires_grad_()
+    blk = block_idx[0, g, i].long()  # [S, K]
+    tok = (blk[:, :, None] * bs + torch.arange(bs, device=q.device)).reshape(len(rows), -1)  # [S, K*bs]
+    ok = (blk >= 0).repeat_interleave(bs, 1) & (tok < seq_len)
+    tok = tok.clamp(0, seq_len - 1)
+    ok = ok & (k_time[0, tok] <= q_time[0, i][:, None])
+    kk, vv = k32[0, g[:, None], tok], v32[0, g[:, None], tok]  # [S, K*bs, D]
+    logits = torch.einsum("srd,snd->srn", q_rows, kk) / math.sqrt(dim)
+    logits = logits.masked_fill(~ok[:, None], float("-inf"))
+    lse = torch.logsumexp(logits, -1)  # [S, R]
+    probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.einsum("srn,snd->srd", probs, vv)
+    return out, lse, q_rows, k32, v32, h
+
+
+def _check_few_rows(variant, dev, dtype, heads, groups, seq_len, dim, bs, k, n_rows, tol, seed):
+    """Only a few (group, query) rows select blocks (among them the last queries of the last group);
+    compares them with the per-row reference and checks that every other row is empty (out 0, lse
+    -inf, no dq)."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    q = torch.randn(1, heads, seq_len, dim, generator=gen, device=dev).to(dtype)
+    kk = torch.randn(1, groups, seq_len, dim, generator=gen, device=dev).to(dtype)
+    v = torch.randn(1, groups, seq_len, dim, generator=gen, device=dev).to(dtype)
+    q_time = torch.arange(seq_len, dtype=torch.int32, device=dev)[None]
+    k_time = q_time.clone()
+    nb = (seq_len + bs - 1) // bs
+    g = torch.randint(0, groups, (n_rows,), generator=gen, device=dev)
+    i = torch.randint(0, seq_len, (n_rows,), generator=gen, device=dev)
+    g[:4], i[:4] = groups - 1, torch.arange(seq_len - 4, seq_len, device=dev)
+    rows = torch.unique(torch.stack([g, i], 1), dim=0)
+    block_idx = torch.full((1, groups, seq_len, k), -1, dtype=torch.int32, device=dev)
+    local = rows[:, 1] // bs
+    picks = torch.rand(len(rows), nb - 1, generator=gen, device=dev).topk(k - 1, -1).indices  # future ones too
+    picks = picks + (picks >= local[:, None]).long()  # distinct from the local block
+    block_idx[0, rows[:, 0], rows[:, 1]] = torch.cat([local[:, None], picks], 1).to(torch.int32)
+
+    ins = [t.clone().requires_grad_() for t in (q, kk, v)]
+    out, lse = sa.sparse_attention_triton(*ins, block_idx, q_time, k_time, bs, variant=variant)
+    dout = torch.randn(out.shape, generator=gen, device=dev).to(dtype)
+    (out.float() * dout.float()).sum().backward()
+
+    ref_out, ref_lse, q_rows, k32, v32, h = _rows_reference(q, kk, v, block_idx, q_time, k_time, bs, groups, rows)
+    i_rows = rows[:, 1, None]
+    (ref_out * dout[0, h, i_rows].float()).sum().backward()
+    assert rel_err(out[0, h, i_rows], ref_out) < tol
+    assert float((lse[0, h, i_rows] - ref_lse).abs().max()) < 5 * tol
+    assert rel_err(ins[0].grad[0, h, i_rows], q_rows.grad) < tol
+    assert rel_err(ins[1].grad, k32.grad) < tol and rel_err(ins[2].grad, v32.grad) < tol
+    chosen = torch.zeros(groups, seq_len, dtype=torch.bool, device=dev)
+    chosen[rows[:, 0], rows[:, 1]] = True
+    empty = ~chosen.repeat_interleave(heads // groups, 0)[None]  # [1, Hq, L]
+    assert torch.isinf(lse[empty]).all() and (lse[empty] < 0).all()
+    assert not out.detach()[empty].any() and not ins[0].grad[empty].any()
+
+
+@cpu_only
+def test_few_rows_reference_check():
+    """The per-row check of the 64-bit GPU test, on a tiny problem in the interpreter."""
+    _check_few_rows("kv_outer", "cpu", torch.float32, 4, 2, 40, 16, 8, 3, 6, 1e-5, seed=61)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("variant", ["query_outer", "kv_outer"])
+def test_gpu_64bit_offsets(variant):
+    """1M tokens x 16 query heads x head_dim 128: q / out / dq element offsets pass 2^31 (8-token
+    blocks, top-16)."""
+    assert 16 * (1 << 20) * 128 >= 2**31
+    _check_few_rows(variant, "cuda", torch.bfloat16, 16, 4, 1 << 20, 128, 8, 16, 48, 2e-2, seed=60)
