@@ -207,3 +207,10 @@ def test_activation_checkpointing_gives_the_same_gradients(phase):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("settings, key", [({"block_size": 12}, "model.block_size"), ({"top_k": 5000}, "model.top_k"),
+                                           ({"head_dim": 512}, "model.head_dim")])
+def test_sizes_the_kernels_cannot_take_fail_at_model_build(settings, key):
+    with pytest.raises(ModelConfigError, match=key):
+        small_model("msa", **settings)

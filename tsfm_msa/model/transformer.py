@@ -7,6 +7,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from tsfm_msa.kernels.validation import KernelInputError, check_kernel_config
 from tsfm_msa.model.attention import PHASES, AttentionAux, DenseGQA, ModelConfigError, MSAAttention
 from tsfm_msa.tokens import ROLES, TokenLayout, build_layout, patch_tokens
 
@@ -83,6 +84,12 @@ class PatchTransformer(nn.Module):
         for name, value in (("patch_len", patch_len), ("block_size", block_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"{name} must be a positive integer, got {value!r}")
+        if "msa" in kinds:
+            # The same model must run on the GPU: refuse now what the Triton kernels cannot take.
+            try:
+                check_kernel_config(block_size, top_k, head_dim, index_dim, prefix="model.")
+            except KernelInputError as err:
+                raise ModelConfigError(str(err)) from None
         if sorted(quantiles) != list(quantiles) or not all(0 < q < 1 for q in quantiles):
             raise ModelConfigError(f"quantiles must be increasing levels in (0, 1), got {list(quantiles)}")
         self.roles, self.groups, self.group_names = list(roles), list(groups), list(group_names)
