@@ -90,7 +90,7 @@ def test_kl_gradient_reaches_only_index_projections_on_cuda():
     [],  # the README's GPU command on the shipped defaults (msa_small, vic_elec)
     ["model=dense_small"],
     ["+experiment=vic_elec_sensor"],
-    ["model.group_policy=hybrid"],
+    ["+experiment=vic_elec_sensor", "model.group_policy=hybrid"],
 ])
 def test_cli_train_on_gpu_with_shipped_configs_runs_the_triton_ops(tmp_path, overrides):
     from tsfm_msa.cli import main
@@ -126,8 +126,8 @@ def test_warmup_index_loss_on_flex_matches_the_cpu_path():
     grads = []
     for device in ("cpu", "cuda"):
         lay = layout.to(device)
-        qi_d = qi.to(device).requires_grad_()
-        ki_d = ki.to(device).requires_grad_()
+        qi_d = qi.detach().clone().to(device).requires_grad_()
+        ki_d = ki.detach().clone().to(device).requires_grad_()
         loss = layer.dense_index_loss(q.to(device), k.to(device), qi_d, ki_d, lay)
         loss.backward()
         grads.append((loss.detach().cpu(), qi_d.grad.cpu(), ki_d.grad.cpu()))

@@ -612,7 +612,7 @@ def dense_decode_attention(
     mask = visible[:, None, None].expand(batch, 1, rep, n_q, -1).reshape(batch, 1, rep * n_q, -1)
     qg = q.reshape(batch, groups, rep * n_q, dim)
     out = nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-    out = out.view(batch, n_heads, n_q, dim)
+    out = out.reshape(batch, n_heads, n_q, dim)  # SDPA's CUDA kernels may return a strided output
     return out.masked_fill(empty[:, None, :, None], 0.0)
 
 
