@@ -135,6 +135,6 @@ def test_two_process_ddp_on_gloo_matches_one_process_at_equal_global_batch(tmp_p
     assert [_logged(two, "train/sparse_phase")[s] for s in range(steps)] == [0.0] * 5 + [1.0] * 5
     # Selection statistics: only on logging steps (every 2nd), averaged over both processes.
     ref, got = _logged(one, "train/support_frac"), _logged(two, "train/support_frac")
-    assert sorted(got) == sorted(ref) == [s for s in range(5, steps) if (s + 1) % 2 == 0]
-    for step in got:
+    assert sorted(ref) == sorted(got) == [s for s in range(5, steps) if (s + 1) % 2 == 0]
+    for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-4)

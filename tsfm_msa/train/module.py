@@ -95,14 +95,14 @@ class ForecastModule(L.LightningModule):
             if isinstance(layer, MSAAttention):
                 layer.collect_stats = on
 
-    def _logs_this_step(self) -> bool:
-        # Lightning writes on_step values when (steps done + 1) % log_every_n_steps == 0.
+    def _stats_this_step(self) -> bool:
+        # Aligned with Lightning's logging steps: (steps done + 1) % log_every_n_steps == 0.
         every = self.stats_every_n_steps or self.trainer.log_every_n_steps
         return (self.global_step + 1) % every == 0
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         phase = self.current_phase()
-        self._collect_stats(self._logs_this_step())
+        self._collect_stats(self._stats_this_step())
         forecast_loss, out, _ = self._losses(batch, phase)
         loss = forecast_loss + self.kl_weight * out.kl
         if not torch.isfinite(loss):
@@ -115,8 +115,20 @@ class ForecastModule(L.LightningModule):
                                                      batch["context"].device).seq_len
         self.log_dict({"train/loss": loss, "train/forecast_loss": forecast_loss, "train/kl": out.kl,
                        "train/sparse_phase": float(phase == "sparse")}, prog_bar=True, batch_size=bsz, sync_dist=True)
-        self._log_selection(out, "train", bsz)
+        self._log_train_selection(out)
         return loss
+
+    def _log_train_selection(self, out: ModelOutput) -> None:
+        """Selection statistics of this step, averaged over layers and processes, straight to the
+        loggers: through self.log, Lightning would repeat the last values on every later logging step."""
+        stats = [a.stats for a in out.aux if a.stats]
+        if not stats:
+            return
+        keys = list(stats[0])
+        means = torch.tensor([sum(s[k] for s in stats) / len(stats) for k in keys], device=self.device)  # [S]
+        means = self.trainer.strategy.reduce(means, reduce_op="mean")  # every process takes this step together
+        for logger in self.loggers:
+            logger.log_metrics({f"train/{k}": float(v) for k, v in zip(keys, means)}, step=self.global_step)
 
     def _log_selection(self, out: ModelOutput, stage: str, bsz: int) -> None:
         stats = [a.stats for a in out.aux if a.stats]
