@@ -138,3 +138,21 @@ def test_two_process_ddp_on_gloo_matches_one_process_at_equal_global_batch(tmp_p
     assert sorted(ref) == sorted(got) == [s for s in range(5, steps) if (s + 1) % 2 == 0]
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp_trains_in_bf16_and_resumes_with_another_strategy(tmp_path):
+    """FSDP (one unit per block, bf16) takes steps and writes a consolidated checkpoint that a plain
+    one-GPU run resumes from."""
+    from tsfm_msa.cli import main
+
+    common = ["data=synthetic", "data.context_len=256", "data.horizon=32", "data.batch_size=4",
+              "data.train_samples_per_epoch=64", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
+              "trainer.callbacks.last.every_n_train_steps=4", "trainer.enable_progress_bar=false", "indexer_warmup.steps=2"]
+    main(["train", *common, "trainer=fsdp", "trainer.devices=1", "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'fsdp'}"])
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4
+    main(["train", *common, "trainer=gpu", "trainer.max_steps=6", f"resume={ckpt}", f"hydra.run.dir={tmp_path / 'gpu'}"])
+    resumed = torch.load(tmp_path / "gpu" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 6
