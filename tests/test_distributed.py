@@ -107,7 +107,7 @@ def _logged(run_dir: Path, key: str) -> dict[int, float]:
 
 
 def test_two_process_ddp_on_gloo_matches_one_process_at_equal_global_batch(tmp_path):
-    from tsfm_msa.train.module import ForecastModule
+    from tsfm_msa.train.lightning_module import ForecastModule
 
     steps, batch = 10, 8
     model = ["model.patch_len=8", "model.d_model=32", "model.n_layers=1", "model.top_k=2", "model.n_heads=2",

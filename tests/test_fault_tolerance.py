@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tsfm_msa.datasets import make_synthetic
-from tsfm_msa.train.module import ForecastModule
+from tsfm_msa.train.lightning_module import ForecastModule
 
 TESTS = Path(__file__).resolve().parent
 CONTEXT, HORIZON, BATCH = 64, 16, 8

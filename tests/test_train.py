@@ -12,7 +12,7 @@ import torch
 
 from tsfm_msa.cli import main
 from tsfm_msa.datasets import SeriesDataModule, make_synthetic
-from tsfm_msa.train.module import ForecastModule
+from tsfm_msa.train.lightning_module import ForecastModule
 from tsfm_msa.train.optim import decay_param_groups
 from tsfm_msa.train.schedule import PhaseSchedule, cosine_with_warmup
 
@@ -121,7 +121,7 @@ def _random_window_batch(module: ForecastModule) -> dict[str, torch.Tensor]:
 def test_default_optim_equals_train_config():
     from omegaconf import OmegaConf
 
-    from tsfm_msa.train.module import DEFAULT_OPTIM
+    from tsfm_msa.train.lightning_module import DEFAULT_OPTIM
 
     optim = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "train.yaml").optim)
     assert {**optim, "betas": tuple(optim["betas"])} == DEFAULT_OPTIM

@@ -52,7 +52,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
 def build_module(cfg: DictConfig, model_cfg: DictConfig, datamodule, max_steps: int):
     """The ForecastModule of a run: the model node for the data's schema, with the run's optimizer,
     KL weight and indexer-warmup schedule."""
-    from tsfm_msa.train.module import ForecastModule
+    from tsfm_msa.train.lightning_module import ForecastModule
 
     return ForecastModule(
         model_config=OmegaConf.to_container(model_cfg, resolve=True),
