@@ -110,7 +110,7 @@ class ForecastModule(L.LightningModule):
                 f"non-finite training loss at step {self.global_step} (forecast {forecast_loss.item()}, "
                 f"kl {out.kl.item()}): check the data for extreme values or lower optim.lr")
         bsz = batch["context"].shape[0]
-        # Every process sees its own batch: count the tokens of all of them (DDP).
+        # Every process sees its own batch of the same size (WindowSampler): count the tokens of all of them.
         self.tokens_seen += self.trainer.world_size * bsz * self.model.layout(batch["context"].shape[1], batch["horizon"].shape[1],
                                                      batch["context"].device).seq_len
         self.log_dict({"train/loss": loss, "train/forecast_loss": forecast_loss, "train/kl": out.kl,
