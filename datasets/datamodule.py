@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .bundled import load_bundled
 from .errors import DataValidationError
@@ -16,31 +17,95 @@ from .schema import SeriesSchema
 from .windows import SPLIT_NAMES, Splits, WindowDataset, split_by_time
 
 
-class _EpochSampler(Sampler[int]):
-    """Sequential indices into a random-mode WindowDataset; Lightning's set_epoch redraws its windows.
+class WindowSampler(DistributedSampler):
+    """This process's share of the epoch's training windows, resumable mid-epoch.
 
-    Drawing happens in the main process before workers copy the dataset, so workers see the
-    epoch's windows (workers must not be persistent).
+    Random mode: positions into the windows a random-mode WindowDataset drew for the epoch (seeded
+    by its seed and the epoch); rolling mode: a permutation of the windows seeded by (seed, epoch).
+    Sharding is strided: process r of W takes positions r, r+W, r+2W, ... of the epoch's order
+    (padded by wrap-around to a multiple of W), so with a per-process batch of B/W the W processes
+    together train on exactly the global batches of one process with batch B, and the union of all
+    shards is the one-process set. It subclasses DistributedSampler so Lightning keeps it instead of
+    wrapping it in its own.
+
+    `set_epoch` (Lightning calls it each epoch) redraws the windows; a plain PyTorch loop that never
+    calls it gets the next epoch on every new iterator. `resume(epoch, position)` starts the next
+    iterator of that epoch after `position` windows (global, all processes together).
     """
 
-    def __init__(self, dataset: WindowDataset) -> None:
-        self.dataset = dataset
-        self._epoch: int | None = None
-        self._next_auto = 0
+    def __init__(self, dataset: WindowDataset, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed, drop_last=False)
+        self._epoch_was_set = False
+        self._next_auto_epoch = 0
+        self._resume_at: tuple[int, int] | None = None  # (epoch, global position) from a checkpoint
+        self.start = 0  # global position the current iterator started from
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch = int(epoch)
-        self.dataset.set_epoch(self._epoch)
+        self.epoch = int(epoch)
+        self._epoch_was_set = True
+        # Draw now, in the main process, so that workers forked later copy the epoch's windows.
+        self.dataset.set_epoch(self.epoch)
+
+    def resume(self, epoch: int, position: int) -> None:
+        self.set_epoch(epoch)
+        self._resume_at = (int(epoch), int(position))
+
+    def epoch_order(self) -> np.ndarray:
+        """All positions of the epoch in training order, padded to a multiple of the replicas. [total]"""
+        n = len(self.dataset)
+        if self.dataset.mode == "random":
+            order = np.arange(n)  # the dataset's draws are random already
+        else:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        return np.resize(order, self.total_size)  # wrap-around padding, as DistributedSampler pads
 
     def __iter__(self) -> Iterator[int]:
-        if self._epoch is None:  # nobody called set_epoch (plain PyTorch loop): advance ourselves
-            self.dataset.set_epoch(self._next_auto)
-        self._next_auto = self.dataset.epoch + 1
-        self._epoch = None
-        return iter(range(len(self.dataset)))
+        if not self._epoch_was_set:  # nobody called set_epoch (plain PyTorch loop): advance ourselves
+            self.set_epoch(self._next_auto_epoch)
+        self._epoch_was_set = False
+        self._next_auto_epoch = self.epoch + 1
+        self.start = 0
+        if self._resume_at is not None:
+            epoch, position = self._resume_at
+            self._resume_at = None
+            if epoch == self.epoch:  # a checkpoint at an epoch's end resumes at the next epoch's start
+                self.start = min(position, self.total_size)
+        order = self.epoch_order()
+        return iter(order[self.start + self.rank::self.num_replicas].tolist())
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a WindowSampler whose position within the epoch goes into Lightning
+    checkpoints: Lightning saves ``state_dict()`` of stateful loaders with the fit loop and calls
+    ``load_state_dict`` on resume, so a resumed run trains on the batches the interrupted one would
+    have. The position counts the batches handed out (not those prefetched by workers)."""
+
+    def __init__(self, dataset: WindowDataset, sampler: WindowSampler, **kwargs: object) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._position = 0  # global windows consumed in the current epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        sampler: WindowSampler = self.sampler
+        per_step = self.batch_size * sampler.num_replicas
+        first = True
+        for batch in super().__iter__():
+            if first:  # the sampler picked its start when the iterator began
+                self._position, first = sampler.start, False
+            self._position = min(self._position + per_step, sampler.total_size)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        sampler: WindowSampler = self.sampler
+        return {"epoch": int(sampler.epoch), "position": int(self._position), "num_replicas": sampler.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # The position is global, so a run may resume on another number of processes; keep the
+        # global batch (per-process batch x processes) the same for the same batches.
+        self._position = int(state["position"])
+        self.sampler.resume(int(state["epoch"]), self._position)
 
 
 class SeriesDataModule(L.LightningDataModule):
@@ -153,16 +218,23 @@ class SeriesDataModule(L.LightningDataModule):
     def _loader(self, ds: WindowDataset | None, **kw: object) -> DataLoader | list:
         if ds is None:
             return []  # Lightning skips an empty list of loaders
+        # Own generator: creating an iterator must not draw from the global torch RNG, or a resumed
+        # run's dropout masks would differ from those of an uninterrupted one.
         return DataLoader(
             ds, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=False, **kw,
+            persistent_workers=False, generator=torch.Generator().manual_seed(self.seed), **kw,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
+        """This process's shard of the training windows (see WindowSampler), resumable mid-epoch."""
+        trainer = getattr(self, "trainer", None)
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         ds = self.dataset("train")
-        if ds.mode == "random":
-            return self._loader(ds, sampler=_EpochSampler(ds))
-        return self._loader(ds, shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        sampler = WindowSampler(ds, seed=self.seed, num_replicas=replicas, rank=rank)
+        return ResumableDataLoader(
+            ds, sampler, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=False, generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.dataset("val"))

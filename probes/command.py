@@ -33,7 +33,7 @@ from tsfm_msa.probes.report import judge, write_report
 from tsfm_msa.probes.scenarios import ProbeConfigError, ScenarioData, make_scenario
 from tsfm_msa.probes.selectors import SELECTORS, TRAINING_FREE, msa_layers, use_selector
 from tsfm_msa.tokens import TokenLayout
-from tsfm_msa.train.module import build_model
+from tsfm_msa.train.lightning_module import build_model
 
 MODEL_TARGET = "tsfm_msa.model.transformer.PatchTransformer"
 
@@ -63,7 +63,7 @@ def train_model(model_config: dict, scenario: ScenarioData, train_cfg: dict, see
     PatchTransformer (eval mode) and the seconds spent."""
     import lightning as L
 
-    from tsfm_msa.train.module import ForecastModule
+    from tsfm_msa.train.lightning_module import ForecastModule
 
     L.seed_everything(seed, workers=False, verbose=False)
     steps = int(train_cfg["steps"])
@@ -205,7 +205,7 @@ def _scenario_knobs(spec: dict, checkpoint_hp: dict | None, seed: int) -> dict:
 
 
 def _load_checkpoint(path: str) -> "ForecastModule":  # noqa: F821 (imported lazily: Lightning is slow to import)
-    from tsfm_msa.train.module import ForecastModule
+    from tsfm_msa.train.lightning_module import ForecastModule
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")

@@ -15,7 +15,7 @@ from tsfm_msa.evaluate import baselines
 from tsfm_msa.evaluate.gluonts_data import EvaluationSplitError, frames_to_gluonts, make_eval_split
 from tsfm_msa.evaluate.metrics import score_forecasts
 from tsfm_msa.evaluate.predictor import CheckpointMismatchError, check_schema, load_predictor, predictor_from_module
-from tsfm_msa.train.module import ForecastModule
+from tsfm_msa.train.lightning_module import ForecastModule
 
 warnings.filterwarnings("ignore", message=".*json-module.*")
 

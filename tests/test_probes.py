@@ -331,7 +331,7 @@ def test_zero_shot_probe_of_a_checkpoint(tmp_path):
     from torch.utils.data import DataLoader
 
     from tsfm_msa.probes.command import probe_model_config, window_dataset
-    from tsfm_msa.train.module import ForecastModule
+    from tsfm_msa.train.lightning_module import ForecastModule
 
     data = _make("rare_event", n_distractors=1, n_train=4)
     model_cfg = {"d_model": 16, "n_layers": 1, "heads_per_group": 1, "head_dim": 4, "block_size": 2, "top_k": 3,

@@ -281,7 +281,7 @@ def test_rolling_results_convert_to_gluonts_quantile_forecasts():
 
 
 def test_forecast_module_gives_schema_and_horizon():
-    from tsfm_msa.train.module import ForecastModule
+    from tsfm_msa.train.lightning_module import ForecastModule
 
     config = dict(patch_len=8, d_model=32, n_layers=2, n_heads=6, n_kv_heads=3, head_dim=8, block_size=8, top_k=3,
                   index_dim=8, group_policy="sensor", attention="msa")

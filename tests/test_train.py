@@ -12,7 +12,7 @@ import torch
 
 from tsfm_msa.cli import main
 from tsfm_msa.datasets import SeriesDataModule, make_synthetic
-from tsfm_msa.train.module import ForecastModule
+from tsfm_msa.train.lightning_module import ForecastModule
 from tsfm_msa.train.optim import decay_param_groups
 from tsfm_msa.train.schedule import PhaseSchedule, cosine_with_warmup
 
@@ -95,8 +95,65 @@ def test_cli_train_reduces_loss_and_writes_outputs(tmp_path, capsys):
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:3]) / 3, losses
     assert "seasonal naive" in capsys.readouterr().out
     # The checkpoint rebuilds the model on its own and reproduces its forecasts.
-    module = ForecastModule.load_from_checkpoint(summary["best_checkpoint"])
+    last = summary["last_checkpoint"]
+    module = ForecastModule.load_from_checkpoint(last).eval()
     assert module.model.has_msa and module.hparams.context_len == 64
+    state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    again = ForecastModule(**{k: module.hparams[k] for k in module.hparams}).eval()
+    assert not torch.equal(again.state_dict()["model.head.weight"], state["model.head.weight"])  # fresh init differs
+    again.load_state_dict(state)
+    batch = _random_window_batch(module)
+    with torch.no_grad():
+        expected = module(batch).quantiles
+        torch.testing.assert_close(again(batch).quantiles, expected, rtol=0, atol=0)
+    assert torch.isfinite(expected).all() and expected.std() > 0
+
+
+def _random_window_batch(module: ForecastModule) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    n_var = len(module.hparams.schema["variates"])
+    context, horizon = module.hparams.context_len, module.hparams.horizon
+    return {"context": torch.randn(4, context, n_var, generator=g), "context_mask": torch.ones(4, context, n_var, dtype=torch.bool),
+            "horizon": torch.randn(4, horizon, n_var, generator=g), "horizon_mask": torch.ones(4, horizon, n_var, dtype=torch.bool),
+            "loc": torch.randn(4, n_var, generator=g), "scale": torch.rand(4, n_var, generator=g) + 0.5}
+
+
+def test_default_optim_equals_train_config():
+    from omegaconf import OmegaConf
+
+    from tsfm_msa.train.lightning_module import DEFAULT_OPTIM
+
+    optim = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "train.yaml").optim)
+    assert {**optim, "betas": tuple(optim["betas"])} == DEFAULT_OPTIM
+
+
+class _StatsRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.collected: list[bool] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.collected.append(pl_module.model.layers[0].attention.collect_stats)
+
+
+def test_selection_stats_only_on_logging_steps(tmp_path):
+    frames = make_synthetic(n_items=1, length=600, seed=2)
+    dm = SeriesDataModule(frames=frames, context_len=64, horizon=16, train_samples_per_epoch=64, batch_size=8, seed=2)
+    recorder = _StatsRecorder()
+    module = ForecastModule(TINY_MODEL, frames[0].schema.to_dict(), 64, 16, indexer_warmup={"steps": 0}, max_steps=6,
+                            stats_every_n_steps=3)
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=1, val_check_interval=4, check_val_every_n_epoch=None, log_every_n_steps=1,
+                        callbacks=[recorder], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert recorder.collected == [False, False, True, False, False, True]
+    with open(tmp_path / "metrics.csv") as fh:
+        steps = [int(row["step"]) for row in csv.DictReader(fh) if row.get("train/support_frac")]
+    assert steps == [2, 5]  # computed and logged on those steps only, never repeated in between
+    with open(tmp_path / "metrics.csv") as fh:
+        assert any(row.get("val/support_frac") for row in csv.DictReader(fh))  # validation always collects
+    with pytest.raises(ValueError, match="stats_every_n_steps"):
+        ForecastModule(TINY_MODEL, frames[0].schema.to_dict(), 64, 16, stats_every_n_steps=0)
 
 
 def _cli_error(args: list[str], capsys) -> str:

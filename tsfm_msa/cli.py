@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 CONFIGS = "pkg://tsfm_msa.configs"
+_ORIGINAL_ARGV: list[str] = []  # the command line main() was given, for Lightning's DDP launcher
 
 
 class ConfigError(ValueError):
@@ -30,24 +31,28 @@ def _run_name() -> str:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path):
-    import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    """The Lightning Trainer of the `trainer` node (``_target_`` + arguments, callbacks as named
+    nodes), logging to ``run_dir/logs``. Callback nodes with ``dirpath: null`` (the checkpoints)
+    write to ``run_dir/checkpoints``; a node set to null is dropped."""
     from lightning.pytorch.loggers import CSVLogger
 
-    # Checkpoints: last + best on validation loss. Lightning writes them atomically (temp file, then rename).
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{step}", monitor="val_loss",
-                                 mode="min", save_last=True, save_top_k=1)
+    node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    node.setdefault("_target_", "lightning.Trainer")
+    callbacks = []
+    for callback in (node.pop("callbacks", None) or {}).values():
+        if callback is None:
+            continue
+        if "dirpath" in callback and callback["dirpath"] is None:
+            callback = {**callback, "dirpath": str(run_dir / "checkpoints")}
+        callbacks.append(hydra.utils.instantiate(callback))
     logger = CSVLogger(save_dir=str(run_dir), name="logs", version="")
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs.pop("_target_", None)
-    return L.Trainer(default_root_dir=str(run_dir), logger=logger,
-                     callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")], **trainer_kwargs)
+    return hydra.utils.instantiate(node, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks)
 
 
 def build_module(cfg: DictConfig, model_cfg: DictConfig, datamodule, max_steps: int):
     """The ForecastModule of a run: the model node for the data's schema, with the run's optimizer,
     KL weight and indexer-warmup schedule."""
-    from tsfm_msa.train.module import ForecastModule
+    from tsfm_msa.train.lightning_module import ForecastModule
 
     return ForecastModule(
         model_config=OmegaConf.to_container(model_cfg, resolve=True),
@@ -58,6 +63,7 @@ def build_module(cfg: DictConfig, model_cfg: DictConfig, datamodule, max_steps: 
         kl_weight=float(cfg.kl_weight),
         indexer_warmup=OmegaConf.to_container(cfg.indexer_warmup, resolve=True),
         max_steps=max_steps,
+        stats_every_n_steps=cfg.get("stats_every_n_steps"),
     )
 
 
@@ -82,6 +88,33 @@ def load_backbone(module, checkpoint_path: str) -> None:
             f"{list(unexpected)[:5]}; use the same architecture (model.*) as the checkpoint's run")
 
 
+def resume_checkpoint(resume: str) -> Path:
+    """`resume=`: a checkpoint file, or a run folder whose checkpoints/last.ckpt continues it."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ConfigError(f"resume={resume}: no such checkpoint file or run folder with checkpoints/last.ckpt")
+    return path
+
+
+def check_resumable(module, checkpoint_path: Path) -> None:
+    """The checkpoint must be of the same model and data as this run's config, or resuming fails deep
+    inside Lightning; name the keys that differ."""
+    import torch
+
+    saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    current = dict(module.hparams)
+    differ = [f"model.{k}" for k in sorted(set(saved.get("model_config", {})) | set(current["model_config"]))
+              if saved.get("model_config", {}).get(k) != current["model_config"].get(k)]
+    differ += [f"data.{k}" for k in ("context_len", "horizon") if saved.get(k) != current[k]]
+    if saved.get("schema") != current["schema"]:
+        differ.append("data (other variates)")
+    if differ:
+        raise ConfigError(f"resume={checkpoint_path} comes from a run with other settings ({', '.join(differ[:6])}); "
+                          f"pass the same overrides as that run (its config.yaml is in the run folder)")
+
+
 def train_command(cfg: DictConfig) -> dict:
     import lightning as L
 
@@ -89,6 +122,8 @@ def train_command(cfg: DictConfig) -> dict:
 
     if cfg.trainer.get("max_steps") is None or int(cfg.trainer.max_steps) <= 0:
         raise ConfigError(f"trainer.max_steps must be a positive integer, got {cfg.trainer.get('max_steps')}")
+    if cfg.get("resume") and cfg.get("init_from"):
+        raise ConfigError("give resume= (continue a run) or init_from= (new run from a checkpoint's weights), not both")
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("cpu_threads"):
         # On busy shared cores one intra-op thread avoids OpenMP spin contention (often ~10x faster).
@@ -101,14 +136,29 @@ def train_command(cfg: DictConfig) -> dict:
     module = build_module(cfg, cfg.model, datamodule, int(cfg.trainer.max_steps))
     if cfg.get("init_from"):
         load_backbone(module, str(cfg.init_from))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    ckpt_path = resume_checkpoint(str(cfg.resume)) if cfg.get("resume") else None
+    if ckpt_path is not None:
+        check_resumable(module, ckpt_path)
+    if _is_global_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     trainer = build_trainer(cfg, run_dir)
-    return fit_and_summarize(module, datamodule, trainer, run_dir, _run_name())
+    return fit_and_summarize(module, datamodule, trainer, run_dir, _run_name(), ckpt_path=ckpt_path)
+
+
+def _is_global_zero() -> bool:
+    """Before the Trainer exists: Lightning's launcher and torchrun/SLURM give the other processes a rank."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
 
 
 def _hydra_app(config_name: str, command):
     @hydra.main(version_base=None, config_path=CONFIGS, config_name=config_name)
     def app(cfg: DictConfig) -> None:
+        # Lightning's DDP launcher starts the other processes with sys.argv: give it the real command
+        # line (Hydra has parsed the overrides already).
+        hydra_argv, sys.argv = sys.argv, list(_ORIGINAL_ARGV or sys.argv)
         try:
             command(cfg)
         except (ValueError, FileNotFoundError) as err:
@@ -117,6 +167,8 @@ def _hydra_app(config_name: str, command):
                 raise
             print(f"tsfm-msa: error: {err}", file=sys.stderr)
             sys.exit(2)
+        finally:
+            sys.argv = hydra_argv
 
     return app
 
@@ -155,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tsfm-msa: unknown command {name!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
     config_name, command, _ = COMMANDS[name]
+    _ORIGINAL_ARGV[:] = [sys.argv[0], *argv]
     sys.argv = [f"tsfm-msa {name}"] + argv[1:]
     _hydra_app(config_name, command)()
 

@@ -116,7 +116,7 @@ def _trainer_cfg(cfg: DictConfig, steps: int) -> DictConfig:
 def train_ours(cfg: DictConfig, kind: str, seed: int, run_dir: Path):
     """Train dense or MSA exactly like `tsfm-msa train` and return (module at its best checkpoint, summary)."""
     from tsfm_msa.cli import build_module, build_trainer
-    from tsfm_msa.train.module import ForecastModule
+    from tsfm_msa.train.lightning_module import ForecastModule
     from tsfm_msa.train.run import fit_and_summarize
 
     L.seed_everything(seed, workers=True)

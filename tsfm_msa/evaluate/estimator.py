@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from tsfm_msa.datasets import SeriesDataModule, SeriesFrame, WindowDataset, from_gluonts
 from tsfm_msa.evaluate.predictor import TSFMPredictor, predictor_from_module
-from tsfm_msa.train.module import ForecastModule
+from tsfm_msa.train.lightning_module import ForecastModule
 
 
 class EstimatorDataError(ValueError):

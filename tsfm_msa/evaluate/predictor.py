@@ -197,7 +197,7 @@ def predictor_from_module(module, prediction_length: int | None = None, batch_si
 def load_predictor(checkpoint: str | Path, prediction_length: int | None = None, batch_size: int = 64,
                    device: str = "cpu") -> TSFMPredictor:
     """GluonTS predictor from a `tsfm-msa train` checkpoint (dense or MSA)."""
-    from tsfm_msa.train.module import ForecastModule
+    from tsfm_msa.train.lightning_module import ForecastModule
 
     path = Path(checkpoint)
     if not path.is_file():

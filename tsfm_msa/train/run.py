@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tsfm_msa.datasets import DataValidationError, seasonality
-from tsfm_msa.train.module import ForecastModule
+from tsfm_msa.train.lightning_module import ForecastModule
 
 
 def fit_and_summarize(
@@ -18,12 +19,16 @@ def fit_and_summarize(
     trainer: L.Trainer,
     run_dir: Path,
     run_name: str,
+    ckpt_path: str | Path | None = None,
 ) -> dict:
-    """Train, validate the best checkpoint, compare with seasonal naive; write summary.{json,md}."""
+    """Train (continuing from ``ckpt_path`` when given: Lightning restores the step, optimizer,
+    LR scheduler, callbacks, loops and data position), validate the best checkpoint, compare with
+    seasonal naive; write summary.{json,md} (on the main process)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     train_seconds = time.perf_counter() - start
+    last = _save_final_last(trainer)
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
@@ -33,8 +38,9 @@ def fit_and_summarize(
     summary = {
         "run": run_name,
         "run_dir": str(run_dir),
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
         "best_checkpoint": best,
-        "last_checkpoint": str(Path(ckpt.dirpath) / "last.ckpt") if ckpt is not None and ckpt.dirpath else None,
+        "last_checkpoint": last,
         "steps": int(trainer.global_step),
         "train_seconds": round(train_seconds, 1),
         "val_loss": finite_or_none(metrics.get("val_loss")),
@@ -47,8 +53,9 @@ def fit_and_summarize(
         "val_support_frac": finite_or_none(metrics.get("val/support_frac")),
         "metrics_csv": str(Path(trainer.logger.log_dir) / "metrics.csv") if trainer.logger is not None else None,
     }
-    write_summary(summary, run_dir)
-    print(summary_markdown(summary))
+    if trainer.is_global_zero:
+        write_summary(summary, run_dir)
+        print(summary_markdown(summary))
     return summary
 
 
@@ -81,6 +88,16 @@ def write_summary(summary: dict, run_dir: Path) -> None:
 
 def _fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def _save_final_last(trainer: L.Trainer) -> str | None:
+    """last.ckpt at the final step: the periodic checkpoint saves only every N steps."""
+    periodic = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath]
+    if not periodic:
+        return None
+    path = Path(periodic[0].dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    trainer.save_checkpoint(path)  # every process takes part (sharded strategies); the main one writes
+    return str(path)
 
 
 def summary_markdown(s: dict) -> str:

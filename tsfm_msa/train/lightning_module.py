@@ -7,11 +7,13 @@ from typing import Any
 import lightning as L
 import torch
 
+from tsfm_msa.model.attention import MSAAttention
 from tsfm_msa.model.transformer import ModelOutput, PatchTransformer, pinball_loss
 from tsfm_msa.train.optim import build_adamw
 from tsfm_msa.train.schedule import PhaseSchedule, cosine_with_warmup
 
-DEFAULT_OPTIM = {"lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.95), "warmup_steps": 20, "min_lr_ratio": 0.1}
+# The same values as `optim` in configs/train.yaml (a test keeps them equal).
+DEFAULT_OPTIM = {"lr": 2e-3, "weight_decay": 0.05, "betas": (0.9, 0.95), "warmup_steps": 30, "min_lr_ratio": 0.1}
 
 
 def schema_fields(schema: dict) -> tuple[list[str], list[int], list[str]]:
@@ -40,6 +42,12 @@ class ForecastModule(L.LightningModule):
 
     Everything needed to rebuild the model (model config, schema, window lengths) is saved in the
     checkpoint's hyper-parameters, so ``ForecastModule.load_from_checkpoint(path)`` works alone.
+    Checkpoints also carry the training-token counter (the warmup switch may depend on it) and the
+    torch RNG states, so ``trainer.fit(..., ckpt_path=...)`` continues a run exactly (dropout too).
+
+    ``stats_every_n_steps``: MSA layers compute their selection statistics (a host synchronisation)
+    only on the training steps that log them; ``None`` follows ``trainer.log_every_n_steps``.
+    Validation always collects them. Logged losses and statistics are averaged over processes.
     """
 
     def __init__(
@@ -52,6 +60,7 @@ class ForecastModule(L.LightningModule):
         kl_weight: float = 1.0,
         indexer_warmup: dict | None = None,
         max_steps: int = 1000,
+        stats_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -60,6 +69,10 @@ class ForecastModule(L.LightningModule):
         self.kl_weight = float(kl_weight)
         self.phases = PhaseSchedule(**(indexer_warmup or {}))
         self.tokens_seen = 0
+        if stats_every_n_steps is not None and (not isinstance(stats_every_n_steps, int) or stats_every_n_steps <= 0):
+            raise ValueError(f"stats_every_n_steps must be a positive integer or null, got {stats_every_n_steps!r}")
+        self.stats_every_n_steps = stats_every_n_steps
+        self._rng_states_to_restore: dict[str, Any] | None = None
 
     def current_phase(self) -> str:
         if not self.model.has_msa:
@@ -77,8 +90,19 @@ class ForecastModule(L.LightningModule):
         forecast_loss = pinball_loss(out.quantiles, truth, observed, self.model.quantile_levels)
         return forecast_loss, out, observed
 
+    def _collect_stats(self, on: bool) -> None:
+        for layer in self.model.modules():
+            if isinstance(layer, MSAAttention):
+                layer.collect_stats = on
+
+    def _stats_this_step(self) -> bool:
+        # Aligned with Lightning's logging steps: (steps done + 1) % log_every_n_steps == 0.
+        every = self.stats_every_n_steps or self.trainer.log_every_n_steps
+        return (self.global_step + 1) % every == 0
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         phase = self.current_phase()
+        self._collect_stats(self._stats_this_step())
         forecast_loss, out, _ = self._losses(batch, phase)
         loss = forecast_loss + self.kl_weight * out.kl
         if not torch.isfinite(loss):
@@ -86,22 +110,35 @@ class ForecastModule(L.LightningModule):
                 f"non-finite training loss at step {self.global_step} (forecast {forecast_loss.item()}, "
                 f"kl {out.kl.item()}): check the data for extreme values or lower optim.lr")
         bsz = batch["context"].shape[0]
-        # Every process sees its own batch: count the tokens of all of them (DDP).
+        # Every process sees its own batch of the same size (WindowSampler): count the tokens of all of them.
         self.tokens_seen += self.trainer.world_size * bsz * self.model.layout(batch["context"].shape[1], batch["horizon"].shape[1],
                                                      batch["context"].device).seq_len
         self.log_dict({"train/loss": loss, "train/forecast_loss": forecast_loss, "train/kl": out.kl,
-                       "train/sparse_phase": float(phase == "sparse")}, prog_bar=True, batch_size=bsz)
-        self._log_selection(out, "train", bsz)
+                       "train/sparse_phase": float(phase == "sparse")}, prog_bar=True, batch_size=bsz, sync_dist=True)
+        self._log_train_selection(out)
         return loss
+
+    def _log_train_selection(self, out: ModelOutput) -> None:
+        """Selection statistics of this step, averaged over layers and processes, straight to the
+        loggers: through self.log, Lightning would repeat the last values on every later logging step."""
+        stats = [a.stats for a in out.aux if a.stats]
+        if not stats:
+            return
+        keys = list(stats[0])
+        means = torch.tensor([sum(s[k] for s in stats) / len(stats) for k in keys], device=self.device)  # [S]
+        means = self.trainer.strategy.reduce(means, reduce_op="mean")  # every process takes this step together
+        for logger in self.loggers:
+            logger.log_metrics({f"train/{k}": float(v) for k, v in zip(keys, means)}, step=self.global_step)
 
     def _log_selection(self, out: ModelOutput, stage: str, bsz: int) -> None:
         stats = [a.stats for a in out.aux if a.stats]
         if stats:
             for key in stats[0]:
-                self.log(f"{stage}/{key}", sum(s[key] for s in stats) / len(stats), batch_size=bsz)
+                self.log(f"{stage}/{key}", sum(s[key] for s in stats) / len(stats), batch_size=bsz, sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Validate the model as it will be used: routing through the indexer.
+        self._collect_stats(True)
         forecast_loss, out, observed = self._losses(batch, "sparse")
         targets = self.model.target_index
         median = out.quantiles[..., self._median_index()]  # [B, T, H] scaled
@@ -109,10 +146,10 @@ class ForecastModule(L.LightningModule):
         truth = batch["horizon"][..., targets].transpose(1, 2)
         abs_err = ((median - truth).abs() * scale).masked_fill(~observed, 0.0)
         bsz = batch["context"].shape[0]
-        self.log("val_loss", forecast_loss, prog_bar=True, batch_size=bsz)
-        self.log("val/kl", out.kl, batch_size=bsz)
+        self.log("val_loss", forecast_loss, prog_bar=True, batch_size=bsz, sync_dist=True)
+        self.log("val/kl", out.kl, batch_size=bsz, sync_dist=True)
         self.log("val_mae", abs_err.sum() / observed.sum().clamp(min=1), prog_bar=True, batch_size=bsz,
-                 reduce_fx="mean")
+                 reduce_fx="mean", sync_dist=True)
         self._log_selection(out, "val", bsz)
 
     def _median_index(self) -> int:
@@ -129,6 +166,20 @@ class ForecastModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_states"] = rng
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        # Applied when training resumes (on_train_start), not when a checkpoint is only loaded for use.
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        rng, self._rng_states_to_restore = self._rng_states_to_restore, None
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
