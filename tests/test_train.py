@@ -203,3 +203,19 @@ def test_dense_checkpoint_converts_to_msa(tmp_path, capsys):
     assert set(dense) < set(msa.state_dict())
     err = _cli_error([*FAST, "model.head_dim=4", f"init_from={dense_ckpt}", f"hydra.run.dir={tmp_path / 'x'}"], capsys)
     assert "does not fit this model" in err
+
+
+def test_out_of_memory_names_the_settings_to_lower(monkeypatch, capsys, tmp_path):
+    import tsfm_msa.cli as cli
+
+    def exhausted(cfg):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", ("train", exhausted, "test"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *FAST, f"hydra.run.dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for key in ("data.context_len", "data.batch_size", "model.activation_checkpointing", "accumulate_grad_batches"):
+        assert key in err
+    assert "Traceback" not in err

@@ -161,6 +161,9 @@ def _hydra_app(config_name: str, command):
         hydra_argv, sys.argv = sys.argv, list(_ORIGINAL_ARGV or sys.argv)
         try:
             command(cfg)
+        except _cuda_out_of_memory() as err:
+            print(f"tsfm-msa: error: {out_of_memory_message(cfg, err)}", file=sys.stderr)
+            sys.exit(2)
         except (ValueError, FileNotFoundError) as err:
             # Our own errors on bad data or config: one clear line, no traceback.
             if not (isinstance(err, FileNotFoundError) or type(err).__module__.startswith("tsfm_msa")):
@@ -171,6 +174,22 @@ def _hydra_app(config_name: str, command):
             sys.argv = hydra_argv
 
     return app
+
+
+def _cuda_out_of_memory() -> type:
+    import torch
+
+    return torch.cuda.OutOfMemoryError
+
+
+def out_of_memory_message(cfg: DictConfig, err: Exception) -> str:
+    """What ran out and which settings to lower, with their current values."""
+    data, model = cfg.get("data", {}), cfg.get("model", {})
+    first = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
+    return (f"the GPU ran out of memory ({first[:160]}). Lower data.context_len (now {data.get('context_len')}) "
+            f"or data.batch_size (now {data.get('batch_size')}), set model.activation_checkpointing=true (now "
+            f"{model.get('activation_checkpointing', False)}), or keep the batch with fewer samples per step: "
+            f"data.batch_size=<smaller> trainer.accumulate_grad_batches=<k>")
 
 
 def evaluate_command(cfg: DictConfig):
