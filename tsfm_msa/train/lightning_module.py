@@ -156,6 +156,17 @@ class ForecastModule(L.LightningModule):
         levels = self.model.quantile_levels
         return int((levels - 0.5).abs().argmin())
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Norm clipping under FSDP goes through FSDP's own ``clip_grad_norm_`` (the norm of the
+        whole sharded model): Lightning's FSDP precision plugin refuses norm clipping."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = self.trainer.strategy.model if self.trainer is not None else None
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(wrapped, FullyShardedDataParallel):
+            wrapped.clip_grad_norm_(float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
         optimizer = build_adamw(self.model, cfg["lr"], cfg["weight_decay"], cfg["betas"])
