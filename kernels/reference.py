@@ -36,8 +36,9 @@ INT32_MAX = torch.iinfo(torch.int32).max
 # any int32 query time, so no query sees them.
 _NEVER = 1 << 62
 
-# Elements of the largest tensor of one chunk (64 MiB in fp32); bounds the references' CPU memory.
-CHUNK_ELEMENTS = 1 << 24
+# Elements of the largest tensor of one chunk (2 MiB in fp32): bounds the references' CPU memory, and
+# small tiles stay in cache, which makes the elementwise passes several times faster on the CPU.
+CHUNK_ELEMENTS = 1 << 19
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
@@ -145,25 +146,39 @@ def select_blocks_reference(
     scores ``[B, G, L, K]`` float32 (``-inf`` for empty slots and forced blocks with no visible key).
     """
     check_select_inputs(qi, ki, q_time, k_time, block_size, k, allowed, forced)
-    batch, groups, seq_len, _ = qi.shape
+    batch, groups, seq_len, index_dim = qi.shape
     nb = num_blocks(seq_len, block_size)
-    padded = nb * block_size
     device = qi.device
     out_idx = torch.full((batch, groups, seq_len, k), -1, dtype=torch.int32, device=device)
     out_score = torch.full((batch, groups, seq_len, k), float("-inf"), device=device)
     width = min(k, nb)
     neg_inf, pos_inf = float("-inf"), float("inf")
-    # Keys padded to whole blocks; the padding is never visible, so blocks max-pool by a free view.
-    ki_pad = F.pad(ki.float(), (0, 0, 0, padded - seq_len)).transpose(1, 2)  # [B, Di, NB * bs]
-    kt_pad = F.pad(k_time.long(), (0, padded - seq_len), value=_NEVER)  # [B, NB * bs]
+    # Keys cut into blocks; the padding of the last block is never visible.
+    ki_blocks = _token_blocks(ki.float(), block_size, 0.0)[:, :nb].view(batch, nb, block_size, index_dim)
+    key_times = _token_blocks(k_time.long()[..., None], block_size, _NEVER)[:, :nb]  # [B, NB, bs]
+    first_time, last_time = key_times.amin(-1), key_times.amax(-1)  # [B, NB]; a partial last block is never whole
     qi_f = qi.float()
     with torch.no_grad():
-        for bsl, qsl in _chunks(batch, seq_len, groups * padded):
-            scores = torch.matmul(qi_f[bsl, :, qsl], ki_pad[bsl, None])  # [Bc, G, Lc, NB * bs]
-            visible = kt_pad[bsl, None, None, :] <= q_time[bsl, None, qsl, None]  # [Bc, 1, Lc, NB * bs]
-            scores.masked_fill_(~visible, neg_inf)
-            block_scores = scores.unflatten(-1, (nb, block_size)).amax(-1)  # [Bc, G, Lc, NB]
-            del scores, visible
+        for bsl, qsl in _chunks(batch, seq_len, groups * nb * block_size):
+            chunk_q_time = q_time[bsl, qsl].long()  # [Bc, Lc]
+            # Tokens are time-ordered inside a sensor group (DESIGN.md section 3), so a chunk of
+            # queries sees most blocks entirely or not at all: score only blocks with a key visible
+            # to some query of the chunk, and mask keys only in blocks not visible to all of them.
+            seen = (first_time[bsl] <= chunk_q_time.amax(-1, keepdim=True)).any(0)  # [NB]
+            whole = (last_time[bsl] <= chunk_q_time.amin(-1, keepdim=True)).all(0)
+            block_scores = qi_f.new_full((*out_idx[bsl, :, qsl].shape[:3], nb), neg_inf)  # [Bc, G, Lc, NB]
+            for blocks, masked in ((torch.nonzero(whole).flatten(), False),
+                                   (torch.nonzero(seen & ~whole).flatten(), True)):
+                if blocks.numel() == 0:
+                    continue
+                # Keys ordered token-of-block major ([bs, n]): the max-pool then reduces a non-inner
+                # dim, which vectorizes (about 10x faster than reducing runs of bs on the CPU).
+                keys = ki_blocks[bsl][:, blocks].transpose(1, 2).flatten(1, 2)  # [Bc, bs * n, Di]
+                scores = torch.matmul(qi_f[bsl, :, qsl], keys.transpose(1, 2)[:, None])  # [Bc, G, Lc, bs * n]
+                if masked:
+                    times = key_times[bsl][:, blocks].transpose(1, 2).flatten(1)  # [Bc, bs * n]
+                    scores.masked_fill_(times[:, None, None, :] > chunk_q_time[:, None, :, None], neg_inf)
+                block_scores[..., blocks] = scores.unflatten(-1, (block_size, -1)).amax(-2)
             key = block_scores
             if allowed is not None:
                 key = key.masked_fill(~allowed[bsl, :, None, :], neg_inf)
