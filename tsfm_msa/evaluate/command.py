@@ -121,16 +121,22 @@ def _trainer_cfg(cfg: DictConfig, steps: int) -> DictConfig:
     return OmegaConf.create({"trainer": trainer})
 
 
+def fitting_datamodule(cfg: DictConfig, split: EvalSplit, seed: int):
+    """The data config's SeriesDataModule cut so that training covers [0, T - test_length) of every series:
+    everything before the first test window, no validation split (as for the GluonTS baselines)."""
+    datamodule = hydra.utils.instantiate(cfg.data, seed=seed, val_fraction=0.0, val_length=0,
+                                         test_length=split.test_length, _convert_="all")
+    datamodule.setup("fit")
+    return datamodule
+
+
 def train_ours(cfg: DictConfig, kind: str, seed: int, split: EvalSplit, run_dir: Path):
     """Train dense or MSA with the `tsfm-msa train` builders on every step before the first test window;
     return (module at its final weights, steps)."""
     from tsfm_msa.run_setup import build_module, build_trainer
 
     L.seed_everything(seed, workers=True)
-    # The fitting part is [0, T - test_length) of every series: no validation split, as for the baselines.
-    datamodule = hydra.utils.instantiate(cfg.data, seed=seed, val_fraction=0.0, val_length=0,
-                                         test_length=split.test_length, _convert_="all")
-    datamodule.setup("fit")
+    datamodule = fitting_datamodule(cfg, split, seed)
     steps = int(cfg.eval.max_steps)
     module = build_module(cfg, cfg.models[kind], datamodule, steps)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +214,10 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     n_past = len(schema.indices_of("past_covariate"))
     target_names = [schema.names[i] for i in schema.target_indices]
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    jobs = [(m, s) for m in models for s in _seeds(cfg, m)]
+    # Seed-major order: every model's first seed before any second seed, and the report is rewritten after
+    # each job, so a run stopped early still holds a complete comparison of the seeds it finished.
+    seeds = {m: _seeds(cfg, m) for m in models}
+    jobs = [(m, seeds[m][i]) for i in range(max(map(len, seeds.values()))) for m in models if i < len(seeds[m])]
     print(f"evaluate {dataset}: {split.windows} test windows x {len(frames)} series, horizon {H}, "
           f"budget {cfg.eval.max_steps} steps x batch {cfg.data.batch_size}; {len(jobs)} model fits/evaluations")
 
@@ -255,6 +264,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
             plot_forecasts[model] = forecasts
         tqdm.write(f"  {model} seed {seed}: MASE {scores['MASE']:.3f} CRPS {scores['CRPS']:.4f} "
                    f"(x{row['MASE_rel']:.3f} / x{row['CRPS_rel']:.3f} naive), {info['train_seconds']:.0f} s")
+        report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split))
 
     table = report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split))
     plots = report.plot_forecasts(split.uni_test, plot_forecasts, run_dir / "plots",
