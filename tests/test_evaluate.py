@@ -409,23 +409,3 @@ def test_geometric_mean_summary_and_collect(tmp_path):
     with pytest.raises(CollectError, match="lacks"):
         collect(tmp_path / "x", [tmp_path / "out"])
 
-
-def test_weekend_flag_is_local_and_binary():
-    from tsfm_msa.evaluate.calendar import CalendarError, add_weekend_flag
-
-    rng = np.random.default_rng()
-    start = pd.Timestamp("2016-12-01") + pd.Timedelta(hours=int(rng.integers(0, 24)))
-    frame = make_synthetic(n_items=1, length=24 * 14, freq="h", seed=int(rng.integers(1000)))[0]
-    frame = type(frame)(frame.item_id, pd.date_range(start, periods=frame.length, freq="h"), frame.values, frame.schema)
-    flagged = add_weekend_flag([frame], "Australia/Melbourne")[0]
-    local = flagged.timestamps.tz_localize("UTC").tz_convert("Australia/Melbourne")
-    np.testing.assert_array_equal(flagged.column("weekend"), (local.dayofweek >= 5).astype(np.float32))
-    assert flagged.schema.binary[-1] and flagged.schema.roles[-1] == "future_covariate"
-    np.testing.assert_array_equal(flagged.values[:, :-1], frame.values)
-    # UTC 13:00 on a Friday is already Saturday in Melbourne (UTC+11 in December).
-    friday = int(np.flatnonzero((flagged.timestamps.dayofweek == 4) & (flagged.timestamps.hour == 13))[0])
-    assert flagged.column("weekend")[friday] == 1 and add_weekend_flag([frame])[0].column("weekend")[friday] == 0
-    with pytest.raises(CalendarError, match="data.loader.timezone='Mars/Base'"):
-        add_weekend_flag([frame], "Mars/Base")
-    with pytest.raises(CalendarError, match="already has a variate named 'weekend'"):
-        add_weekend_flag([flagged])
