@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -31,11 +30,15 @@ def collect(prefix: str | Path, run_dirs: list[str | Path]) -> pd.DataFrame:
                    if not (run / n).is_file()]
         if missing:
             raise CollectError(f"{run} lacks {missing}: give folders of finished `tsfm-msa evaluate` runs")
-        table = pd.read_csv(run / "evaluation.csv")
-        dataset = str(table["dataset"].iloc[0])
-        shutil.copyfile(run / "evaluation.md", f"{prefix}-evaluation-{dataset}.md")
-        shutil.copyfile(run / "evaluation.csv", f"{prefix}-evaluation-{dataset}.csv")
-        seeds.append(pd.read_csv(run / "evaluation_seeds.csv"))
+        record = json.loads((run / "evaluation.json").read_text())
+        rows = record["rows"]
+        dataset = str(rows[0]["dataset"])
+        # Re-rendered from the run's rows and setting, so every table follows the current report format.
+        table = report.summarize(rows)
+        table.to_csv(f"{prefix}-evaluation-{dataset}.csv", index=False)
+        Path(f"{prefix}-evaluation-{dataset}.md").write_text(
+            report.report_markdown(table, rows, dataset, record["setting"]))
+        seeds.append(pd.DataFrame(rows))
         tables.append(table)
         names.append(f"`{prefix.name}-evaluation-{dataset}.md`")
     pd.concat(seeds, ignore_index=True).to_csv(f"{prefix}-evaluation_seeds.csv", index=False)
@@ -46,7 +49,8 @@ def collect(prefix: str | Path, run_dirs: list[str | Path]) -> pd.DataFrame:
           "Geometric mean over datasets of each model's seed-mean MASE and CRPS ratio to seasonal naive "
           "(< 1 beats it; GIFT-Eval's aggregate). Per-dataset tables: "
           + ", ".join(names) + f"; per-seed rows: `{prefix.name}-evaluation_seeds.csv`.", "",
-          report.geometric_mean_markdown(summary), "", "Protocol (first run's setting): " + report.protocol_text(setting), ""]
+          report.geometric_mean_markdown(summary), "", report.common_datasets_note(pd.concat(tables)), "",
+          "Protocol (first run's setting): " + report.protocol_text(setting), ""]
     Path(f"{prefix}-evaluation-summary.md").write_text("\n".join(md))
     return summary
 

@@ -79,6 +79,12 @@ def comparison(table: pd.DataFrame, rows: list[dict[str, Any]] | None = None) ->
                     sd = float(ratio.std(ddof=1)) if len(ratio) > 1 else 0.0
                     line += f"; paired per-seed MSA/dense CRPS ratio {ratio.mean():.3f} ± {sd:.3f} ({len(ratio)} seeds)"
             notes.append(line + "; a gap smaller than the spread is not resolved.")
+        if "deepar" in by:
+            for k in ("dense", "msa"):
+                if k in by:
+                    ok = "beats" if by[k]["MASE"] < by["deepar"]["MASE"] else "does NOT beat"
+                    notes.append(f"- {dataset}: {LABELS[k]} {ok} DeepAR on MASE ({by[k]['MASE']:.3f} vs "
+                                 f"{by['deepar']['MASE']:.3f}; CRPS {by[k]['CRPS']:.4f} vs {by['deepar']['CRPS']:.4f}).")
         for k in ("dense", "msa", "patchtst", "deepar", "tft", "checkpoint"):
             if k in by:
                 r = by[k]
@@ -95,11 +101,16 @@ def write_report(rows: list[dict[str, Any]], run_dir: Path, dataset: str, settin
     table = summarize(rows)
     pd.DataFrame(rows).to_csv(run_dir / "evaluation_seeds.csv", index=False)
     table.to_csv(run_dir / "evaluation.csv", index=False)
-    md = [f"# Evaluation on `{dataset}`", "", protocol_text(setting), "", markdown_table(table), "",
-          "## Inputs of each model", "", *inputs_lines(table), "", "## Goals", "", *comparison(table, rows), ""]
-    (run_dir / "evaluation.md").write_text("\n".join(md))
+    (run_dir / "evaluation.md").write_text(report_markdown(table, rows, dataset, setting))
     (run_dir / "evaluation.json").write_text(json.dumps({"setting": setting, "rows": rows}, indent=2, default=float))
     return table
+
+
+def report_markdown(table: pd.DataFrame, rows: list[dict[str, Any]], dataset: str, setting: dict[str, Any]) -> str:
+    """evaluation.md: the protocol, the table, each model's inputs and the goal checks."""
+    md = [f"# Evaluation on `{dataset}`", "", protocol_text(setting), "", markdown_table(table), "",
+          "## Inputs of each model", "", *inputs_lines(table), "", "## Goals", "", *comparison(table, rows), ""]
+    return "\n".join(md)
 
 
 def protocol_text(setting: dict[str, Any]) -> str:
@@ -111,7 +122,8 @@ def protocol_text(setting: dict[str, Any]) -> str:
         f"window (no validation period) for {setting['max_steps']} steps x batch {setting['batch_size']} with "
         f"context {setting['context_len']} (DeepAR adds its lags), and is scored with its final weights (no "
         f"checkpoint selection, for ours and the GluonTS models alike). Seeds {setting['seeds']} (ours), "
-        f"{setting['baseline_seeds']} (GluonTS models); values are mean ± sample std over seeds. GluonTS metrics "
+        f"{setting['baseline_seeds']} (GluonTS models), run seed-major (every model's first seed before any "
+        f"second); the seeds column counts the runs that finished; values are mean ± sample std over them. GluonTS metrics "
         f"with axis=None, mask_invalid_label=True, allow_nan_forecast=False, seasonality {setting['season']} "
         f"({setting['freq']}). CRPS = mean weighted quantile loss over 0.1..0.9; MASE and MAE score the median; "
         "RMSE scores the forecast's `.mean`: the sample mean of sample forecasts (PatchTST, DeepAR), the "
@@ -137,6 +149,18 @@ def geometric_mean_table(table: pd.DataFrame) -> pd.DataFrame:
                     "CRPS_rel_geomean": float(np.exp(np.log(g["CRPS_rel"].to_numpy(float)).mean()))})
     order = {m: i for i, m in enumerate(MODEL_ORDER)}
     return pd.DataFrame(out).sort_values("model", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+
+
+def common_datasets_note(table: pd.DataFrame) -> str:
+    """Which datasets every model covers: geometric means compare only over the same datasets."""
+    per_model = table.groupby("model")["dataset"].apply(set)
+    common = set.intersection(*per_model) if len(per_model) else set()
+    partial = [LABELS.get(m, m) for m, d in per_model.items() if d != common]
+    note = f"Datasets every model covers: {sorted(common) or 'none'}."
+    if partial:
+        note += (f" Not every model finished on every dataset ({', '.join(partial)} cover other sets): compare "
+                 "geometric means only between models with the same datasets column.")
+    return note
 
 
 def geometric_mean_markdown(summary: pd.DataFrame) -> str:
