@@ -64,7 +64,7 @@ def run_one(args: argparse.Namespace) -> None:
     import torch
     from hydra import compose, initialize_config_module
 
-    from tsfm_msa.cli import build_module, build_trainer
+    from tsfm_msa.run_setup import build_module, build_trainer
 
     with initialize_config_module("tsfm_msa.configs", version_base=None):
         cfg = compose("train", overrides=_overrides(args, args.attention, args.tokens, args.devices) + ["seed=0"])

@@ -290,7 +290,7 @@ def run_probe(cfg: DictConfig) -> dict:
     """Entry point of ``tsfm-msa probe`` (Hydra config ``configs/probe.yaml``)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from tsfm_msa.cli import _run_dir
+    from tsfm_msa.run_setup import run_dir as _run_dir
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["overrides"] = list(HydraConfig.get().overrides.task)  # the command line, for the record

@@ -5,6 +5,7 @@ import warnings
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from gluonts.ev.metrics import MAE, MASE, RMSE, MeanWeightedSumQuantileLoss
@@ -12,7 +13,8 @@ from gluonts.model import evaluate_forecasts
 
 from tsfm_msa.datasets import WindowDataset, make_synthetic, split_by_time
 from tsfm_msa.evaluate import baselines
-from tsfm_msa.evaluate.gluonts_data import EvaluationSplitError, frames_to_gluonts, make_eval_split
+from tsfm_msa.evaluate.gluonts_data import (EvaluationSplitError, frames_to_gluonts, gift_eval_windows,
+                                            make_eval_split, standardize_covariates)
 from tsfm_msa.evaluate.metrics import score_forecasts
 from tsfm_msa.evaluate.predictor import CheckpointMismatchError, check_schema, load_predictor, predictor_from_module
 from tsfm_msa.train.lightning_module import ForecastModule
@@ -20,6 +22,7 @@ from tsfm_msa.train.lightning_module import ForecastModule
 warnings.filterwarnings("ignore", message=".*json-module.*")
 
 C, H = 64, 24
+W = 5  # test windows of the fixture data (600 steps per item)
 TINY = {
     "_target_": "tsfm_msa.model.transformer.PatchTransformer", "patch_len": 8, "d_model": 32, "n_layers": 1,
     "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "mlp_ratio": 2.0, "dropout": 0.0, "block_size": 8, "top_k": 3,
@@ -46,7 +49,7 @@ def data():
     seed = int(np.random.default_rng().integers(1_000_000))
     frames = _frames(seed)
     splits = split_by_time(frames, 0.1, 0.2)
-    return frames, splits, make_eval_split(frames, splits, H)
+    return frames, splits, make_eval_split(frames, H, W)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +77,13 @@ def test_predictor_round_trip(data, checkpoint):
     labels = list(split.test.label)
     assert len(forecasts) == len(labels) == split.windows * len(frames)
     for f, lab in zip(forecasts, labels):
-        assert f.forecast_array.shape == (10, H)  # 9 quantiles + mean
-        assert f.forecast_keys[-1] == "mean" and f.forecast_keys[4] == "0.5"
-        q = f.forecast_array[:9]
+        assert f.forecast_array.shape == (9, H)  # 9 quantiles, no mean: .mean is the median (GluonTS)
+        assert f.forecast_keys[4] == "0.5" and "mean" not in f.forecast_keys
+        q = f.forecast_array
         assert np.all(np.diff(q, axis=0) >= 0), "quantiles must not cross"
         assert np.isfinite(f.forecast_array).all()
         assert f.start_date == lab["start"] and f.item_id == lab["item_id"]
-        np.testing.assert_allclose(f.mean, q.mean(0), rtol=1e-5)
+        np.testing.assert_array_equal(f.mean, q[4])
 
     # Same numbers as the model on our own window of the last test instance (same scaling, same covariates).
     module = ForecastModule.load_from_checkpoint(checkpoint)
@@ -97,7 +100,7 @@ def test_predictor_round_trip(data, checkpoint):
 
     # A shorter horizon works and keeps the dates.
     short = list(load_predictor(checkpoint, prediction_length=H // 2).predict(split.test.input))
-    assert short[0].forecast_array.shape == (10, H // 2) and short[0].start_date == forecasts[0].start_date
+    assert short[0].forecast_array.shape == (9, H // 2) and short[0].start_date == forecasts[0].start_date
 
 
 def test_metrics_agree_with_gluonts_and_numpy(data, checkpoint):
@@ -114,9 +117,11 @@ def test_metrics_agree_with_gluonts_and_numpy(data, checkpoint):
     # Independent numpy check of MAE, RMSE, CRPS and MASE on the same forecasts.
     y = np.stack([lab["target"] for lab in split.test.label])  # [N, H]
     qs = np.stack([f.forecast_array[:9] for f in forecasts])  # [N, 9, H]
-    med, mean = qs[:, 4], np.stack([f.mean for f in forecasts])
+    med = qs[:, 4]
     assert ours["MAE"] == pytest.approx(np.abs(y - med).mean(), rel=1e-5)
-    assert ours["RMSE"] == pytest.approx(np.sqrt(((y - mean) ** 2).mean()), rel=1e-5)
+    # RMSE[mean] of a quantile forecast scores its median, not the mean of the quantile levels.
+    assert ours["RMSE"] == pytest.approx(np.sqrt(((y - med) ** 2).mean()), rel=1e-5)
+    assert ours["RMSE"] != pytest.approx(np.sqrt(((y - qs.mean(1)) ** 2).mean()), rel=1e-7)
     levels = np.arange(1, 10)[None, :, None] / 10
     ql = 2 * np.abs((y[:, None] - qs) * ((y[:, None] <= qs) - levels))  # [N, 9, H]
     assert ours["CRPS"] == pytest.approx((ql.sum(axis=(0, 2)) / np.abs(y).sum()).mean(), rel=1e-5)
@@ -149,12 +154,11 @@ def test_bad_input_messages(data, checkpoint, tmp_path):
         check_schema(predictor, other[0].schema)
     errors.append(e.value)
 
-    tiny_test = split_by_time(frames, 0.1, H / 2 / 600)  # test split of 12 steps < horizon 24
-    with pytest.raises(EvaluationSplitError, match="no full test window") as e:
-        make_eval_split(frames, tiny_test, H)
+    with pytest.raises(EvaluationSplitError, match="eval.windows <= 24") as e:
+        make_eval_split(frames, H, 25)  # 25 x 24 = all 600 steps, nothing left to fit on
     errors.append(e.value)
-    with pytest.raises(EvaluationSplitError, match="eval.windows <=") as e:
-        make_eval_split(frames, splits, H, windows=split.windows + 1)
+    with pytest.raises(EvaluationSplitError, match="eval.windows must be >= 1") as e:
+        make_eval_split(frames, H, 0)
     errors.append(e.value)
     # The CLI prints these as one line (no traceback): ValueErrors defined in tsfm_msa modules.
     assert all(isinstance(err, ValueError) and type(err).__module__.startswith("tsfm_msa") for err in errors)
@@ -169,7 +173,7 @@ def test_estimator_trains_in_gluonts(data, tmp_path):
                               trainer_kwargs={"max_steps": 3, "default_root_dir": str(tmp_path)})
     predictor = estimator.train(frames_to_gluonts(frames, [r.stop for r in splits.train]))
     forecasts = list(predictor.predict(split.test.input))
-    assert len(forecasts) == len(split.test) and forecasts[0].forecast_array.shape == (10, H)
+    assert len(forecasts) == len(split.test) and forecasts[0].forecast_array.shape == (9, H)
     assert np.isfinite(np.stack([f.forecast_array for f in forecasts])).all()
 
 
@@ -222,13 +226,11 @@ def test_evaluate_existing_checkpoint_only(tmp_path, checkpoint):
 
 
 def test_seasonal_naive_and_zscore(data):
-    from tsfm_msa.evaluate.gluonts_data import standardize_covariates
-
     frames, splits, split = data
-    z = standardize_covariates(frames, splits)
-    for f, fz, r in zip(frames, z, splits.train):
+    z = standardize_covariates(frames, split.train_stops)
+    for f, fz, stop in zip(frames, z, split.train_stops):
         np.testing.assert_array_equal(f.values[:, 0], fz.values[:, 0])  # target untouched
-        cov = fz.values[r.start:r.stop, 1:]
+        cov = fz.values[:stop, 1:]
         np.testing.assert_allclose(cov.mean(0), 0, atol=1e-4)
         np.testing.assert_allclose(cov.std(0), 1, atol=1e-3)
     forecasts = list(baselines.seasonal_naive(H, 24).predict(split.test.input))
@@ -257,11 +259,10 @@ def test_multi_target_forecasts_split_per_target(tmp_path):
                        "b": np.cos(2 * np.pi * t / 24) + rng.normal(0, 0.1, T) - 3,
                        "x": rng.normal(size=T)})
     frames = from_pandas(df, timestamp="ts", targets=["a", "b"], future_covariates=["x"], freq="h")
-    splits = split_by_time(frames, 0.1, 0.2)
-    split = make_eval_split(frames, splits, H)
+    split = make_eval_split(frames, H, 4)
     module = ForecastModule({**TINY, "attention": "dense"}, frames[0].schema.to_dict(), C, H)
     joint = list(predictor_from_module(module).predict(split.test.input))
-    assert joint[0].forecast_array.shape == (10, H, 2)
+    assert joint[0].forecast_array.shape == (9, H, 2)
     uni = split_targets(joint, len(frames), split.windows, ["a", "b"])
     labels = list(split.uni_test.label)
     assert len(uni) == len(labels) == 2 * split.windows
@@ -275,3 +276,136 @@ def test_multi_target_forecasts_split_per_target(tmp_path):
 
     plots = plot_forecasts(split.uni_test, {"dense": uni}, tmp_path, n_series=2, n_windows=1)
     assert len(plots) == 2 and all((tmp_path / p.split("/")[-1]).is_file() for p in plots)
+
+
+def test_windows_end_at_the_series_end_and_keep_the_last_n(data):
+    """GIFT-Eval layout: the last window ends at each series' last step; windows=N keeps the last N;
+    everything before the first window is the fitting part."""
+    frames, _, split = data
+    labels, inputs = list(split.uni_test.label), list(split.uni_test.input)
+    assert split.windows == W and len(labels) == W * len(frames) and split.test_length == W * H
+    for i, f in enumerate(frames):
+        last = labels[(i + 1) * W - 1]
+        assert last["start"].to_timestamp() + (H - 1) * pd.Timedelta(hours=1) == f.timestamps[-1]
+        np.testing.assert_array_equal(last["target"], f.values[-H:, 0])
+        first = inputs[i * W]
+        assert len(first["target"]) == f.length - W * H == split.train_stops[i]
+    fewer = make_eval_split(frames, H, 2)
+    kept = [lab["start"] for lab in fewer.uni_test.label]
+    assert kept == [lab["start"] for k, lab in enumerate(labels) if k % W >= W - 2]
+    assert [len(e["target"]) for e in split.train] == split.train_stops
+    overlapping = make_eval_split(frames, H, 3, distance=H // 2)
+    assert overlapping.test_length == 2 * (H // 2) + H
+    assert list(overlapping.uni_test.label)[2]["target"][-1] == frames[0].values[-1, 0]
+
+
+def test_default_windows_follow_the_data_config_and_gift_eval():
+    from tsfm_msa.evaluate.command import default_windows
+
+    cfg = _compose(["data=vic_elec"])
+    assert default_windows(cfg, 52608, 48, 48) == 20  # data.test_length 960 = 20 x 48
+    assert default_windows(_compose(["data=epf"]), 16080, 24, 24) == 14
+    assert default_windows(_compose(["data=vic_elec", "eval.windows=3"]), 52608, 48, 48) == 3
+    csv_like = _compose(["data=synthetic"])
+    assert csv_like.data.get("test_length") is None
+    assert default_windows(csv_like, 3000, 24, 24) == gift_eval_windows(3000, 24) == 13  # ceil(300 / 24)
+    assert gift_eval_windows(52608, 48) == 20 and gift_eval_windows(30, 48) == 1
+
+
+def test_our_models_fit_before_the_first_test_window():
+    from tsfm_msa.evaluate.command import fitting_datamodule
+
+    cfg = _compose(["data=synthetic", f"data.context_len={C}", f"data.horizon={H}", "data.loader.length=600"])
+    dm = fitting_datamodule(cfg, make_eval_split(dm_frames(cfg), H, W), seed=0)
+    assert [r.stop for r in dm.splits.train] == [f.length - W * H for f in dm.frames]
+    assert all(len(r) == 0 for r in dm.splits.val) and dm.val_dataloader() == []
+
+
+def dm_frames(cfg):
+    import hydra
+
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    return dm.frames
+
+
+def test_gluonts_baselines_keep_final_weights_and_our_context(data, tmp_path, monkeypatch):
+    """Final weights, not GluonTS's reload of its best-train-loss checkpoint: that reload is made to return
+    zeros here, so a predictor that kept it would hold zeros instead of the trained weights."""
+    import gluonts.torch.model.estimator as gluonts_estimator
+
+    real_load = torch.load
+    reloaded = []
+
+    def zeroed_best(path, *args, **kwargs):
+        state = real_load(path, *args, **kwargs)
+        state["state_dict"] = {k: torch.zeros_like(v) for k, v in state["state_dict"].items()}
+        reloaded.append(path)
+        return state
+
+    monkeypatch.setattr(gluonts_estimator.torch, "load", zeroed_best)
+    captured = []
+    monkeypatch.setattr(baselines.FinalWeights, "on_train_end",
+                        lambda self, trainer, module: (captured.append(trainer.global_step),
+                                                       setattr(self, "state", {k: v.detach().clone() for k, v in
+                                                                               module.state_dict().items()})))
+    frames, _, split = data
+    zsplit = make_eval_split(standardize_covariates(frames, split.train_stops), H, W)
+    predictor = baselines.train_deepar(zsplit.train, "h", H, 1, context_length=C, max_steps=5, batch_size=8,
+                                       seed=int(np.random.default_rng().integers(1000)), root_dir=tmp_path,
+                                       num_batches_per_epoch=2, num_layers=1, hidden_size=8)
+    assert reloaded and captured == [5]  # GluonTS did reload its checkpoint; training ran the 5 steps
+    assert predictor.prediction_net.model.context_length == C
+    weights = [v for v in predictor.prediction_net.state_dict().values() if v.is_floating_point()]
+    assert any(v.abs().sum() > 0 for v in weights)
+
+
+def test_tft_reads_past_only_covariates(data, tmp_path):
+    frames, _, split = data
+    zsplit = make_eval_split(standardize_covariates(frames, split.train_stops), H, W)
+    predictor = baselines.train_tft(zsplit.train, "h", H, 1, 1, context_length=C, max_steps=3, batch_size=8,
+                                    seed=int(np.random.default_rng().integers(1000)), root_dir=tmp_path,
+                                    num_batches_per_epoch=3, hidden_dim=8, variable_dim=8, num_heads=2)
+    entry = dict(next(iter(zsplit.uni_test.input)))
+    rng = np.random.default_rng()
+    noise = rng.normal(size=entry["past_feat_dynamic_real"].shape).astype(np.float32) * 3
+    shuffled = {**entry, "past_feat_dynamic_real": noise}
+    a, b = (next(iter(predictor.predict([e]))) for e in (entry, shuffled))
+    assert a.forecast_array.shape == b.forecast_array.shape and not np.allclose(a.forecast_array, b.forecast_array)
+    assert "past-only" in baselines.INPUTS["tft"] and "no past-only" in baselines.INPUTS["deepar"]
+
+
+def test_geometric_mean_summary_and_collect(tmp_path):
+    import json
+
+    from tsfm_msa.evaluate.collect import CollectError, collect
+    from tsfm_msa.evaluate.report import geometric_mean_table, write_report
+
+    rng = np.random.default_rng()
+    a, b = rng.uniform(0.3, 0.9), rng.uniform(1.1, 3.0)
+    runs = []
+    for dataset, ratio in (("one", a), ("two", b)):
+        rows = [{"dataset": dataset, "model": m, "seed": s, "MASE": r, "CRPS": r / 2, "MAE": 1.0, "RMSE": 1.0,
+                 "MASE_rel": r, "CRPS_rel": r, "train_seconds": 0.0, "steps": 1, "params": 1, "peak_mb": 1.0,
+                 "delta_mb": 0.0, "predict_seconds": 0.0, "inputs": "target only"}
+                for m, r, s in (("seasonal_naive", 1.0, 0), ("dense", ratio, 0), ("dense", ratio, 1))]
+        run = tmp_path / dataset
+        run.mkdir()
+        setting = {"windows": 2, "distance": H, "test_length": 2 * H, "prediction_length": H, "season": 24,
+                   "freq": "h", "max_steps": 1, "batch_size": 1, "context_len": C, "seeds": [0, 1],
+                   "baseline_seeds": [0, 1]}
+        write_report(rows, run, dataset, setting)
+        (run / "evaluation.json").write_text(json.dumps({"setting": setting, "rows": rows}))
+        runs.append(run)
+    summary = collect(tmp_path / "out" / "2026-12-01", runs).set_index("model")
+    assert summary.loc["dense", "MASE_rel_geomean"] == pytest.approx(np.sqrt(a * b))
+    assert summary.loc["seasonal_naive", "CRPS_rel_geomean"] == pytest.approx(1.0)
+    seeds = pd.read_csv(tmp_path / "out" / "2026-12-01-evaluation_seeds.csv")
+    assert len(seeds) == 6 and set(seeds["dataset"]) == {"one", "two"}
+    for name in ("evaluation-one.md", "evaluation-two.csv", "evaluation-summary.md"):
+        assert (tmp_path / "out" / f"2026-12-01-{name}").is_file()
+    assert "target only" in (tmp_path / "one" / "evaluation.md").read_text()
+    assert geometric_mean_table(pd.read_csv(runs[0] / "evaluation.csv")).loc[1, "datasets"] == 1
+    with pytest.raises(CollectError, match="lacks"):
+        collect(tmp_path / "x", [tmp_path / "out"])
+

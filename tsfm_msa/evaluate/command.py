@@ -1,9 +1,12 @@
 """`tsfm-msa evaluate`: our dense and MSA models next to GluonTS baselines on the same rolling test windows.
 
-Per dataset: the data config's SeriesDataModule fixes the train/val/test split; our models train through
-the `tsfm-msa train` path (ForecastModule + the CLI's Lightning Trainer + fit_and_summarize) and
-are wrapped as GluonTS predictors; PatchTST and DeepAR train on the same training part with the
-same step and batch budget (covariates z-scored); everything is scored by GluonTS on the test windows.
+Protocol (GIFT-Eval's layout): the test windows are the last W non-overlapping windows of H steps of every
+series, ending at its last step (W: `eval.windows`, else the data config's `test_length` / H, else
+GIFT-Eval's rule, at most 20). Every learned model fits on everything before the first test window (no
+validation period, no early stopping) with the same step and batch budget and the same context, and is
+scored with its final weights. Ours train through the `tsfm-msa train` builders (ForecastModule + the
+Lightning Trainer of `run_setup`) and are wrapped as GluonTS predictors; PatchTST, DeepAR and TFT read
+covariates z-scored on the fitting part; everything is scored by GluonTS on the same windows.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import logging
 import threading
 import time
 import warnings
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from tsfm_msa.evaluate import baselines, report
-from tsfm_msa.evaluate.gluonts_data import EvalSplit, make_eval_split, split_targets, standardize_covariates
+from tsfm_msa.evaluate.gluonts_data import (EvalSplit, gift_eval_windows, make_eval_split, split_targets,
+                                            standardize_covariates)
 from tsfm_msa.evaluate.metrics import relative_to, score_forecasts
 from tsfm_msa.evaluate.predictor import check_schema, load_predictor, predictor_from_module
 
-LEARNED = ("dense", "msa", "patchtst", "deepar")
+GLUONTS_LEARNED = ("patchtst", "deepar", "tft")
+LEARNED = ("dense", "msa") + GLUONTS_LEARNED
 KNOWN_MODELS = ("seasonal_naive",) + LEARNED
 
 
@@ -81,6 +86,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*have no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
 
 
 def _models(cfg: DictConfig) -> list[str]:
@@ -98,7 +104,7 @@ def _models(cfg: DictConfig) -> list[str]:
 def _seeds(cfg: DictConfig, model: str) -> list[int]:
     if model in ("seasonal_naive", "checkpoint"):
         return [0]  # deterministic
-    key = "baseline_seeds" if model in ("patchtst", "deepar") and cfg.eval.get("baseline_seeds") else "seeds"
+    key = "baseline_seeds" if model in GLUONTS_LEARNED and cfg.eval.get("baseline_seeds") else "seeds"
     seeds = [int(s) for s in cfg.eval[key]]
     if not seeds:
         raise EvaluateConfigError(f"eval.{key} is empty; give at least one seed (3 or more to see the spread)")
@@ -106,43 +112,65 @@ def _seeds(cfg: DictConfig, model: str) -> list[int]:
 
 
 def _trainer_cfg(cfg: DictConfig, steps: int) -> DictConfig:
-    """The `train` command's trainer config with the evaluation's budget and a quiet console."""
+    """The `train` command's trainer config with the evaluation's budget, no validation and a quiet console."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer.update(max_steps=steps, val_check_interval=max(1, steps // int(cfg.eval.validations)),
-                   check_val_every_n_epoch=None, enable_progress_bar=False, enable_model_summary=False)
+    for key in ("val_check_interval", "check_val_every_n_epoch"):
+        trainer.pop(key, None)
+    trainer.update(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                   enable_model_summary=False)
     return OmegaConf.create({"trainer": trainer})
 
 
-def train_ours(cfg: DictConfig, kind: str, seed: int, run_dir: Path):
-    """Train dense or MSA exactly like `tsfm-msa train` and return (module at its best checkpoint, summary)."""
-    from tsfm_msa.cli import build_module, build_trainer
-    from tsfm_msa.train.lightning_module import ForecastModule
-    from tsfm_msa.train.run import fit_and_summarize
+def fitting_datamodule(cfg: DictConfig, split: EvalSplit, seed: int):
+    """The data config's SeriesDataModule cut so that training covers [0, T - test_length) of every series:
+    everything before the first test window, no validation split (as for the GluonTS baselines)."""
+    datamodule = hydra.utils.instantiate(cfg.data, seed=seed, val_fraction=0.0, val_length=0,
+                                         test_length=split.test_length, _convert_="all")
+    datamodule.setup("fit")
+    return datamodule
+
+
+def train_ours(cfg: DictConfig, kind: str, seed: int, split: EvalSplit, run_dir: Path):
+    """Train dense or MSA with the `tsfm-msa train` builders on every step before the first test window;
+    return (module at its final weights, steps)."""
+    from tsfm_msa.run_setup import build_module, build_trainer
 
     L.seed_everything(seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data, seed=seed, _convert_="all")
-    datamodule.setup("fit")
+    datamodule = fitting_datamodule(cfg, split, seed)
     steps = int(cfg.eval.max_steps)
     module = build_module(cfg, cfg.models[kind], datamodule, steps)
-    trainer = build_trainer(_trainer_cfg(cfg, steps), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # fit_and_summarize prints its summary; keep it in the job's folder, not between the progress bars.
-    with open(run_dir / "train.log", "w") as log, redirect_stdout(log):
-        summary = fit_and_summarize(module, datamodule, trainer, run_dir, f"{kind}-seed{seed}")
-    best = summary.get("best_checkpoint") or summary.get("last_checkpoint")
-    if best:
-        module = ForecastModule.load_from_checkpoint(best, map_location="cpu")
-    return module, summary
+    trainer = build_trainer(_trainer_cfg(cfg, steps), run_dir)
+    trainer.fit(module, datamodule=datamodule)
+    return module.eval(), int(trainer.global_step)
 
 
-def _train_baseline(cfg: DictConfig, kind: str, seed: int, zsplit: EvalSplit, n_future: int, run_dir: Path):
+def _train_baseline(cfg: DictConfig, kind: str, seed: int, zsplit: EvalSplit, n_future: int, n_past: int,
+                    run_dir: Path):
+    # Same budget and the same context as ours (DeepAR and TFT would otherwise fall back to the horizon).
     common = dict(max_steps=int(cfg.eval.max_steps), batch_size=int(cfg.data.batch_size), seed=seed,
-                  root_dir=run_dir, num_batches_per_epoch=int(cfg.eval.num_batches_per_epoch))
+                  root_dir=run_dir, num_batches_per_epoch=int(cfg.eval.num_batches_per_epoch),
+                  context_length=int(cfg.data.context_len))
     kwargs = OmegaConf.to_container(cfg.eval[kind], resolve=True) or {}
+    H = zsplit.prediction_length
     if kind == "patchtst":
-        kwargs.setdefault("context_length", int(cfg.data.context_len))
-        return baselines.train_patchtst(zsplit.train, zsplit.prediction_length, n_future, **common, **kwargs)
-    return baselines.train_deepar(zsplit.train, zsplit.freq, zsplit.prediction_length, n_future, **common, **kwargs)
+        return baselines.train_patchtst(zsplit.train, H, n_future, **common, **kwargs)
+    if kind == "deepar":
+        return baselines.train_deepar(zsplit.train, zsplit.freq, H, n_future, **common, **kwargs)
+    return baselines.train_tft(zsplit.train, zsplit.freq, H, n_future, n_past, **common, **kwargs)
+
+
+def default_windows(cfg: DictConfig, min_length: int, prediction_length: int, distance: int) -> int:
+    """eval.windows, else as many as the data config's test_length holds, else GIFT-Eval's rule (<= 20)."""
+    if cfg.eval.get("windows") is not None:
+        return int(cfg.eval.windows)
+    test_length = cfg.data.get("test_length")
+    if test_length:
+        if int(test_length) < prediction_length:
+            raise EvaluateConfigError(f"data.test_length {test_length} is shorter than the horizon {prediction_length}; "
+                                      "raise it or set eval.windows")
+        return (int(test_length) - prediction_length) // distance + 1
+    return gift_eval_windows(min_length, prediction_length)
 
 
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -167,7 +195,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     models = _models(cfg)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
-    frames, splits, schema = datamodule.frames, datamodule.splits, datamodule.schema
+    frames, schema = datamodule.frames, datamodule.schema
     horizon = int(cfg.data.horizon)
     H = int(cfg.eval.get("prediction_length") or horizon)
 
@@ -178,12 +206,18 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     elif H > horizon:
         raise EvaluateConfigError(f"eval.prediction_length {H} exceeds data.horizon {horizon} the models train for")
 
-    split = make_eval_split(frames, splits, H, cfg.eval.get("distance"), cfg.eval.get("windows"))
-    zsplit = make_eval_split(standardize_covariates(frames, splits), splits, H, split.distance, split.windows)
+    distance = int(cfg.eval.get("distance") or H)
+    windows = default_windows(cfg, min(f.length for f in frames), H, distance)
+    split = make_eval_split(frames, H, windows, distance, min_train=H + 1)
+    zsplit = make_eval_split(standardize_covariates(frames, split.train_stops), H, windows, distance, min_train=H + 1)
     n_future = len(schema.indices_of("future_covariate", "action"))
+    n_past = len(schema.indices_of("past_covariate"))
     target_names = [schema.names[i] for i in schema.target_indices]
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    jobs = [(m, s) for m in models for s in _seeds(cfg, m)]
+    # Seed-major order: every model's first seed before any second seed, and the report is rewritten after
+    # each job, so a run stopped early still holds a complete comparison of the seeds it finished.
+    seeds = {m: _seeds(cfg, m) for m in models}
+    jobs = [(m, seeds[m][i]) for i in range(max(map(len, seeds.values()))) for m in models if i < len(seeds[m])]
     print(f"evaluate {dataset}: {split.windows} test windows x {len(frames)} series, horizon {H}, "
           f"budget {cfg.eval.max_steps} steps x batch {cfg.data.batch_size}; {len(jobs)} model fits/evaluations")
 
@@ -194,10 +228,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     for model, seed in bar:
         bar.set_postfix_str(f"{model} seed {seed}")
         job_dir = run_dir / "models" / f"{model}-seed{seed}"
-        # GluonTS models read one series per target (covariates z-scored for PatchTST / DeepAR); ours read
-        # the joint series and their forecasts are split per target; all are scored on the same windows.
-        test = {"patchtst": zsplit.uni_test, "deepar": zsplit.uni_test, "seasonal_naive": split.uni_test}.get(
-            model, split.test)
+        # GluonTS models read one series per target (covariates z-scored); ours read the joint series and
+        # their forecasts are split per target; all are scored on the same windows.
+        test = zsplit.uni_test if model in GLUONTS_LEARNED else split.uni_test if model == "seasonal_naive" else split.test
         info: dict[str, Any] = {"train_seconds": 0.0, "steps": 0, "params": 0}
         with peak_memory() as mem:
             start = time.perf_counter()
@@ -207,12 +240,11 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
                 predictor = predictor_ckpt
                 info["params"] = sum(p.numel() for p in predictor.prediction_net.parameters())
             elif model in ("dense", "msa"):
-                module, summary = train_ours(cfg, model, seed, job_dir)
+                module, info["steps"] = train_ours(cfg, model, seed, split, job_dir)
                 predictor = predictor_from_module(module, H)
-                info["steps"] = summary["steps"]
                 info["params"] = sum(p.numel() for p in module.model.parameters())
             else:
-                predictor = _train_baseline(cfg, model, seed, zsplit, n_future, job_dir)
+                predictor = _train_baseline(cfg, model, seed, zsplit, n_future, n_past, job_dir)
                 info["steps"] = int(cfg.eval.max_steps)
                 info["params"] = sum(p.numel() for p in predictor.prediction_net.parameters())
             info["train_seconds"] = time.perf_counter() - start if model in LEARNED else 0.0
@@ -225,12 +257,14 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
         scores = score_forecasts(forecasts, split.uni_test, split.freq)
         if model == "seasonal_naive":
             naive_scores = scores
-        row = {"dataset": dataset, "model": model, "seed": seed, **scores, **relative_to(scores, naive_scores), **info}
+        row = {"dataset": dataset, "model": model, "seed": seed, **scores, **relative_to(scores, naive_scores), **info,
+               "inputs": baselines.INPUTS[model]}
         rows.append(row)
         if model not in plot_forecasts:
             plot_forecasts[model] = forecasts
         tqdm.write(f"  {model} seed {seed}: MASE {scores['MASE']:.3f} CRPS {scores['CRPS']:.4f} "
                    f"(x{row['MASE_rel']:.3f} / x{row['CRPS_rel']:.3f} naive), {info['train_seconds']:.0f} s")
+        report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split))
 
     table = report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split))
     plots = report.plot_forecasts(split.uni_test, plot_forecasts, run_dir / "plots",
@@ -243,9 +277,10 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
 
 def _setting(cfg: DictConfig, split: EvalSplit) -> dict[str, Any]:
     return {
-        "windows": split.windows, "distance": split.distance, "prediction_length": split.prediction_length,
+        "windows": split.windows, "distance": split.distance, "test_length": split.test_length, "prediction_length": split.prediction_length,
         "season": split.season, "freq": split.freq, "max_steps": int(cfg.eval.max_steps),
         "batch_size": int(cfg.data.batch_size), "context_len": int(cfg.data.context_len),
+        "patch_len": {k: int(cfg.models[k].patch_len) for k in ("dense", "msa") if k in cfg.get("models", {})},
         "seeds": list(cfg.eval.seeds), "baseline_seeds": list(cfg.eval.get("baseline_seeds") or cfg.eval.seeds),
         "checkpoint": cfg.get("checkpoint"),
     }

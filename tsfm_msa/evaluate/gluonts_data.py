@@ -1,4 +1,5 @@
-"""Our SeriesFrames as GluonTS datasets, and the GIFT-Eval style rolling test split built on GluonTS's own splitter.
+"""Our SeriesFrames as GluonTS datasets, and the GIFT-Eval style rolling test windows at the series end,
+built on GluonTS's own splitter.
 
 Field mapping (one entry per item): targets -> ``target`` ([T] for one target, [D, T] for several),
 past covariates -> ``past_feat_dynamic_real`` [P, T], future covariates and actions (known ahead) ->
@@ -6,6 +7,7 @@ past covariates -> ``past_feat_dynamic_real`` [P, T], future covariates and acti
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +16,7 @@ from gluonts.dataset.common import Dataset, ListDataset
 from gluonts.dataset.field_names import FieldName
 from gluonts.dataset.split import TestData, split
 
-from tsfm_msa.datasets import SeriesFrame, SeriesSchema, Splits, fit_scaler, seasonality
+from tsfm_msa.datasets import SeriesFrame, SeriesSchema, fit_scaler, seasonality
 
 
 class EvaluationSplitError(ValueError):
@@ -70,31 +72,43 @@ def frames_to_gluonts(frames: list[SeriesFrame], stops: list[int] | None = None,
     return ListDataset(entries, freq=frames[0].freq, one_dim_target=one_dim)
 
 
-def standardize_covariates(frames: list[SeriesFrame], splits: Splits) -> list[SeriesFrame]:
-    """Z-score the non-binary covariates of every item with statistics of its training part only.
+def standardize_covariates(frames: list[SeriesFrame], train_stops: list[int]) -> list[SeriesFrame]:
+    """Z-score the non-binary covariates of every item with statistics of its steps [0, train_stop) only.
 
-    GluonTS's PatchTST and DeepAR feed feat_dynamic_real unscaled; EPF's gen_forecast (~58,000)
+    GluonTS's PatchTST, DeepAR and TFT feed covariates unscaled; EPF's gen_forecast (~58,000)
     would swamp their inputs. Targets are left as they are (metrics are on the original scale).
     """
     out = []
-    for frame, train in zip(frames, splits.train):
+    for frame, stop in zip(frames, train_stops):
         schema = frame.schema
         covariate = np.array([r != "target" for r in schema.roles])  # [V]
         keep = ~covariate | np.asarray(schema.binary, dtype=bool)
-        loc, scale = fit_scaler(frame.values[train.start:train.stop], keep)  # [V]; keep -> loc 0, scale 1
+        loc, scale = fit_scaler(frame.values[:stop], keep)  # [V]; keep -> loc 0, scale 1
         values = (frame.values - loc) / scale  # [T, V]
         out.append(SeriesFrame(frame.item_id, frame.timestamps, values, schema))
     return out
 
 
+# GIFT-Eval: the test part is the last 10% of the shortest series, in at most 20 windows.
+GIFT_EVAL_TEST_FRACTION = 0.1
+GIFT_EVAL_MAX_WINDOWS = 20
+
+
+def gift_eval_windows(min_length: int, prediction_length: int) -> int:
+    """GIFT-Eval's default number of test windows: ceil(10% of the shortest series / H), between 1 and 20."""
+    return min(max(1, math.ceil(GIFT_EVAL_TEST_FRACTION * min_length / prediction_length)), GIFT_EVAL_MAX_WINDOWS)
+
+
 @dataclass
 class EvalSplit:
-    """The rolling test windows of one dataset, in GluonTS form.
+    """The rolling test windows of one dataset, in GluonTS form, aligned to the end of every series.
 
-    train: entries cut at the end of the training split (what the GluonTS baselines train on), one
-    series per target; test: GluonTS TestData (input = history incl. known-future covariates, label =
-    truth) of the joint series (what our multi-target models read); uni_test: the same windows with
-    one series per target, in the order (item, target, window) - what every model is scored on.
+    The last window ends at each series' last step; windows start every `distance` steps before it.
+    Everything before the first window (steps [0, train_stops[i])) is what every learned model fits on.
+    train: those fitting parts, one series per target (what the GluonTS baselines train on);
+    test: GluonTS TestData (input = history incl. known-future covariates, label = truth) of the joint
+    series (what our multi-target models read); uni_test: the same windows with one series per target,
+    in the order (item, target, window) - what every model is scored on.
     """
 
     train: Dataset
@@ -105,49 +119,56 @@ class EvalSplit:
     windows: int
     distance: int
     offset: int
+    train_stops: list[int]
     season: int
     freq: str
+
+    @property
+    def test_length(self) -> int:
+        """Steps from the first window's start to the series end."""
+        return -self.offset
 
 
 def make_eval_split(
     frames: list[SeriesFrame],
-    splits: Splits,
     prediction_length: int,
+    windows: int,
     distance: int | None = None,
-    windows: int | None = None,
+    min_train: int = 1,
 ) -> EvalSplit:
-    """GIFT-Eval style test windows: ``split(offset=-test_len)`` + ``generate_instances``.
+    """The last `windows` windows of `prediction_length` steps, every `distance` steps, ending at each
+    series' end: GluonTS ``split(offset=-test_length)`` + ``generate_instances``, with
+    test_length = (windows - 1) * distance + prediction_length (GIFT-Eval's layout).
 
-    The test part is the last test_len steps of every item (the shortest item's test split), so
-    every window's horizon lies inside each item's test split; windows defaults to all that fit.
-    """
+    min_train: the fewest steps an item must keep before its first window (a model's context)."""
     H = int(prediction_length)
     distance = int(distance or H)
-    test_len = min(len(r) for r in splits.test)
-    if test_len < H:
-        raise EvaluationSplitError(
-            f"the test split has {test_len} steps, fewer than the horizon {H}: no full test window; "
-            "raise data.test_fraction (or data.test_length) or use a shorter horizon")
-    fit = (test_len - H) // distance + 1
-    if windows is None:
-        windows = fit
-    elif windows > fit:
-        raise EvaluationSplitError(
-            f"{windows} test windows of {H} steps every {distance} steps need {(windows - 1) * distance + H} "
-            f"steps, but the test split has {test_len}; use eval.windows <= {fit} or a longer test split")
-    if windows < 1:
+    if H < 1 or distance < 1:
+        raise EvaluationSplitError(f"the horizon and eval.distance must be >= 1, got {H} and {distance}")
+    if int(windows) < 1:
         raise EvaluationSplitError(f"eval.windows must be >= 1, got {windows}")
+    windows = int(windows)
+    test_len = (windows - 1) * distance + H
+    shortest = min(f.length for f in frames)
+    if shortest - test_len < min_train:
+        fit = max(0, (shortest - min_train - H) // distance + 1)
+        raise EvaluationSplitError(
+            f"{windows} test windows of {H} steps every {distance} steps need the last {test_len} steps of every "
+            f"series plus {min_train} earlier steps to fit on, but the shortest series has {shortest}; "
+            f"use eval.windows <= {fit}")
+
     def windows_of(dataset: Dataset) -> TestData:
         _, template = split(dataset, offset=-test_len)
-        return template.generate_instances(prediction_length=H, windows=int(windows), distance=distance)
+        return template.generate_instances(prediction_length=H, windows=windows, distance=distance)
 
     n_targets = len(frames[0].schema.target_indices)
     test = windows_of(frames_to_gluonts(frames))
     uni_test = test if n_targets == 1 else windows_of(frames_to_gluonts(frames, univariate=True))
-    train = frames_to_gluonts(frames, [r.stop for r in splits.train], univariate=True)
+    train_stops = [f.length - test_len for f in frames]
+    train = frames_to_gluonts(frames, train_stops, univariate=True)
     return EvalSplit(train=train, test=test, uni_test=uni_test, n_targets=n_targets, prediction_length=H,
-                     windows=int(windows), distance=distance, offset=-test_len, season=seasonality(frames[0].freq),
-                     freq=frames[0].freq)
+                     windows=windows, distance=distance, offset=-test_len, train_stops=train_stops,
+                     season=seasonality(frames[0].freq), freq=frames[0].freq)
 
 
 def split_targets(forecasts: list, n_items: int, windows: int, target_names: list[str]) -> list:

@@ -34,7 +34,7 @@ class CheckpointMismatchError(ValueError):
 
 
 class _QuantileNet(nn.Module):
-    """GluonTS batch (time-major arrays) -> our window batch -> quantiles + mean in data units."""
+    """GluonTS batch (time-major arrays) -> our window batch -> quantiles in data units."""
 
     def __init__(self, model: PatchTransformer, schema: SeriesSchema, context_len: int, model_horizon: int,
                  prediction_length: int) -> None:
@@ -85,10 +85,11 @@ class _QuantileNet(nn.Module):
         q = self.model(batch, "sparse").quantiles[:, :, :h]  # [B, D, h, Q] scaled, sorted along Q
         t = self.target_idx
         q = q * scale[:, t, None, None] + loc[:, t, None, None]
-        out = torch.cat([q, q.mean(-1, keepdim=True)], dim=-1)  # [B, D, h, Q + 1]: quantiles, then mean
-        out = out.permute(0, 2, 1, 3)  # [B, h, D, Q + 1]
+        # Quantiles only: the model has no mean; a QuantileForecast's .mean is then its median (GluonTS's
+        # convention), which is what RMSE[mean] scores (the mean of the quantile levels is no mean).
+        out = q.permute(0, 2, 1, 3)  # [B, h, D, Q]
         if out.shape[2] == 1:
-            out = out[:, :, 0]  # univariate: [B, h, Q + 1]
+            out = out[:, :, 0]  # univariate: [B, h, Q]
         return (out,), None, None
 
 
@@ -187,7 +188,7 @@ def predictor_from_module(module, prediction_length: int | None = None, batch_si
     predictor = TSFMPredictor(
         input_names=names, prediction_net=net, batch_size=batch_size, prediction_length=h,
         input_transform=input_transform(context_len, h, has_past, has_future),
-        forecast_generator=QuantileForecastGenerator(quantiles=[str(q) for q in levels] + ["mean"]),
+        forecast_generator=QuantileForecastGenerator(quantiles=[str(q) for q in levels]),
         device=device,
     )
     predictor.schema = schema

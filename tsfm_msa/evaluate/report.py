@@ -11,9 +11,9 @@ import pandas as pd
 
 METRICS = ("MASE", "CRPS", "MAE", "RMSE", "MASE_rel", "CRPS_rel")
 COSTS = ("train_seconds", "peak_mb", "delta_mb", "predict_seconds")
-MODEL_ORDER = ("seasonal_naive", "patchtst", "deepar", "dense", "msa", "checkpoint")
+MODEL_ORDER = ("seasonal_naive", "patchtst", "deepar", "tft", "dense", "msa", "checkpoint")
 LABELS = {"seasonal_naive": "Seasonal naive (GluonTS)", "patchtst": "PatchTST (GluonTS)",
-          "deepar": "DeepAR (GluonTS)", "dense": "tsfm-msa dense", "msa": "tsfm-msa MSA",
+          "deepar": "DeepAR (GluonTS)", "tft": "TFT (GluonTS)", "dense": "tsfm-msa dense", "msa": "tsfm-msa MSA",
           "checkpoint": "checkpoint"}
 
 
@@ -23,6 +23,7 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
     out = []
     for (dataset, model), g in df.groupby(["dataset", "model"], sort=False):
         rec: dict[str, Any] = {"dataset": dataset, "model": model, "seeds": len(g),
+                               "inputs": str(g["inputs"].iloc[0]) if "inputs" in g else "",
                                "steps": int(g["steps"].max()), "params": int(g["params"].max())}
         for col in METRICS + COSTS:
             vals = g[col].to_numpy(dtype=float)
@@ -78,7 +79,13 @@ def comparison(table: pd.DataFrame, rows: list[dict[str, Any]] | None = None) ->
                     sd = float(ratio.std(ddof=1)) if len(ratio) > 1 else 0.0
                     line += f"; paired per-seed MSA/dense CRPS ratio {ratio.mean():.3f} ± {sd:.3f} ({len(ratio)} seeds)"
             notes.append(line + "; a gap smaller than the spread is not resolved.")
-        for k in ("dense", "msa", "patchtst", "deepar", "checkpoint"):
+        if "deepar" in by:
+            for k in ("dense", "msa"):
+                if k in by:
+                    ok = "beats" if by[k]["MASE"] < by["deepar"]["MASE"] else "does NOT beat"
+                    notes.append(f"- {dataset}: {LABELS[k]} {ok} DeepAR on MASE ({by[k]['MASE']:.3f} vs "
+                                 f"{by['deepar']['MASE']:.3f}; CRPS {by[k]['CRPS']:.4f} vs {by['deepar']['CRPS']:.4f}).")
+        for k in ("dense", "msa", "patchtst", "deepar", "tft", "checkpoint"):
             if k in by:
                 r = by[k]
                 ok = "beats" if r["MASE_rel"] < 1 else "does NOT beat"
@@ -94,20 +101,74 @@ def write_report(rows: list[dict[str, Any]], run_dir: Path, dataset: str, settin
     table = summarize(rows)
     pd.DataFrame(rows).to_csv(run_dir / "evaluation_seeds.csv", index=False)
     table.to_csv(run_dir / "evaluation.csv", index=False)
-    md = [f"# Evaluation on `{dataset}`", "",
-          f"{setting['windows']} rolling test windows per series (horizon {setting['prediction_length']}, "
-          f"every {setting['distance']} steps) at the end of the test split; GluonTS metrics with axis=None, "
-          f"mask_invalid_label=True, allow_nan_forecast=False, seasonality {setting['season']} ({setting['freq']}). "
-          f"CRPS = mean weighted quantile loss over 0.1..0.9. Learned models: {setting['max_steps']} steps x batch "
-          f"{setting['batch_size']}, context {setting['context_len']}; seeds {setting['seeds']} (ours), "
-          f"{setting['baseline_seeds']} (GluonTS models). Values are mean ± sample std over seeds. "
-          "Peak MB: the process's peak resident memory while the model trained, (+rise) over its value "
-          "when that model's training started (CPU; on a GPU both are the peak CUDA allocation). "
-          "Train s: wall-clock training time on shared CPU cores.", "",
-          markdown_table(table), "", "## Goals", "", *comparison(table, rows), ""]
-    (run_dir / "evaluation.md").write_text("\n".join(md))
+    (run_dir / "evaluation.md").write_text(report_markdown(table, rows, dataset, setting))
     (run_dir / "evaluation.json").write_text(json.dumps({"setting": setting, "rows": rows}, indent=2, default=float))
     return table
+
+
+def report_markdown(table: pd.DataFrame, rows: list[dict[str, Any]], dataset: str, setting: dict[str, Any]) -> str:
+    """evaluation.md: the protocol, the table, each model's inputs and the goal checks."""
+    md = [f"# Evaluation on `{dataset}`", "", protocol_text(setting), "", markdown_table(table), "",
+          "## Inputs of each model", "", *inputs_lines(table), "", "## Goals", "", *comparison(table, rows), ""]
+    return "\n".join(md)
+
+
+def protocol_text(setting: dict[str, Any]) -> str:
+    """The evaluation protocol in one paragraph (windows, fitting part, checkpoints, metrics)."""
+    return (
+        f"Test windows: the last {setting['windows']} windows of {setting['prediction_length']} steps of every series "
+        f"(every {setting['distance']} steps), the last one ending at the series' last step (GIFT-Eval's layout; "
+        f"the last {setting['test_length']} steps). Every learned model fits on everything before the first test "
+        f"window (no validation period) for {setting['max_steps']} steps x batch {setting['batch_size']} with "
+        f"context {setting['context_len']} (DeepAR adds its lags), and is scored with its final weights (no "
+        f"checkpoint selection, for ours and the GluonTS models alike). Seeds {setting['seeds']} (ours), "
+        f"{setting['baseline_seeds']} (GluonTS models), run seed-major (every model's first seed before any "
+        f"second); the seeds column counts the runs that finished; values are mean ± sample std over them. GluonTS metrics "
+        f"with axis=None, mask_invalid_label=True, allow_nan_forecast=False, seasonality {setting['season']} "
+        f"({setting['freq']}). CRPS = mean weighted quantile loss over 0.1..0.9; MASE and MAE score the median; "
+        "RMSE scores the forecast's `.mean`: the sample mean of sample forecasts (PatchTST, DeepAR), the "
+        "median of quantile forecasts (ours, TFT; GluonTS's convention when no mean is stored) and the point "
+        "forecast of seasonal naive. Peak MB: the process's peak resident memory while the model trained, (+rise) "
+        "over its value when that model's training started (CPU; on a GPU both are the peak CUDA allocation). "
+        "Train s: wall-clock training time on shared CPU cores.")
+
+
+def inputs_lines(table: pd.DataFrame) -> list[str]:
+    """One line per model: the inputs it read (a baseline that cannot take an input says so)."""
+    seen = dict.fromkeys(zip(table["model"], table.get("inputs", [""] * len(table))))
+    return [f"- {LABELS.get(m, m)}: {inp}" for m, inp in seen]
+
+
+def geometric_mean_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Across datasets: per model, the geometric mean of its (seed-mean) MASE and CRPS ratios to seasonal
+    naive, and the datasets it covers (GIFT-Eval's aggregate)."""
+    out = []
+    for model, g in table.groupby("model", sort=False):
+        out.append({"model": model, "datasets": len(g), "names": ", ".join(g["dataset"]),
+                    "MASE_rel_geomean": float(np.exp(np.log(g["MASE_rel"].to_numpy(float)).mean())),
+                    "CRPS_rel_geomean": float(np.exp(np.log(g["CRPS_rel"].to_numpy(float)).mean()))})
+    order = {m: i for i, m in enumerate(MODEL_ORDER)}
+    return pd.DataFrame(out).sort_values("model", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+
+
+def common_datasets_note(table: pd.DataFrame) -> str:
+    """Which datasets every model covers: geometric means compare only over the same datasets."""
+    per_model = table.groupby("model")["dataset"].apply(set)
+    common = set.intersection(*per_model) if len(per_model) else set()
+    partial = [LABELS.get(m, m) for m, d in per_model.items() if d != common]
+    note = f"Datasets every model covers: {sorted(common) or 'none'}."
+    if partial:
+        note += (f" Not every model finished on every dataset ({', '.join(partial)} cover other sets): compare "
+                 "geometric means only between models with the same datasets column.")
+    return note
+
+
+def geometric_mean_markdown(summary: pd.DataFrame) -> str:
+    lines = ["| model | datasets | MASE / naive (geo. mean) | CRPS / naive (geo. mean) |", "|---|---|---:|---:|"]
+    for r in summary.to_dict("records"):
+        lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['names']} | {r['MASE_rel_geomean']:.3f} | "
+                     f"{r['CRPS_rel_geomean']:.3f} |")
+    return "\n".join(lines)
 
 
 def plot_forecasts(test_data, forecasts: dict[str, list], out_dir: Path, n_series: int = 2, n_windows: int = 2,
