@@ -14,17 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import dot as _dot
+
 from .decode_reference import check_decode_attention_inputs
 from .validation import KernelInputError
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # fp32 inputs would run as tf32 on GPU by default; the interpreter tests need exact fp32.
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import dot as _dot
+
 from .validation import check_attention_inputs
 
 INT32_MAX = 2**31 - 1
@@ -80,15 +82,6 @@ _MEMBER = {"slots": 0, "unrolled": 1, "bits": 2}
 
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # fp32 inputs would run as tf32 on GPU by default; the interpreter tests need exact fp32.
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
