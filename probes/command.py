@@ -359,6 +359,12 @@ def run_probe(cfg: DictConfig) -> dict:
     return run_probe_in(plain, _run_dir())
 
 
+def _device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}), torch {torch.__version__}"
+    return f"cpu, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
 def run_probe_in(cfg: dict, out_dir: Path) -> dict:
     """The probe suite for a plain-dict config, writing the report into ``out_dir``."""
     start = time.perf_counter()
@@ -382,7 +388,7 @@ def run_probe_in(cfg: dict, out_dir: Path) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "settings": {k: copy.deepcopy(cfg.get(k)) for k in ("overrides", "seed", "threads", "checkpoint", "model",
                                                               "train", "selectors", "verdict")},
-        "device": f"cpu, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+        "device": _device_text(probe_device(cfg.get("device"))),
         "scenarios": results,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -106,23 +107,24 @@ def _qk(layout: TokenLayout, heads: int, groups: int, seed: int, batch: int = 1)
 LONG_LIMIT = 1 << 27  # 128 MiB: far below one [L, L] bool (1 GiB at 32K tokens)
 
 
+@pytest.mark.slow
 def test_allocation_limit_catches_a_quadratic_tensor():
     """The guard of the long test can fail: a full [L, L] visibility matrix at 32K tokens trips it."""
-    layout = one_variate_per_group_layout(16384, 16, 2, 16)
+    layout = one_variate_per_group_layout(16384, 1, 2, 16)
     assert layout.seq_len >= 32768
     with pytest.raises(MemoryError, match="allocated"), AllocationLimit(LONG_LIMIT):
         selectors.key_visibility(layout)
 
 
-@pytest.mark.parametrize("policy", ["sensor", "free"])
-def test_selectors_and_metrics_at_32k_tokens_stay_within_memory(policy):
+@pytest.mark.slow
+def test_selectors_and_metrics_at_32k_tokens_stay_within_memory():
     """Every training-free selector hook and every metric at 32K+ tokens, with no tensor above 128 MiB
     (an [L, L] tensor would need 1 GiB as bool, 4 GiB as float)."""
     groups = 2
-    layout = one_variate_per_group_layout(16384, 16, groups, 16)
+    layout = one_variate_per_group_layout(16384, 1, groups, 16)
     seq_len = layout.seq_len
     assert seq_len >= 32768
-    layer = _layer(policy, groups)
+    layer = _layer("sensor", groups)
     q, k = _qk(layout, groups, groups, seed=7)
     queries = metrics.forecast_queries(layout)
     needed = torch.zeros(1, groups, layout.n_patches, dtype=torch.bool)
@@ -138,7 +140,7 @@ def test_selectors_and_metrics_at_32k_tokens_stay_within_memory(policy):
             sel = metrics.query_selection(idx, layout, queries, 1, groups)
             metrics.selection_recall([sel], need_blocks)
             metrics.support_size(sel, layout, queries)
-            metrics.path_recall([idx, idx], layout, need_tok, queries)
+            metrics.path_recall([idx], layout, need_tok, queries)
         dense = metrics.query_selection(None, layout, queries, 1, groups)
         assert metrics.selection_recall([dense], need_blocks)["recall"] == 1.0
         assert metrics.path_recall([None], layout, need_tok, queries) == 1.0
@@ -246,3 +248,23 @@ def test_long_context_ci_setting_runs_end_to_end_on_the_cpu(tmp_path):
         local = next(r for r in pol["rows"] if r["backbone"] == "msa" and r["selector"] == "local")
         assert local["recall"] == 0.0  # the cause is 60 patches back, the local window two blocks of 16
     assert (tmp_path / "probe_report.md").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU with compiled Triton kernels")
+def test_long_context_probe_runs_on_cuda_through_the_triton_kernels(tmp_path, monkeypatch):
+    """probe=long_ci with device=cuda: training and every selector go through the Triton ops."""
+    from tsfm_msa.kernels import dispatch
+
+    used: list[str] = []
+    real = dispatch._triton_op
+
+    def spy(module: str, name: str):
+        used.append(name)
+        return real(module, name)
+
+    monkeypatch.setattr(dispatch, "_triton_op", spy)
+    summary = run_probe_in(_compose_probe(["probe=long_ci", "device=cuda"]), tmp_path)
+    assert {"select_blocks_triton", "sparse_attention_triton", "indexer_kl_triton"} <= set(used)
+    assert "cuda" in summary["device"]
