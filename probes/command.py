@@ -3,7 +3,7 @@
 For each scenario of ``cfg.probe.scenarios`` and each group policy it lists:
 
 1. train a dense model and an MSA model (indexer warmup, then sparse) on the scenario's training
-   windows with the same step budget (ForecastModule + Lightning on the CPU): from scratch
+   windows with the same step budget (ForecastModule + Lightning; CUDA when available): from scratch
    (``train.msa_init=scratch``), or by dense -> sparse adaptation (``dense``: both continue from one
    dense model for ``msa_steps``, the MSA one with warmup then sparse); or, with ``cfg.checkpoint``,
    load one model and probe it zero-shot;

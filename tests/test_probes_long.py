@@ -268,3 +268,21 @@ def test_long_context_probe_runs_on_cuda_through_the_triton_kernels(tmp_path, mo
     summary = run_probe_in(_compose_probe(["probe=long_ci", "device=cuda"]), tmp_path)
     assert {"select_blocks_triton", "sparse_attention_triton", "indexer_kl_triton"} <= set(used)
     assert "cuda" in summary["device"]
+
+
+def test_dense_twin_equals_the_all_blocks_selector():
+    """The probes run the dense selector as the same weights with dense attention: identical to the
+    MSA model given every block, without the O(L^2 / block_size) block list."""
+    from tsfm_msa.probes.command import dense_twin
+
+    torch.manual_seed(2)
+    msa = PatchTransformer(["target", "past_covariate", "past_covariate"], [0, 1, 1], ["t", "s"], patch_len=4,
+                           d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, block_size=2, top_k=3,
+                           index_dim=4, group_policy="sensor").eval()
+    g = torch.Generator().manual_seed(12)
+    batch = {"context": torch.randn(2, 32, 3, generator=g), "context_mask": torch.ones(2, 32, 3, dtype=torch.bool),
+             "horizon": torch.randn(2, 4, 3, generator=g), "horizon_mask": torch.ones(2, 4, 3, dtype=torch.bool)}
+    twin = dense_twin(msa)
+    assert not selectors.msa_layers(twin)
+    with torch.no_grad(), selectors.use_selector(msa, "dense"):
+        torch.testing.assert_close(twin(batch).quantiles, msa(batch).quantiles, rtol=1e-4, atol=1e-5)
