@@ -3,7 +3,7 @@
 For each scenario of ``cfg.probe.scenarios`` and each group policy it lists:
 
 1. train a dense model and an MSA model (indexer warmup, then sparse) on the scenario's training
-   windows with the same step budget (ForecastModule + Lightning on the CPU): from scratch
+   windows with the same step budget (ForecastModule + Lightning; CUDA when available): from scratch
    (``train.msa_init=scratch``), or by dense -> sparse adaptation (``dense``: both continue from one
    dense model for ``msa_steps``, the MSA one with warmup then sparse); or, with ``cfg.checkpoint``,
    load one model and probe it zero-shot;
@@ -15,6 +15,7 @@ For each scenario of ``cfg.probe.scenarios`` and each group policy it lists:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import logging
@@ -32,6 +33,7 @@ from tsfm_msa.probes import metrics
 from tsfm_msa.probes.report import judge, write_report
 from tsfm_msa.probes.scenarios import ProbeConfigError, ScenarioData, make_scenario
 from tsfm_msa.probes.selectors import SELECTORS, TRAINING_FREE, msa_layers, use_selector
+from tsfm_msa.model.attention import DenseGQA, MSAAttention
 from tsfm_msa.tokens import TokenLayout
 from tsfm_msa.train.lightning_module import build_model
 
@@ -57,10 +59,22 @@ def window_dataset(frames, scenario: ScenarioData) -> WindowDataset:
     return WindowDataset(frames, c, h, stride=c + h, split="probe")
 
 
+def probe_device(name: str | None) -> torch.device:
+    """``auto`` (default): CUDA when available (the MSA ops then run the Triton kernels), else CPU."""
+    name = name or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ProbeConfigError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ProbeConfigError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    return torch.device(name)
+
+
 def train_model(model_config: dict, scenario: ScenarioData, train_cfg: dict, seed: int,
-                init_state: dict | None = None) -> tuple[torch.nn.Module, float]:
-    """Train on the scenario's training windows with ForecastModule + Lightning (CPU); return the
-    PatchTransformer (eval mode) and the seconds spent."""
+                init_state: dict | None = None, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, float]:
+    """Train on the scenario's training windows with ForecastModule + Lightning on ``device``; return
+    the PatchTransformer (eval mode, on ``device``) and the seconds spent."""
     import lightning as L
 
     from tsfm_msa.train.lightning_module import ForecastModule
@@ -76,12 +90,12 @@ def train_model(model_config: dict, scenario: ScenarioData, train_cfg: dict, see
         module.model.load_state_dict(init_state, strict=False)
     loader = DataLoader(window_dataset(scenario.train, scenario), batch_size=int(train_cfg["batch_size"]),
                         shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         gradient_clip_val=1.0, num_sanity_val_steps=0)
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
-    return module.model.eval(), time.perf_counter() - start
+    return module.model.to(device).eval(), time.perf_counter() - start
 
 
 def as_msa(model_config: dict, schema: dict, state: dict, policy: str) -> torch.nn.Module:
@@ -93,6 +107,19 @@ def as_msa(model_config: dict, schema: dict, state: dict, policy: str) -> torch.
     if bad:
         raise ProbeConfigError(f"the weights do not fit the probe model: {bad[:5]}")
     return model.eval()
+
+
+def dense_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The same weights in a dense-attention model: the ``dense`` selector (every visible block gives
+    exactly dense attention) without building an all-blocks list of O(L^2 / block_size)."""
+    twin = copy.deepcopy(model)
+    for layer in twin.layers:
+        if isinstance(layer.attention, MSAAttention):
+            old = layer.attention
+            dense = DenseGQA(old.q_proj.in_features, old.n_heads, old.n_kv_heads, old.head_dim)
+            dense.load_state_dict({k: v for k, v in old.state_dict().items() if not k.startswith("index_")})
+            layer.attention = dense.to(old.q_proj.weight.device)
+    return twin.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,47 +137,79 @@ def probe_batches(scenario: ScenarioData) -> dict:
     return {"orig": orig, "cf": cf, "truth": truth, "truth_cf": truth_cf, "needed": needed}
 
 
+def _slice_batch(batch: dict, rows: slice, device: torch.device) -> dict:
+    return {k: v[rows].to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
-def forecast(model: torch.nn.Module, batch: dict) -> tuple[np.ndarray, list[torch.Tensor], TokenLayout]:
-    """Quantiles in raw units ``[N, T, H, Q]``, each MSA layer's block_idx, and the layout."""
+def forecast(model: torch.nn.Module, batch: dict) -> tuple[np.ndarray, list[torch.Tensor | None], TokenLayout]:
+    """Quantiles in raw units ``[N, T, H, Q]``, each attention layer's block_idx (None for a dense
+    layer: every visible block), and the layout."""
     out = model(batch, "sparse")
     targets = model.target_index
     scale = batch["scale"][:, targets, None, None]
     loc = batch["loc"][:, targets, None, None]
-    raw = (out.quantiles * scale + loc).numpy()
+    raw = (out.quantiles * scale + loc).float().cpu().numpy()
     layout = model.layout(batch["context"].shape[1], batch["horizon"].shape[1], batch["context"].device)
-    return raw, [a.block_idx for a in out.aux if a.block_idx is not None], layout
+    return raw, [a.block_idx for a in out.aux], layout
 
 
-def selection_grid(block_idx_per_layer: list[torch.Tensor], layout: TokenLayout, queries: torch.Tensor, n_var: int,
+def selection_grid(query_selection_per_layer: list[torch.Tensor], layout: TokenLayout, n_var: int,
                    instance: int = 0) -> np.ndarray:
     """Share of layers in which a forecast query's selection (any GQA group) includes each (variate,
     patch) token's block, for one instance, averaged over forecast queries: float [V, n_patches]."""
+    freq = torch.zeros(layout.n_blocks, device=layout.q_time.device)
+    for query_sel in query_selection_per_layer:  # [B, G, Q, NB]
+        freq += query_sel[instance].any(0).float().mean(0)  # any group, mean over queries
+    freq /= max(1, len(query_selection_per_layer))
+    valid = layout.token_variate >= 0
+    positions = torch.arange(layout.seq_len, device=freq.device)[valid]
     grid = np.zeros((n_var, layout.n_patches))
-    freq = torch.zeros(layout.n_blocks)
-    for block_idx in block_idx_per_layer:
-        sel = metrics.selected_blocks(block_idx[instance:instance + 1, :, queries], layout.n_blocks)
-        freq += sel.any(1).float().mean((0, 1))  # [1, G, Q, NB] -> any group -> mean over queries
-    freq /= max(1, len(block_idx_per_layer))
-    for pos in range(layout.seq_len):
-        v, p = int(layout.token_variate[pos]), int(layout.token_patch[pos])
-        if v >= 0:
-            grid[v, p] = float(freq[pos // layout.block_size])
+    grid[layout.token_variate[valid].cpu().numpy(), layout.token_patch[valid].cpu().numpy()] = \
+        freq[positions // layout.block_size].cpu().numpy()
     return grid
 
 
-def evaluate_selector(model: torch.nn.Module, data: dict, name: str, seed: int) -> dict:
+def run_selector(model: torch.nn.Module, data: dict, name: str, seed: int, eval_batch: int) -> dict:
+    """Forecasts of the original and counterfactual windows under selector ``name``, in mini-batches
+    of ``eval_batch`` instances, with what the metrics need kept per instance: each layer's selection
+    at the forecast queries ``[N, G, Q, NB]`` and the path recall ``[N]`` — never a full block list
+    of all instances, never an [L, L] tensor."""
+    device = next(model.parameters()).device
+    runner = dense_twin(model) if name == "dense" else model
+    hook = contextlib.nullcontext() if name == "dense" else use_selector(model, name, seed)
+    n = data["needed"].shape[0]
+    quant, quant_cf, query_sel, path = [], [], None, []
+    with hook:
+        for start in range(0, n, eval_batch):
+            rows = slice(start, min(start + eval_batch, n))
+            q_orig, block_idx, layout = forecast(runner, _slice_batch(data["orig"], rows, device))
+            q_cf, _, _ = forecast(runner, _slice_batch(data["cf"], rows, device))
+            quant.append(q_orig)
+            quant_cf.append(q_cf)
+            queries = metrics.forecast_queries(layout)
+            b = rows.stop - rows.start
+            groups = model.layers[0].attention.n_kv_heads
+            sel = [metrics.query_selection(idx, layout, queries, b, groups).cpu() for idx in block_idx]
+            query_sel = sel if query_sel is None else [torch.cat([a, s]) for a, s in zip(query_sel, sel)]
+            needed_tok = metrics.needed_tokens(data["needed"][rows].to(device), layout)
+            path.append(metrics.path_recall_per_instance(block_idx, layout, needed_tok, queries).cpu())
+            del block_idx
+    return {"quant": np.concatenate(quant), "quant_cf": np.concatenate(quant_cf), "query_sel": query_sel,
+            "path": torch.cat(path), "layout": layout.to("cpu"), "queries": queries.cpu()}
+
+
+def evaluate_selector(model: torch.nn.Module, data: dict, name: str, seed: int, eval_batch: int = 16) -> dict:
     """Every metric of one selector on one backbone (the error ratio is filled in by the caller)."""
-    with use_selector(model, name, seed):
-        quant, block_idx, layout = forecast(model, data["orig"])
-        quant_cf, _, _ = forecast(model, data["cf"])
-    levels = model.quantile_levels.numpy()
+    run = run_selector(model, data, name, seed, eval_batch)
+    quant, quant_cf, layout, queries = run["quant"], run["quant_cf"], run["layout"], run["queries"]
+    levels = model.quantile_levels.cpu().numpy()
     mid = int(np.abs(levels - 0.5).argmin())
-    queries = metrics.forecast_queries(layout)
     needed = metrics.needed_blocks(data["needed"], layout)
-    recall = metrics.selection_recall(block_idx, needed, queries)
-    path = metrics.path_recall(block_idx, layout, metrics.needed_tokens(data["needed"], layout), queries)
-    support = [metrics.support_size(b, layout, queries) for b in block_idx]
+    recall = metrics.selection_recall(run["query_sel"], needed)
+    ok = ~torch.isnan(run["path"])
+    path = float(run["path"][ok].mean()) if bool(ok.any()) else float("nan")
+    support = [metrics.support_size(s, layout, queries) for s in run["query_sel"]]
     cf = metrics.counterfactual_sensitivity(quant_cf[..., mid] - quant[..., mid], data["truth_cf"] - data["truth"])
     return {
         "selector": name,
@@ -164,18 +223,18 @@ def evaluate_selector(model: torch.nn.Module, data: dict, name: str, seed: int) 
         "cf_gain": cf["gain"],
         "support_tokens": float(np.mean([s["tokens"] for s in support])),
         "support_frac": float(np.mean([s["frac"] for s in support])),
-        "_grid": selection_grid(block_idx, layout, queries, data["needed"].shape[1]),
+        "_grid": selection_grid(run["query_sel"], layout, data["needed"].shape[1]),
         "_cf": (data["truth_cf"] - data["truth"], quant_cf[..., mid] - quant[..., mid]),
     }
 
 
 def evaluate_backbones(backbones: dict[str, tuple[torch.nn.Module, list[str]]], data: dict, reference: str,
-                       seed: int, thresholds: dict) -> list[dict]:
+                       seed: int, thresholds: dict, eval_batch: int = 16) -> list[dict]:
     """Run the listed selectors on each backbone; error ratios against ``dense`` on ``reference``."""
     rows = []
     for backbone, (model, names) in backbones.items():
         for name in names:
-            row = evaluate_selector(model, data, name, seed)
+            row = evaluate_selector(model, data, name, seed, eval_batch)
             row["backbone"] = backbone
             rows.append(row)
     ref = next(r for r in rows if r["backbone"] == reference and r["selector"] == "dense")
@@ -228,6 +287,8 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     result = {"description": scenario.description, "knobs": scenario.knobs, "policies": {},
               "train_seconds": {}, "schema": scenario.schema.to_dict()}
     thresholds = dict(cfg["verdict"])
+    device = probe_device(cfg.get("device"))
+    eval_batch = int(cfg.get("eval_batch_size") or 16)
 
     if checkpoint is not None:
         ck_schema = SeriesSchema.from_dict(hp["schema"])
@@ -242,7 +303,8 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
         for policy in policies:
             model = as_msa(model_config, hp["schema"], state, policy)
             names = [s for s in selectors if is_msa or s != "learned"]
-            rows = evaluate_backbones({"checkpoint": (model, names)}, data, "checkpoint", seed, thresholds)
+            rows = evaluate_backbones({"checkpoint": (model.to(device), names)}, data, "checkpoint", seed, thresholds,
+                                      eval_batch)
             result["policies"][policy] = _finish(rows, model, scenario)
         return result
 
@@ -253,7 +315,7 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     msa_train = {**train_cfg, "steps": train_cfg.get("msa_steps") or train_cfg["steps"]}
     policies = list(spec.get("policies") or ["sensor"])
     dense_config = probe_model_config(cfg["model"], scenario, "dense", policies[0])
-    dense, secs = train_model(dense_config, scenario, {**train_cfg, "indexer_warmup_steps": 0}, seed)
+    dense, secs = train_model(dense_config, scenario, {**train_cfg, "indexer_warmup_steps": 0}, seed, device=device)
     result["train_seconds"]["dense"] = round(secs, 1)
     init_state = {k: v.clone() for k, v in dense.state_dict().items()}
     if init_mode == "dense":
@@ -261,25 +323,25 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
         # (indexer warmup, then sparse). The dense reference continues just as long with dense
         # attention, so both models end with the same number of steps on the same data.
         dense, secs = train_model(dense_config, scenario, {**msa_train, "indexer_warmup_steps": 0}, seed + 1,
-                                  init_state=init_state)
+                                  init_state=init_state, device=device)
         result["train_seconds"]["dense_continued"] = round(secs, 1)
     dense_state = dense.state_dict()
     for policy in policies:
         msa_config = probe_model_config(cfg["model"], scenario, "msa", policy)
         msa, secs = train_model(msa_config, scenario, msa_train, seed + 1 if init_mode == "dense" else seed,
-                                init_state=init_state if init_mode == "dense" else None)
+                                init_state=init_state if init_mode == "dense" else None, device=device)
         result["train_seconds"][f"msa_{policy}"] = round(secs, 1)
-        dense_backbone = as_msa(msa_config, scenario.schema.to_dict(), dense_state, policy)
+        dense_backbone = as_msa(msa_config, scenario.schema.to_dict(), dense_state, policy).to(device)
         free = [s for s in selectors if s in TRAINING_FREE]
         backbones = {"dense": (dense_backbone, free), "msa": (msa, selectors)}
-        rows = evaluate_backbones(backbones, data, "dense", seed, thresholds)
+        rows = evaluate_backbones(backbones, data, "dense", seed, thresholds, eval_batch)
         result["policies"][policy] = _finish(rows, msa, scenario)
     return result
 
 
 def _finish(rows: list[dict], model: torch.nn.Module, scenario: ScenarioData) -> dict:
     layer = msa_layers(model)[0]
-    layout = model.layout(scenario.context_len, scenario.horizon, torch.device("cpu"))
+    layout = model.layout(scenario.context_len, scenario.horizon, next(model.parameters()).device)
     return {"rows": rows, "top_k": int(layer.top_k), "block_size": int(layout.block_size),
             "n_blocks": int(layout.n_blocks), "seq_len": int(layout.seq_len),
             "group_names": list(layout.group_names), "variate_names": list(scenario.schema.names),
@@ -295,6 +357,12 @@ def run_probe(cfg: DictConfig) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["overrides"] = list(HydraConfig.get().overrides.task)  # the command line, for the record
     return run_probe_in(plain, _run_dir())
+
+
+def _device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}), torch {torch.__version__}"
+    return f"cpu, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def run_probe_in(cfg: dict, out_dir: Path) -> dict:
@@ -320,7 +388,7 @@ def run_probe_in(cfg: dict, out_dir: Path) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "settings": {k: copy.deepcopy(cfg.get(k)) for k in ("overrides", "seed", "threads", "checkpoint", "model",
                                                               "train", "selectors", "verdict")},
-        "device": f"cpu, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+        "device": _device_text(probe_device(cfg.get("device"))),
         "scenarios": results,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }

@@ -9,6 +9,9 @@ import torch
 
 from tsfm_msa.tokens import TokenLayout
 
+# Elements of the largest per-chunk tensor of the path metric: 2^24 (16 M).
+CHUNK_ELEMENTS = 1 << 24
+
 
 def forecast_queries(layout: TokenLayout) -> torch.Tensor:
     """Token positions ``[Q]`` whose outputs become the forecast (the hidden horizon target patches)."""
@@ -24,15 +27,32 @@ def needed_blocks(needed: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 
 def selected_blocks(block_idx: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """``block_idx [B, G, L, K]`` (-1 = empty) -> bool ``[B, G, L, NB]``."""
+    """``block_idx [..., K]`` (-1 = empty) -> bool ``[..., NB]``."""
     out = torch.zeros(*block_idx.shape[:-1], n_blocks + 1, dtype=torch.bool, device=block_idx.device)
     out.scatter_(-1, torch.where(block_idx < 0, n_blocks, block_idx).long(), True)
     return out[..., :n_blocks]
 
 
-def selection_recall(block_idx_per_layer: list[torch.Tensor], needed: torch.Tensor,
-                     queries: torch.Tensor) -> dict:
-    """Recall of the needed blocks ``needed [B, NB]`` by the forecast queries ``queries [Q]``.
+def visible_blocks(layout: TokenLayout, rows: torch.Tensor | slice) -> torch.Tensor:
+    """bool ``[Lq, NB]``: blocks holding at least one key visible to the query rows ``rows``."""
+    nb, bs = layout.n_blocks, layout.block_size
+    big = torch.iinfo(torch.int32).max
+    first = torch.nn.functional.pad(layout.k_time, (0, nb * bs - layout.seq_len), value=big).view(nb, bs).amin(-1)
+    return first[None, :] <= layout.q_time[rows][:, None]
+
+
+def query_selection(block_idx: torch.Tensor | None, layout: TokenLayout, queries: torch.Tensor,
+                    batch: int, groups: int) -> torch.Tensor:
+    """Blocks selected by the forecast queries, bool ``[B, G, Q, NB]``, from one layer's ``block_idx
+    [B, G, L, K]``; ``None`` means dense attention (every visible block)."""
+    if block_idx is None:
+        return visible_blocks(layout, queries)[None, None].expand(batch, groups, -1, -1)
+    return selected_blocks(block_idx[:, :, queries], layout.n_blocks)
+
+
+def selection_recall(query_selection_per_layer: list[torch.Tensor], needed: torch.Tensor) -> dict:
+    """Recall of the needed blocks ``needed [B, NB]`` by the forecast queries, from each layer's
+    selection at those queries (``query_selection [B, G, Q, NB]``).
 
     For a query and an instance, recall = |selected & needed| / |needed|; averaged over queries and
     instances with at least one needed block. Reported per layer and GQA group, per layer (union over
@@ -46,8 +66,8 @@ def selection_recall(block_idx_per_layer: list[torch.Tensor], needed: torch.Tens
     need = needed[has][:, None, None, :]  # [b, 1, 1, NB]
     denom = n_need[has][:, None, None]
     per_layer_group, per_layer, union = [], [], None
-    for block_idx in block_idx_per_layer:
-        sel = selected_blocks(block_idx[has][:, :, queries], needed.shape[-1])  # [b, G, Q, NB]
+    for query_sel in query_selection_per_layer:
+        sel = query_sel[has]  # [b, G, Q, NB]
         hits = (sel & need).sum(-1).float() / denom  # [b, G, Q]
         per_layer_group.append([float(x) for x in hits.mean((0, 2))])
         any_group = sel.any(1, keepdim=True)  # [b, 1, Q, NB]
@@ -64,37 +84,64 @@ def needed_tokens(needed: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return needed[:, layout.token_variate.clamp(min=0), layout.token_patch.clamp(min=0)] & valid
 
 
-def path_recall(block_idx_per_layer: list[torch.Tensor], layout: TokenLayout, needed_tok: torch.Tensor,
-                queries: torch.Tensor) -> float:
-    """Share of the needed tokens ``needed_tok [B, L]`` whose information can reach a forecast query
-    through the selections of the layer stack: a token reaches query i if i reads it directly in some
-    layer, or reads (in a later layer) a token that read it. Direct recall misses the second route,
-    which a trained sparse model can use (an early layer copies the far event into a recent token)."""
-    visible = layout.k_time[None, :] <= layout.q_time[:, None]  # [L, L]
-    bs, seq_len = layout.block_size, layout.seq_len
-    batch = needed_tok.shape[0]
-    reach = torch.zeros(batch, len(queries), seq_len, dtype=torch.bool)  # [B, Q, L]
-    reach[:, torch.arange(len(queries)), queries] = True
+def path_recall_per_instance(block_idx_per_layer: list[torch.Tensor | None], layout: TokenLayout,
+                             needed_tok: torch.Tensor, queries: torch.Tensor,
+                             budget: int | None = None) -> torch.Tensor:
+    """Per instance ``[B]`` (NaN without a needed token): share of the needed tokens ``needed_tok [B, L]``
+    whose information can reach a forecast query through the selections of the layer stack
+    (``block_idx [B, G, L, K]`` per layer, ``None`` = dense): a token reaches query i if i reads it
+    directly in some layer, or reads (in a later layer) a token that read it. Direct recall misses the
+    second route, which a trained sparse model can use (an early layer copies the far event into a
+    recent token).
+
+    No [L, L] tensor: per layer, for every (instance, forecast query, block) the latest query time
+    among the reached tokens that read the block; a key of the block is then reached iff it is visible
+    at that time (visibility is monotone in the query time). Readers are scanned in chunks.
+    """
+    bs, seq_len, nb = layout.block_size, layout.seq_len, layout.n_blocks
+    batch, n_q = needed_tok.shape[0], len(queries)
+    reach = torch.zeros(batch, n_q, seq_len, dtype=torch.bool, device=needed_tok.device)  # [B, Q, L]
+    reach[:, torch.arange(n_q), queries] = True
+    chunk = max(1, (CHUNK_ELEMENTS if budget is None else budget) // max(1, batch * n_q * nb))
     for block_idx in reversed(block_idx_per_layer):  # the last layer feeds the forecast head
-        chosen = selected_blocks(block_idx, layout.n_blocks).any(1)  # [B, L, NB] by any group
-        reads = chosen.repeat_interleave(bs, dim=-1)[..., :seq_len] & visible  # [B, L(query), L(key)]
-        reach = reach | (torch.bmm(reach.float(), reads.float()) > 0)
+        latest = torch.full((batch, n_q, nb), -1, dtype=torch.int32, device=needed_tok.device)  # [B, Q, NB]
+        for start in range(0, seq_len, chunk):
+            rows = slice(start, min(start + chunk, seq_len))
+            if block_idx is None:
+                chosen = visible_blocks(layout, rows)[None]  # [1, c, NB]
+            else:
+                chosen = selected_blocks(block_idx[:, :, rows], nb).any(1)  # [B, c, NB] by any group
+            readers = reach[:, :, rows, None] & chosen[:, None]  # [B, Q, c, NB]
+            times = torch.where(readers, layout.q_time[rows].int()[None, None, :, None], -1)
+            latest = torch.maximum(latest, times.amax(2))
+        per_token = latest.repeat_interleave(bs, dim=-1)[..., :seq_len]  # [B, Q, L]
+        reach = reach | (layout.k_time[None, None, :] <= per_token)
     need = needed_tok[:, None, :]  # [B, 1, L]
-    n_need = need.sum(-1).float()  # [B, 1]
-    has = n_need[:, 0] > 0
-    if not bool(has.any()):
-        return float("nan")
-    return float(((reach & need).sum(-1).float()[has] / n_need[has]).mean())
+    n_need = need.sum(-1).float()[:, 0]  # [B]
+    share = (reach & need).sum(-1).float().mean(-1) / n_need.clamp(min=1)  # mean over forecast queries
+    return torch.where(n_need > 0, share, float("nan"))
 
 
-def support_size(block_idx: torch.Tensor, layout: TokenLayout, queries: torch.Tensor) -> dict:
-    """Visible tokens in the selected blocks of the forecast queries: mean per (query, group), and its
-    share of the dense visible set."""
-    sel = selected_blocks(block_idx[:, :, queries], layout.n_blocks)  # [B, G, Q, NB]
+def path_recall(block_idx_per_layer: list[torch.Tensor | None], layout: TokenLayout, needed_tok: torch.Tensor,
+                queries: torch.Tensor) -> float:
+    """Mean of :func:`path_recall_per_instance` over the instances with a needed token (NaN if none)."""
+    per = path_recall_per_instance(block_idx_per_layer, layout, needed_tok, queries)
+    ok = ~torch.isnan(per)
+    return float(per[ok].mean()) if bool(ok.any()) else float("nan")
+
+
+def visible_counts(layout: TokenLayout, queries: torch.Tensor) -> torch.Tensor:
+    """Visible tokens per (forecast query, block): ``[Q, NB]``."""
     pad = layout.n_blocks * layout.block_size - layout.seq_len
-    vis = (layout.k_time[None, :] <= layout.q_time[queries][:, None])  # [Q, L]
-    vis = torch.nn.functional.pad(vis, (0, pad), value=False).view(len(queries), layout.n_blocks, -1).sum(-1)
-    tokens = (sel * vis[None, None]).sum(-1).float()  # [B, G, Q]
+    vis = layout.k_time[None, :] <= layout.q_time[queries][:, None]  # [Q, L]
+    return torch.nn.functional.pad(vis, (0, pad), value=False).view(len(queries), layout.n_blocks, -1).sum(-1)
+
+
+def support_size(query_sel: torch.Tensor, layout: TokenLayout, queries: torch.Tensor) -> dict:
+    """Visible tokens in the selected blocks ``query_sel [B, G, Q, NB]`` of the forecast queries: mean
+    per (query, group), and its share of the dense visible set."""
+    vis = visible_counts(layout, queries)  # [Q, NB]
+    tokens = (query_sel * vis[None, None]).sum(-1).float()  # [B, G, Q]
     dense = vis.sum(-1).float().clamp(min=1)  # [Q]
     return {"tokens": float(tokens.mean()), "frac": float((tokens / dense).mean())}
 

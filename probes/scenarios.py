@@ -90,14 +90,32 @@ def _background(rng: np.random.Generator, n: int, period: float, noise: float, l
     return level + np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)) + noise * rng.standard_normal(n)
 
 
+def _linear_recursion(x: np.ndarray, a: float, span: int = 64) -> np.ndarray:
+    """y[t] = a * y[t-1] + x[t] with y[-1] = 0, vectorised: within spans of ``span`` steps by a
+    triangular matrix of powers of ``a``, across spans by the same recursion on the span ends (with
+    coefficient a^span), so a path of 100K+ steps costs a few small matrix products."""
+    n = len(x)
+    if n <= span:
+        y = np.array(x, dtype=np.float64)
+        for t in range(1, n):
+            y[t] += a * y[t - 1]
+        return y
+    n_spans = -(-n // span)
+    e = np.pad(x, (0, n_spans * span - n)).reshape(n_spans, span)
+    lag = np.arange(span)[:, None] - np.arange(span)[None, :]
+    within = np.where(lag >= 0, a ** np.maximum(lag, 0), 0.0)  # [span, span]
+    local = e @ within.T  # each span's response to its own inputs
+    ends = _linear_recursion(local[:, -1], a ** span, span)  # y at the end of every span
+    carry = np.concatenate([[0.0], ends[:-1]])  # y just before each span
+    out = local + carry[:, None] * a ** np.arange(1, span + 1)[None, :]
+    return out.reshape(-1)[:n]
+
+
 def _ar1(rng: np.random.Generator, n: int, phi: float) -> np.ndarray:
-    """Unit-variance AR(1) path [n]."""
+    """Unit-variance AR(1) path [n]: x[0] ~ N(0, 1), x[t] = phi x[t-1] + eps[t]."""
     eps = rng.standard_normal(n) * np.sqrt(1 - phi ** 2)
-    out = np.empty(n)
-    out[0] = rng.standard_normal()
-    for t in range(1, n):
-        out[t] = phi * out[t - 1] + eps[t]
-    return out
+    eps[0] = rng.standard_normal()
+    return _linear_recursion(eps, float(phi))
 
 
 def _distractors(rng: np.random.Generator, n: int, count: int, patch_len: int, spikes: int = 2,

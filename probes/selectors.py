@@ -4,13 +4,18 @@ Every selector scores the KV blocks of each (GQA group, query) and keeps the top
 the layer's group policy, with the same forced local block as the learned indexer — so all of them run
 at the same block budget and differ only in *which* blocks they pick:
 
-- ``dense``: every block (upper bound; identical to dense attention),
+- ``dense``: every block (upper bound; identical to dense attention). The probes run it as the same
+  weights in a dense-attention model (``command.dense_twin``), so no all-blocks list is built;
+  the hook below is for short layouts and tests,
 - ``local``: the most recent visible blocks (a sliding window),
 - ``random``: uniformly random visible blocks (seeded),
 - ``oracle``: the blocks with the most dense attention mass of this layer (mean over the group's heads),
 - ``moba``: MoBA-like gating, the group's mean query dotted with each block's mean visible key
   (training-free),
 - ``learned``: the layer's own index branch (``layer.select``), i.e. the hook left empty.
+
+Nothing here builds an [L, L] tensor: block scores are computed for a chunk of queries at a time
+(memory O(chunk * L)), reduced to the chunk's top-k, and only ``[B, G, L, K]`` is kept.
 """
 from __future__ import annotations
 
@@ -27,25 +32,40 @@ from tsfm_msa.tokens import TokenLayout
 SELECTORS = ("dense", "local", "random", "oracle", "moba", "learned")
 TRAINING_FREE = ("dense", "local", "random", "oracle", "moba")
 
+# Elements of the largest per-chunk float tensor ([B, H, chunk, L] logits): 2^24 floats = 64 MiB.
+CHUNK_ELEMENTS = 1 << 24
+
 Selector = Callable[[MSAAttention, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, TokenLayout], torch.Tensor]
+# scores(start, stop) -> [B, G, stop - start, NB] block scores of the queries start..stop-1 (-inf: invisible)
+ChunkScores = Callable[[int, int], torch.Tensor]
 
 
-def key_visibility(layout: TokenLayout) -> torch.Tensor:
-    """bool [L(query), L(key)]: key j visible to query i by time."""
-    return layout.k_time[None, :] <= layout.q_time[:, None]
+def query_chunk(seq_len: int, per_query: int, budget: int | None = None) -> int:
+    """Queries per chunk so that a ``[chunk, per_query]`` tensor stays within ``budget`` elements
+    (default ``CHUNK_ELEMENTS``)."""
+    budget = CHUNK_ELEMENTS if budget is None else budget
+    return max(1, min(seq_len, budget // max(1, per_query)))
 
 
-def block_pool(scores: torch.Tensor, layout: TokenLayout, how: str) -> torch.Tensor:
-    """Pool token scores ``[B, G, L, L]`` over each KV block's *visible* keys -> ``[B, G, L, NB]``.
+def key_visibility(layout: TokenLayout, rows: slice | None = None) -> torch.Tensor:
+    """bool [Lq, L(key)]: key j visible to query i by time, for the query rows ``rows`` (default all;
+    only call it with all rows on short layouts)."""
+    q_time = layout.q_time if rows is None else layout.q_time[rows]
+    return layout.k_time[None, :] <= q_time[:, None]
+
+
+def block_pool(scores: torch.Tensor, layout: TokenLayout, how: str, rows: slice | None = None) -> torch.Tensor:
+    """Pool token scores ``[..., Lq, L]`` over each KV block's *visible* keys -> ``[..., Lq, NB]``;
+    ``rows`` says which query rows the ``Lq`` scores belong to (default: all).
 
     how: ``max``, ``sum`` or ``mean``. Blocks without a visible key get -inf.
     """
-    visible = key_visibility(layout)  # [L, L]
+    visible = key_visibility(layout, rows)  # [Lq, L]
     nb, bs = layout.n_blocks, layout.block_size
     pad = nb * bs - scores.shape[-1]
-    vis = torch.nn.functional.pad(visible, (0, pad), value=False).view(visible.shape[0], nb, bs)  # [L, NB, bs]
-    s = torch.nn.functional.pad(scores, (0, pad), value=0.0).unflatten(-1, (nb, bs))  # [B, G, L, NB, bs]
-    any_visible = vis.any(-1)  # [L, NB]
+    vis = torch.nn.functional.pad(visible, (0, pad), value=False).view(visible.shape[0], nb, bs)  # [Lq, NB, bs]
+    s = torch.nn.functional.pad(scores, (0, pad), value=0.0).unflatten(-1, (nb, bs))  # [..., Lq, NB, bs]
+    any_visible = vis.any(-1)  # [Lq, NB]
     if how == "max":
         pooled = s.masked_fill(~vis, float("-inf")).amax(-1)
     elif how == "sum":
@@ -55,6 +75,15 @@ def block_pool(scores: torch.Tensor, layout: TokenLayout, how: str) -> torch.Ten
     else:
         raise ProbeConfigError(f"block_pool: how must be max, sum or mean, got {how!r}")
     return pooled.masked_fill(~any_visible, float("-inf"))
+
+
+def block_min_key_time(layout: TokenLayout) -> torch.Tensor:
+    """Earliest key time of every KV block ``[NB]`` (INT32 max for all-padding blocks): block b has a
+    visible key for query i iff ``block_min_key_time[b] <= q_time[i]``."""
+    nb, bs = layout.n_blocks, layout.block_size
+    big = torch.iinfo(torch.int32).max
+    k_time = torch.nn.functional.pad(layout.k_time, (0, nb * bs - layout.seq_len), value=big)
+    return k_time.view(nb, bs).amin(-1)
 
 
 def _topk_forced(key: torch.Tensor, forced: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,24 +101,36 @@ def _topk_forced(key: torch.Tensor, forced: torch.Tensor, k: int) -> torch.Tenso
     return idx.contiguous()
 
 
-def policy_topk(scores: torch.Tensor, layer: MSAAttention, layout: TokenLayout) -> torch.Tensor:
-    """Keep the best ``layer.top_k`` blocks of ``scores [B, G, L, NB]`` under the layer's group policy,
-    mirroring ``MSAAttention.select``: free = any visible block plus the query's own block; sensor =
-    group g's blocks only plus g's local block; hybrid = ``k_own`` of g's blocks, the rest anywhere."""
-    batch, groups, seq_len, nb = scores.shape
+def policy_topk(scores: torch.Tensor, layer: MSAAttention, layout: TokenLayout, rows: slice | None = None) -> torch.Tensor:
+    """Keep the best ``layer.top_k`` blocks of ``scores [B, G, Lq, NB]`` (query rows ``rows``, default
+    all) under the layer's group policy, mirroring ``MSAAttention.select``: free = any visible block
+    plus the query's own block; sensor = group g's blocks only plus g's local block; hybrid = ``k_own``
+    of g's blocks, the rest anywhere."""
+    rows = rows if rows is not None else slice(0, layout.seq_len)
+    batch, groups, n_rows, nb = scores.shape
     k = layer.top_k
     if layer.group_policy == "free":
-        forced = layout.own_local_block.view(1, 1, seq_len, 1).expand(batch, groups, seq_len, 1)
+        forced = layout.own_local_block[rows].view(1, 1, n_rows, 1).expand(batch, groups, n_rows, 1)
         return _topk_forced(scores, forced, k)
     own = layout.block_group[None, :] == torch.arange(groups, device=scores.device)[:, None]  # [G, NB]
     own_scores = scores.masked_fill(~own[None, :, None, :], float("-inf"))
-    local = layout.group_local_block[None, :, :, None].expand(batch, groups, seq_len, 1)
+    local = layout.group_local_block[None, :, rows, None].expand(batch, groups, n_rows, 1)
     if layer.group_policy == "sensor":
         return _topk_forced(own_scores, local, k)
     first = _topk_forced(own_scores, local, layer.k_own)
     if layer.k_own == k:
         return first
     return _topk_forced(scores, first, k)
+
+
+def chunked_policy_topk(scores: ChunkScores, layer: MSAAttention, layout: TokenLayout, chunk: int) -> torch.Tensor:
+    """``policy_topk`` over query chunks of ``chunk`` rows: only one chunk's block scores exist at a
+    time; returns int32 ``[B, G, L, K]``."""
+    parts = []
+    for start in range(0, layout.seq_len, chunk):
+        rows = slice(start, min(start + chunk, layout.seq_len))
+        parts.append(policy_topk(scores(rows.start, rows.stop), layer, layout, rows))
+    return torch.cat(parts, dim=2).contiguous()
 
 
 def _group_mean_query(q: torch.Tensor, groups: int) -> torch.Tensor:
@@ -99,19 +140,29 @@ def _group_mean_query(q: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def dense_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
+    """Every block: ``[B, G, L, NB]``, O(L^2 / block_size) — for short layouts and tests only; the
+    probes run the dense selector as a dense-attention model instead."""
     batch, groups, seq_len, _ = k.shape
     every = torch.arange(layout.n_blocks, dtype=torch.int32, device=k.device)
     return every.expand(batch, groups, seq_len, layout.n_blocks).contiguous()
 
 
 def local_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
-    """Most recent visible blocks: a block's score is its latest visible key time (ties: later block)."""
+    """Most recent visible blocks: a block's score is its latest visible key time, ties broken towards
+    the later block (block index / NB < 1, so it never outranks a whole time step)."""
     batch, groups, seq_len, _ = k.shape
-    times = layout.k_time.to(torch.float32).masked_fill(layout.token_variate < 0, float("-inf"))  # [L]
-    # Tie-break by position so equal times prefer the later block, and keep the score finite.
-    times = times + torch.arange(seq_len, device=k.device) * 1e-6
-    scores = block_pool(times.expand(batch, groups, seq_len, seq_len), layout, "max")
-    return policy_topk(scores, layer, layout)
+    nb, bs = layout.n_blocks, layout.block_size
+    big = torch.iinfo(torch.int32).max
+    k_time = torch.nn.functional.pad(layout.k_time, (0, nb * bs - seq_len), value=big).view(nb, bs)  # [NB, bs]
+    tie = torch.arange(nb, device=k.device, dtype=torch.float64) / nb  # [NB]
+
+    def scores(start: int, stop: int) -> torch.Tensor:
+        q_time = layout.q_time[start:stop]  # [c]
+        seen = k_time[None] <= q_time[:, None, None]  # [c, NB, bs]
+        latest = torch.where(seen, k_time[None].double(), float("-inf")).amax(-1) + tie  # [c, NB]
+        return latest.expand(batch, groups, stop - start, nb)  # float64: the tie fraction needs the digits
+
+    return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * groups * nb + nb * bs))
 
 
 def make_random_selector(seed: int) -> Selector:
@@ -120,38 +171,58 @@ def make_random_selector(seed: int) -> Selector:
 
     def random_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
         batch, groups, seq_len, _ = k.shape
+        nb = layout.n_blocks
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        noise = torch.rand(batch, groups, seq_len, layout.n_blocks, generator=gen).to(k.device)
-        visible = block_pool(torch.zeros(1, 1, seq_len, seq_len, device=k.device), layout, "max") > float("-inf")
-        return policy_topk(noise.masked_fill(~visible, float("-inf")), layer, layout)
+        first_time = block_min_key_time(layout)  # [NB]
+
+        def scores(start: int, stop: int) -> torch.Tensor:
+            noise = torch.rand(batch, groups, stop - start, nb, generator=gen).to(k.device)
+            visible = first_time[None, :] <= layout.q_time[start:stop, None]  # [c, NB]
+            return noise.masked_fill(~visible, float("-inf"))
+
+        return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * groups * nb))
 
     return random_selector
 
 
-def dense_attention_mass(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Dense softmax attention of every query head, averaged over the heads of each GQA group:
-    ``[B, G, L(query), L(key)]`` (rows of padding queries are 0)."""
-    batch, heads, seq_len, dim = q.shape
+def dense_attention_mass(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, rows: slice | None = None) -> torch.Tensor:
+    """Dense softmax attention of the query rows ``rows`` (default all) of every head, averaged over
+    the heads of each GQA group: ``[B, G, Lq, L(key)]`` (rows of padding queries are 0)."""
+    rows = rows if rows is not None else slice(0, q.shape[2])
+    batch, heads, _, dim = q.shape
     groups = k.shape[1]
-    qg = q.float().view(batch, groups, heads // groups, seq_len, dim)
+    qr = q[:, :, rows].float()
+    qg = qr.view(batch, groups, heads // groups, qr.shape[2], dim)
     logits = torch.einsum("bgrqd,bgkd->bgrqk", qg, k.float()) / math.sqrt(dim)
-    logits = logits.masked_fill(~key_visibility(layout), float("-inf"))
+    logits = logits.masked_fill(~key_visibility(layout, rows), float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # padding queries: all -inf -> 0
     return probs.mean(2)
 
 
 def oracle_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
-    """Blocks with the most dense attention mass of this layer (the best any selector could match)."""
-    mass = block_pool(dense_attention_mass(q, k, layout), layout, "sum")
-    return policy_topk(mass, layer, layout)
+    """Blocks with the most dense attention mass of this layer (the best any selector could match),
+    computed in query chunks: the attention rows of a chunk are sum-pooled per block, then dropped."""
+    batch, heads, seq_len, _ = q.shape
+
+    def scores(start: int, stop: int) -> torch.Tensor:
+        rows = slice(start, stop)
+        return block_pool(dense_attention_mass(q, k, layout, rows), layout, "sum", rows)
+
+    return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * heads * seq_len))
 
 
 def moba_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
     """MoBA-style gate: mean query of the group . mean of the block's visible keys (= mean of the
-    logits over the block's visible keys), training-free."""
-    qbar = _group_mean_query(q.float(), k.shape[1])  # [B, G, L, D]
-    logits = torch.einsum("bgqd,bgkd->bgqk", qbar, k.float())
-    return policy_topk(block_pool(logits, layout, "mean"), layer, layout)
+    logits over the block's visible keys), training-free; computed in query chunks."""
+    batch, groups, seq_len, _ = k.shape
+    qbar = _group_mean_query(q.float(), groups)  # [B, G, L, D]
+    kf = k.float()
+
+    def scores(start: int, stop: int) -> torch.Tensor:
+        logits = torch.einsum("bgqd,bgkd->bgqk", qbar[:, :, start:stop], kf)  # [B, G, c, L]
+        return block_pool(logits, layout, "mean", slice(start, stop))
+
+    return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * groups * seq_len))
 
 
 def get_selector(name: str, seed: int = 0) -> Selector | None:

@@ -188,7 +188,8 @@ def test_oracle_keeps_the_far_block_and_local_window_loses_it(policy):
     recall = {}
     for name in ("oracle", "moba", "local", "random"):
         hook = selectors.get_selector(name, seed=0)
-        recall[name] = metrics.selection_recall([hook(layer, q, k, None, None, layout)], need_blocks, queries)["recall"]
+        idx = hook(layer, q, k, None, None, layout)
+        recall[name] = metrics.selection_recall([_at(idx, queries, layout.n_blocks)], need_blocks)["recall"]
     assert recall["oracle"] == 1.0
     assert recall["moba"] == 1.0
     assert recall["local"] == 0.0  # the window (3 blocks of 2 patches) ends far after patch 1
@@ -197,19 +198,24 @@ def test_oracle_keeps_the_far_block_and_local_window_loses_it(policy):
 # ---------------------------------------------------------------------------------------------
 # metrics on crafted inputs
 
+def _at(block_idx: torch.Tensor, queries: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """A layer's selection at the forecast queries, bool [B, G, Q, NB]."""
+    return metrics.selected_blocks(block_idx[:, :, queries], n_blocks)
+
+
 def test_selection_recall_per_layer_group_and_union():
     needed = torch.zeros(1, 6, dtype=torch.bool)
     needed[0, [3, 5]] = True
     queries = torch.tensor([0])
     layer0 = torch.tensor([[[[3, 0]], [[5, -1]]]], dtype=torch.int32)  # [B=1, G=2, L=1, K=2]
     layer1 = torch.tensor([[[[1, 2]], [[0, -1]]]], dtype=torch.int32)
-    out = metrics.selection_recall([layer0, layer1], needed, queries)
+    out = metrics.selection_recall([_at(layer0, queries, 6), _at(layer1, queries, 6)], needed)
     assert out["per_layer_group"] == [[0.5, 0.5], [0.0, 0.0]]
     assert out["per_layer"] == [1.0, 0.0]
     assert out["recall"] == 1.0
-    out = metrics.selection_recall([layer1], needed, queries)
+    out = metrics.selection_recall([_at(layer1, queries, 6)], needed)
     assert out["recall"] == 0.0
-    none = metrics.selection_recall([layer0], torch.zeros(1, 6, dtype=torch.bool), queries)
+    none = metrics.selection_recall([_at(layer0, queries, 6)], torch.zeros(1, 6, dtype=torch.bool))
     assert np.isnan(none["recall"]) and none["n_instances"] == 0
 
 
@@ -232,11 +238,13 @@ def test_path_recall_follows_information_through_the_layers():
 
     copy_then_read = [layer({3: [0]}), layer({4: [3]})]
     assert metrics.path_recall(copy_then_read, layout, tok, queries) == 1.0
-    assert metrics.selection_recall(copy_then_read, metrics.needed_blocks(needed, layout), queries)["recall"] == 0.0
+    direct_sel = [_at(idx, queries, layout.n_blocks) for idx in copy_then_read]
+    assert metrics.selection_recall(direct_sel, metrics.needed_blocks(needed, layout))["recall"] == 0.0
     too_late = [layer({4: [3]}), layer({3: [0]})]  # token 3 learns of the cause only after it was read
     assert metrics.path_recall(too_late, layout, tok, queries) == 0.0
     direct = [layer({}), layer({4: [0]})]
     assert metrics.path_recall(direct, layout, tok, queries) == 1.0
+    assert metrics.path_recall([None, layer({})], layout, tok, queries) == 1.0  # a dense layer copies it
 
 
 def test_needed_blocks_and_support_size_on_a_known_layout():
@@ -251,10 +259,12 @@ def test_needed_blocks_and_support_size_on_a_known_layout():
     assert torch.equal(blocks, expected)
     queries = metrics.forecast_queries(layout)  # the target's horizon token, time 4: sees all 9 real tokens
     every = torch.arange(layout.n_blocks, dtype=torch.int32).expand(1, 2, layout.seq_len, layout.n_blocks)
-    full = metrics.support_size(every, layout, queries)
+    full = metrics.support_size(_at(every, queries, layout.n_blocks), layout, queries)
     assert full == {"tokens": 9.0, "frac": 1.0}
+    dense = metrics.query_selection(None, layout, queries, 1, 2)
+    assert metrics.support_size(dense, layout, queries) == full
     one = torch.full((1, 2, layout.seq_len, 1), pos // 2, dtype=torch.int32)
-    assert metrics.support_size(one, layout, queries)["tokens"] == 2.0
+    assert metrics.support_size(_at(one, queries, layout.n_blocks), layout, queries)["tokens"] == 2.0
 
 
 def test_error_metrics_and_counterfactual_sensitivity():
