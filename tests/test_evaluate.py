@@ -409,3 +409,42 @@ def test_geometric_mean_summary_and_collect(tmp_path):
     with pytest.raises(CollectError, match="lacks"):
         collect(tmp_path / "x", [tmp_path / "out"])
 
+
+
+@pytest.mark.parametrize("attention", ["dense", "msa"])
+def test_streaming_evaluation_equals_re_encoding_the_same_windows(attention):
+    """eval.streaming: the test windows of every series from one StreamingForecaster pass equal a full
+    re-encoding of the same (growing) windows, and come out in the predictor's order and format."""
+    import pandas as pd
+
+    from tsfm_msa.datasets import from_pandas
+    from tsfm_msa.evaluate.command import EvaluateConfigError, streamed_forecasts
+    from tsfm_msa.evaluate.gluonts_data import split_targets
+    from tsfm_msa.streaming import rolling_forecasts
+
+    rng = np.random.default_rng(3)
+    T = 400
+    t = np.arange(T)
+    df = pd.DataFrame({"ts": pd.date_range("2021-01-01", periods=T, freq="h"),
+                       "a": np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.1, T) + 5,
+                       "b": np.cos(2 * np.pi * t / 24) + rng.normal(0, 0.1, T) - 3,
+                       "x": rng.normal(size=T)})
+    frames = from_pandas(df, timestamp="ts", targets=["a", "b"], future_covariates=["x"], freq="h")
+    split = make_eval_split(frames, H, 4)
+    module = ForecastModule({**TINY, "attention": attention}, frames[0].schema.to_dict(), C, H).eval()
+    streamed = streamed_forecasts(module, frames, split, C)
+    joint = list(predictor_from_module(module).predict(split.test.input))
+    assert len(streamed) == len(joint) == split.windows
+    for s, j in zip(streamed, joint):
+        assert s.start_date == j.start_date and s.item_id == j.item_id
+        assert s.forecast_array.shape == j.forecast_array.shape and s.forecast_keys == j.forecast_keys
+    first = T + split.offset
+    origins = [first + w * split.distance for w in range(split.windows)]
+    windowed = rolling_forecasts(module, frames[0].values, origins, schema=frames[0].schema, horizon=H,
+                                 start=first - C, mode="windowed")
+    expected = windowed.quantiles.permute(0, 3, 2, 1).numpy()  # [W, Q, h, T]
+    np.testing.assert_allclose(np.stack([f.forecast_array for f in streamed]), expected, rtol=1e-4, atol=1e-4)
+    uni = split_targets(streamed, len(frames), split.windows, ["a", "b"])
+    assert all(np.isfinite(v) for v in score_forecasts(uni, split.uni_test, "h").values())
+    with pytest.raises(EvaluateConfigError, match="model.patch_len"):
+        streamed_forecasts(module, frames, split, C + 1)

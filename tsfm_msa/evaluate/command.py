@@ -20,6 +20,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -250,8 +251,11 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
             info["train_seconds"] = time.perf_counter() - start if model in LEARNED else 0.0
         info["peak_mb"], info["delta_mb"] = mem["peak_mb"], mem["delta_mb"]
         start = time.perf_counter()
-        forecasts = list(tqdm(predictor.predict(test.input), total=len(test), desc=f"{model} windows",
-                              leave=False, unit="window"))
+        if model in ("dense", "msa") and cfg.eval.get("streaming"):
+            forecasts = streamed_forecasts(module, frames, split, int(cfg.data.context_len))
+        else:
+            forecasts = list(tqdm(predictor.predict(test.input), total=len(test), desc=f"{model} windows",
+                                  leave=False, unit="window"))
         forecasts = split_targets(forecasts, len(frames), split.windows, target_names)
         info["predict_seconds"] = time.perf_counter() - start
         scores = score_forecasts(forecasts, split.uni_test, split.freq)
@@ -273,6 +277,43 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     print(report.markdown_table(table))
     print(f"results in {run_dir}")
     return {"rows": rows, "table": table, "plots": plots, "run_dir": str(run_dir)}
+
+
+def streamed_forecasts(module, frames: list, split: EvalSplit, context_len: int) -> list:
+    """``eval.streaming=true``: every series' test windows from one pass of a StreamingForecaster
+    (per-layer K/V and index-key caches; each patch is encoded once) instead of re-encoding each
+    window. The context grows from ``context_len`` steps before the first window (each later window
+    sees all history since then) and the scale is frozen on that first context: what re-encoding
+    the same expanding windows would give (``rolling_forecasts(mode="windowed")``, tested equal).
+    Joint QuantileForecasts, item-major and window inner, as the predictor yields them."""
+    from gluonts.model.forecast import QuantileForecast
+
+    from tsfm_msa.streaming import rolling_forecasts
+
+    patch = module.model.patch_len
+    if split.distance % patch or context_len % patch:
+        raise EvaluateConfigError(
+            f"eval.streaming forecasts at patch boundaries: eval.distance ({split.distance}) and data.context_len "
+            f"({context_len}) must be multiples of model.patch_len ({patch}); change one, or set eval.streaming=false")
+    levels = [float(q) for q in module.model.quantile_levels]
+    keys = [str(round(q, 4)) for q in levels]  # the predictor's keys (QuantileForecastGenerator)
+    out = []
+    for frame in frames:
+        first = frame.length + split.offset  # the first test window's start (offset = -test_length)
+        origins = [first + w * split.distance for w in range(split.windows)]
+        start = first - context_len
+        if start < 0:
+            raise EvaluateConfigError(f"eval.streaming: series {frame.item_id!r} has only {first} steps before its first "
+                                      f"test window, fewer than data.context_len={context_len}")
+        result = rolling_forecasts(module, frame.values, origins, schema=frame.schema,
+                                   horizon=split.prediction_length, start=start)
+        freq = split.freq
+        for w, origin in enumerate(result.origins):
+            q = result.quantiles[w].float()[:, :split.prediction_length]  # [T, h, Q]
+            arrays = q.permute(2, 1, 0).cpu().numpy()  # [Q, h, T]
+            out.append(QuantileForecast(arrays, start_date=pd.Period(frame.timestamps[origin], freq=freq),
+                                        forecast_keys=keys, item_id=frame.item_id))
+    return out
 
 
 def _setting(cfg: DictConfig, split: EvalSplit) -> dict[str, Any]:
