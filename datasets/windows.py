@@ -139,7 +139,7 @@ class WindowDataset(Dataset):
                 raise DataValidationError(
                     f"item {f.item_id!r} has {f.length} steps, but a window needs at least {need} "
                     f"(min_context {self.min_context} + horizon {H}; context_len {C}); use a shorter "
-                    "data.context_len / data.horizon, a smaller min_context, or drop the item"
+                    "data.context_len / data.horizon, a smaller data.min_context, or drop the item"
                 )
         ranges = self._check_ranges(time_ranges)
 

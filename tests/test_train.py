@@ -167,7 +167,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     err = _cli_error([*FAST, "model.top_k=500", f"hydra.run.dir={tmp_path / 'a'}"], capsys)
     assert "top_k=500 is larger than the number of KV blocks" in err and "Traceback" not in err
     err = _cli_error([*FAST, "model.group_policy=sensor", f"hydra.run.dir={tmp_path / 'b'}"], capsys)
-    assert "must equal the number of sensor groups" in err
+    assert "must equal the number of sensor groups" in err and "model.n_heads" in err
     csv_path = tmp_path / "data.csv"
     csv_path.write_text("date,load\n2024-01-01,1\n2024-01-02,2\n")
     err = _cli_error(["data=csv", f"data.loader.path={csv_path}", "data.loader.timestamp=date",

@@ -111,6 +111,13 @@ class PatchTransformer(nn.Module):
                                     kl_row_stride=kl_row_stride)
             layers.append(Block(attn, d_model, mlp_ratio, dropout))
         self.layers = nn.ModuleList(layers)
+        if "msa" in kinds and group_policy in ("sensor", "hybrid") and len(group_names) != n_kv_heads:
+            # Known from the schema now: say it before any data is read (the layout check repeats it).
+            rep = max(1, n_heads // max(1, n_kv_heads))
+            raise ModelConfigError(
+                f"model.group_policy={group_policy} maps GQA groups to sensor groups, so model.n_kv_heads ({n_kv_heads}) "
+                f"must equal the number of sensor groups ({len(group_names)}: {list(group_names)}); set "
+                f"model.n_kv_heads={len(group_names)} model.n_heads={len(group_names) * rep}, or use model.group_policy=free")
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, patch_len * len(quantiles))
         self._layouts: dict[tuple[int, int, str], TokenLayout] = {}
