@@ -246,19 +246,10 @@ def test_seasonal_naive_and_zscore(data):
 def test_multi_target_forecasts_split_per_target(tmp_path):
     """Two targets: our joint forecasts ([K, H, 2]) are split into per-target series in the order of the
     univariate test windows that the GluonTS models and the metrics use."""
-    import pandas as pd
 
-    from tsfm_msa.datasets import from_pandas
     from tsfm_msa.evaluate.gluonts_data import split_targets
 
-    rng = np.random.default_rng()
-    T = 400
-    t = np.arange(T)
-    df = pd.DataFrame({"ts": pd.date_range("2021-01-01", periods=T, freq="h"),
-                       "a": np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.1, T) + 5,
-                       "b": np.cos(2 * np.pi * t / 24) + rng.normal(0, 0.1, T) - 3,
-                       "x": rng.normal(size=T)})
-    frames = from_pandas(df, timestamp="ts", targets=["a", "b"], future_covariates=["x"], freq="h")
+    frames = _two_target_frames(np.random.default_rng())
     split = make_eval_split(frames, H, 4)
     module = ForecastModule({**TINY, "attention": "dense"}, frames[0].schema.to_dict(), C, H)
     joint = list(predictor_from_module(module).predict(split.test.input))
@@ -415,21 +406,13 @@ def test_geometric_mean_summary_and_collect(tmp_path):
 def test_streaming_evaluation_equals_re_encoding_the_same_windows(attention):
     """eval.streaming: the test windows of every series from one StreamingForecaster pass equal a full
     re-encoding of the same (growing) windows, and come out in the predictor's order and format."""
-    import pandas as pd
 
-    from tsfm_msa.datasets import from_pandas
     from tsfm_msa.evaluate.command import EvaluateConfigError, streamed_forecasts
     from tsfm_msa.evaluate.gluonts_data import split_targets
     from tsfm_msa.streaming import rolling_forecasts
 
-    rng = np.random.default_rng(3)
-    T = 400
-    t = np.arange(T)
-    df = pd.DataFrame({"ts": pd.date_range("2021-01-01", periods=T, freq="h"),
-                       "a": np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.1, T) + 5,
-                       "b": np.cos(2 * np.pi * t / 24) + rng.normal(0, 0.1, T) - 3,
-                       "x": rng.normal(size=T)})
-    frames = from_pandas(df, timestamp="ts", targets=["a", "b"], future_covariates=["x"], freq="h")
+    frames = _two_target_frames(np.random.default_rng(3))
+    T = frames[0].length
     split = make_eval_split(frames, H, 4)
     module = ForecastModule({**TINY, "attention": attention}, frames[0].schema.to_dict(), C, H).eval()
     streamed = streamed_forecasts(module, frames, split, C)
@@ -448,3 +431,17 @@ def test_streaming_evaluation_equals_re_encoding_the_same_windows(attention):
     assert all(np.isfinite(v) for v in score_forecasts(uni, split.uni_test, "h").values())
     with pytest.raises(EvaluateConfigError, match="model.patch_len"):
         streamed_forecasts(module, frames, split, C + 1)
+
+
+def _two_target_frames(rng: np.random.Generator, T: int = 400) -> list:
+    """One hourly series with two daily-cycle targets (a, b) and a known-future covariate x."""
+    import pandas as pd
+
+    from tsfm_msa.datasets import from_pandas
+
+    t = np.arange(T)
+    df = pd.DataFrame({"ts": pd.date_range("2021-01-01", periods=T, freq="h"),
+                       "a": np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.1, T) + 5,
+                       "b": np.cos(2 * np.pi * t / 24) + rng.normal(0, 0.1, T) - 3,
+                       "x": rng.normal(size=T)})
+    return from_pandas(df, timestamp="ts", targets=["a", "b"], future_covariates=["x"], freq="h")
