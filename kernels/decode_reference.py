@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .reference import INT32_MAX, num_blocks
+from .reference import INT32_MAX, num_blocks, topk_blocks
 from .validation import KernelInputError
 
 __all__ = ["INT32_MAX", "check_decode_attention_inputs", "check_decode_select_inputs",
@@ -102,38 +102,6 @@ def decode_block_scores_reference(
             scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
         out[:, :, start:stop] = scores.unflatten(-1, (nb, block_size)).amax(-1)
     return out
-
-
-def topk_blocks(
-    block_scores: torch.Tensor,  # [B, G, Lq, NB] float32, -inf = no visible key
-    k: int,
-    allowed: torch.Tensor | None,  # [B, G, NB] bool
-    forced: torch.Tensor | None,  # [B, G, Lq, F] int, -1 = none
-    return_scores: bool,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` from max-pooled block scores with the policy mask and forced blocks: forced first
-    (bypassing ``allowed`` and visibility), then the best allowed blocks with a visible key, then -1.
-    Shared by the reference and the Triton path (whose kernel writes ``block_scores``)."""
-    batch, groups, n_q, nb = block_scores.shape
-    neg_inf = float("-inf")
-    key = block_scores
-    if allowed is not None:
-        key = key.masked_fill(~allowed[:, :, None, :], neg_inf)
-    if forced is not None:
-        f = forced.long()
-        is_forced = torch.zeros(batch, groups, n_q, nb + 1, dtype=torch.bool, device=key.device)
-        is_forced.scatter_(-1, torch.where(f < 0, nb, f), True)  # column nb takes the -1 entries
-        key = key.masked_fill(is_forced[..., :nb], float("inf"))
-    width = min(k, nb)
-    top_key, top_idx = torch.topk(key, width, dim=-1)
-    empty = top_key == neg_inf
-    block_idx = torch.full((batch, groups, n_q, k), -1, dtype=torch.int32, device=key.device)
-    block_idx[..., :width] = torch.where(empty, -1, top_idx).to(torch.int32)
-    if not return_scores:
-        return block_idx
-    scores = torch.full((batch, groups, n_q, k), neg_inf, device=key.device)
-    scores[..., :width] = torch.gather(block_scores, -1, top_idx).masked_fill(empty, neg_inf)
-    return block_idx, scores
 
 
 @torch.no_grad()

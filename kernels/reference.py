@@ -127,6 +127,39 @@ def _safe_lse(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
+def topk_blocks(
+    block_scores: torch.Tensor,  # [B, G, Lq, NB] float32, -inf = no visible key
+    k: int,
+    allowed: torch.Tensor | None,  # [B, G, NB] bool
+    forced: torch.Tensor | None,  # [B, G, Lq, F] int, -1 = none
+    return_scores: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` from max-pooled block scores with the policy mask and forced blocks: forced first
+    (bypassing ``allowed`` and visibility), then the best allowed blocks with a visible key, then -1.
+    Shared by the select references (full and decode) and the decode Triton path (whose kernel
+    writes ``block_scores``)."""
+    batch, groups, n_q, nb = block_scores.shape
+    neg_inf = float("-inf")
+    key = block_scores
+    if allowed is not None:
+        key = key.masked_fill(~allowed[:, :, None, :], neg_inf)
+    if forced is not None:
+        f = forced.long()
+        is_forced = torch.zeros(batch, groups, n_q, nb + 1, dtype=torch.bool, device=key.device)
+        is_forced.scatter_(-1, torch.where(f < 0, nb, f), True)  # column nb takes the -1 entries
+        key = key.masked_fill(is_forced[..., :nb], float("inf"))
+    width = min(k, nb)
+    top_key, top_idx = torch.topk(key, width, dim=-1)
+    empty = top_key == neg_inf
+    block_idx = torch.full((batch, groups, n_q, k), -1, dtype=torch.int32, device=key.device)
+    block_idx[..., :width] = torch.where(empty, -1, top_idx).to(torch.int32)
+    if not return_scores:
+        return block_idx
+    scores = torch.full((batch, groups, n_q, k), neg_inf, device=key.device)
+    scores[..., :width] = torch.gather(block_scores, -1, top_idx).masked_fill(empty, neg_inf)
+    return block_idx, scores
+
+
 def select_blocks_reference(
     qi: torch.Tensor,  # [B, G, L, Di]
     ki: torch.Tensor,  # [B, L, Di]
@@ -152,8 +185,7 @@ def select_blocks_reference(
     device = qi.device
     out_idx = torch.full((batch, groups, seq_len, k), -1, dtype=torch.int32, device=device)
     out_score = torch.full((batch, groups, seq_len, k), float("-inf"), device=device)
-    width = min(k, nb)
-    neg_inf, pos_inf = float("-inf"), float("inf")
+    neg_inf = float("-inf")
     # Keys cut into blocks; the padding of the last block is never visible.
     ki_blocks = _token_blocks(ki.float(), block_size, 0.0)[:, :nb].view(batch, nb, block_size, index_dim)
     key_times = _token_blocks(k_time.long()[..., None], block_size, _NEVER)[:, :nb]  # [B, NB, bs]
@@ -180,20 +212,9 @@ def select_blocks_reference(
                     times = key_times[bsl][:, blocks].transpose(1, 2).flatten(1)  # [Bc, bs * n]
                     scores.masked_fill_(times[:, None, None, :] > chunk_q_time[:, None, :, None], neg_inf)
                 block_scores[..., blocks] = scores.unflatten(-1, (block_size, -1)).amax(-2)
-            key = block_scores
-            if allowed is not None:
-                key = key.masked_fill(~allowed[bsl, :, None, :], neg_inf)
-            if forced is not None:
-                f = forced[bsl, :, qsl].long()
-                # Column nb is a spare for the -1 entries.
-                is_forced = torch.zeros(*key.shape[:-1], nb + 1, dtype=torch.bool, device=device)
-                is_forced.scatter_(-1, torch.where(f < 0, nb, f), True)
-                key = key.masked_fill(is_forced[..., :nb], pos_inf)
-            top_key, top_idx = torch.topk(key, width, dim=-1)
-            empty = top_key == neg_inf
-            out_idx[bsl, :, qsl, :width] = torch.where(empty, -1, top_idx).to(torch.int32)
-            picked = torch.gather(block_scores, -1, top_idx)
-            out_score[bsl, :, qsl, :width] = picked.masked_fill(empty, neg_inf)
+            out_idx[bsl, :, qsl], out_score[bsl, :, qsl] = topk_blocks(
+                block_scores, k, None if allowed is None else allowed[bsl],
+                None if forced is None else forced[bsl, :, qsl], return_scores=True)
     if return_scores:
         return out_idx, out_score
     return out_idx
