@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import statistics
 import sys
@@ -40,7 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing: kernels/ imports alone
 
 from kernels import dispatch  # noqa: E402
-from kernels.reference import INT32_MAX  # noqa: E402
 
 SHAPES = {"tsfm": (16, 4), "paper": (64, 4)}
 

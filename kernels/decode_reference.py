@@ -140,7 +140,6 @@ def decode_attention_reference(
     check_decode_attention_inputs(q, k, v, block_idx, q_time, k_time, block_size)
     batch, n_heads, n_q, head_dim = q.shape
     groups, n_k = k.shape[1], k.shape[2]
-    n_slots = block_idx.shape[-1]
     rep = n_heads // groups
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     # Token index of every (slot, offset): [B, G, Lq, K * bs]; empty slots point at token 0, masked.

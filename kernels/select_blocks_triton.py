@@ -252,7 +252,6 @@ def _build_lists(q_time, k_time, block_size, list_q, nsets, gp, groups, allowed,
         if forced is not None:
             fa = torch.zeros(batch, nsets, nql, nb + 1, dtype=torch.bool, device=q_time.device)
             f = forced.long()
-            n_f = f.shape[-1]
             bi = torch.arange(batch, device=f.device).view(batch, 1, 1, 1).expand_as(f)
             si = (torch.arange(groups, device=f.device) // gp if nsets > 1 else
                   torch.zeros(groups, dtype=torch.long, device=f.device)).view(1, groups, 1, 1).expand_as(f)
@@ -260,7 +259,6 @@ def _build_lists(q_time, k_time, block_size, list_q, nsets, gp, groups, allowed,
             fi = torch.where(f < 0, nb, f)
             fa.index_put_((bi.reshape(-1), si.reshape(-1), li.reshape(-1), fi.reshape(-1)),
                           torch.ones((), dtype=torch.bool, device=f.device).expand(bi.numel()))
-            del n_f
             keep = keep | fa[..., :nb]
         vis = vis & keep
         full = full & keep
