@@ -401,6 +401,37 @@ def test_geometric_mean_summary_and_collect(tmp_path):
         collect(tmp_path / "x", [tmp_path / "out"])
 
 
+def test_collect_merges_folders_of_one_dataset(tmp_path):
+    """Parallel processes (one per seed) write one folder each: collect merges them, seasonal naive once."""
+    import json
+
+    from tsfm_msa.evaluate.collect import collect
+    from tsfm_msa.evaluate.report import write_report
+
+    ratios = np.random.default_rng().uniform(0.5, 1.5, size=2)
+    runs = []
+    for seed, ratio in enumerate(ratios):
+        rows = [{"dataset": "one", "model": m, "seed": s, "MASE": r, "CRPS": r / 2, "MAE": 1.0, "RMSE": 1.0,
+                 "MASE_rel": r, "CRPS_rel": r, "train_seconds": 0.0, "steps": 1, "params": 1, "peak_mb": 1.0,
+                 "delta_mb": 0.0, "predict_seconds": 0.0, "inputs": "target only"}
+                for m, r, s in (("seasonal_naive", 1.0, 0), ("msa", ratio, seed))]
+        setting = {"windows": 2, "distance": H, "test_length": 2 * H, "prediction_length": H, "season": 24,
+                   "freq": "h", "max_steps": 1, "batch_size": 1, "context_len": C, "seeds": [seed],
+                   "baseline_seeds": [seed], "accelerator": "gpu", "device_name": "NVIDIA H200"}
+        run = tmp_path / f"one-seed{seed}"
+        run.mkdir()
+        write_report(rows, run, "one", setting)
+        (run / "evaluation.json").write_text(json.dumps({"setting": setting, "rows": rows}))
+        runs.append(run)
+    collect(tmp_path / "out" / "d", runs)
+    seeds = pd.read_csv(tmp_path / "out" / "d-evaluation_seeds.csv")
+    assert sorted(seeds["model"]) == ["msa", "msa", "seasonal_naive"]
+    table = pd.read_csv(tmp_path / "out" / "d-evaluation-one.csv").set_index("model")
+    assert table.loc["msa", "MASE_rel"] == pytest.approx(ratios.mean())
+    text = (tmp_path / "out" / "d-evaluation-one.md").read_text()
+    assert "Seeds [0, 1] (ours)" in text and "trained on NVIDIA H200" in text
+
+
 
 @pytest.mark.parametrize("attention", ["dense", "msa"])
 def test_streaming_evaluation_equals_re_encoding_the_same_windows(attention):

@@ -50,12 +50,14 @@ class FinalWeights(L.Callback):
         self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
 
-def trainer_kwargs(max_steps: int, num_batches_per_epoch: int, root_dir: Path | str) -> dict[str, Any]:
-    """A step budget for GluonTS's Lightning trainer: max_steps decides, epochs only group the batches."""
+def trainer_kwargs(max_steps: int, num_batches_per_epoch: int, root_dir: Path | str,
+                   accelerator: str = "cpu") -> dict[str, Any]:
+    """A step budget for GluonTS's Lightning trainer: max_steps decides, epochs only group the batches.
+    ``accelerator`` follows the run's ``trainer.accelerator``, so the baselines train where ours do."""
     return {
         "max_steps": int(max_steps),
         "max_epochs": math.ceil(max_steps / num_batches_per_epoch) + 1,
-        "accelerator": "cpu",
+        "accelerator": accelerator,
         "devices": 1,
         "logger": False,
         "enable_progress_bar": False,
@@ -73,17 +75,18 @@ def train_final(estimator: PyTorchLightningEstimator, train: Dataset, final: Fin
     return out.predictor
 
 
-def _budget(max_steps: int, num_batches_per_epoch: int, root_dir: Path | str) -> tuple[dict[str, Any], FinalWeights]:
+def _budget(max_steps: int, num_batches_per_epoch: int, root_dir: Path | str,
+            accelerator: str) -> tuple[dict[str, Any], FinalWeights]:
     final = FinalWeights()
-    return {**trainer_kwargs(max_steps, num_batches_per_epoch, root_dir), "callbacks": [final]}, final
+    return {**trainer_kwargs(max_steps, num_batches_per_epoch, root_dir, accelerator), "callbacks": [final]}, final
 
 
 def train_patchtst(train: Dataset, prediction_length: int, num_feat_dynamic_real: int, *, context_length: int,
                    max_steps: int, batch_size: int, seed: int, root_dir: Path | str, num_batches_per_epoch: int = 50,
-                   **model_kwargs: Any) -> Predictor:
+                   accelerator: str = "cpu", **model_kwargs: Any) -> Predictor:
     """GluonTS PatchTSTEstimator, given the known-future covariates too (the strong variant)."""
     L.seed_everything(seed, workers=True)
-    kwargs, final = _budget(max_steps, num_batches_per_epoch, root_dir)
+    kwargs, final = _budget(max_steps, num_batches_per_epoch, root_dir, accelerator)
     estimator = PatchTSTEstimator(
         prediction_length=prediction_length, context_length=context_length,
         num_feat_dynamic_real=num_feat_dynamic_real, batch_size=batch_size,
@@ -93,10 +96,10 @@ def train_patchtst(train: Dataset, prediction_length: int, num_feat_dynamic_real
 
 def train_deepar(train: Dataset, freq: str, prediction_length: int, num_feat_dynamic_real: int, *,
                  context_length: int, max_steps: int, batch_size: int, seed: int, root_dir: Path | str,
-                 num_batches_per_epoch: int = 50, **model_kwargs: Any) -> Predictor:
+                 num_batches_per_epoch: int = 50, accelerator: str = "cpu", **model_kwargs: Any) -> Predictor:
     """GluonTS DeepAREstimator with our context length (it adds its frequency's lags on top)."""
     L.seed_everything(seed, workers=True)
-    kwargs, final = _budget(max_steps, num_batches_per_epoch, root_dir)
+    kwargs, final = _budget(max_steps, num_batches_per_epoch, root_dir, accelerator)
     estimator = DeepAREstimator(
         freq=freq, prediction_length=prediction_length, context_length=context_length,
         num_feat_dynamic_real=num_feat_dynamic_real, batch_size=batch_size,
@@ -106,11 +109,11 @@ def train_deepar(train: Dataset, freq: str, prediction_length: int, num_feat_dyn
 
 def train_tft(train: Dataset, freq: str, prediction_length: int, num_feat_dynamic_real: int,
               num_past_feat_dynamic_real: int, *, context_length: int, max_steps: int, batch_size: int, seed: int,
-              root_dir: Path | str, num_batches_per_epoch: int = 50, **model_kwargs: Any) -> Predictor:
+              root_dir: Path | str, num_batches_per_epoch: int = 50, accelerator: str = "cpu", **model_kwargs: Any) -> Predictor:
     """GluonTS TemporalFusionTransformerEstimator reading the past-only covariates too (one input
     variable per covariate, so its variable selection sees each)."""
     L.seed_everything(seed, workers=True)
-    kwargs, final = _budget(max_steps, num_batches_per_epoch, root_dir)
+    kwargs, final = _budget(max_steps, num_batches_per_epoch, root_dir, accelerator)
     estimator = TemporalFusionTransformerEstimator(
         freq=freq, prediction_length=prediction_length, context_length=context_length,
         dynamic_dims=[1] * num_feat_dynamic_real, past_dynamic_dims=[1] * num_past_feat_dynamic_real,

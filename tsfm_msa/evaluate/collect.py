@@ -21,30 +21,39 @@ class CollectError(ValueError):
 
 
 def collect(prefix: str | Path, run_dirs: list[str | Path]) -> pd.DataFrame:
-    """Copy each run's tables, concatenate the per-seed rows, write the cross-dataset summary; return it."""
+    """Copy each dataset's table, concatenate the per-seed rows, write the cross-dataset summary; return it.
+
+    Several folders may hold one dataset (e.g. one process per model or seed run in parallel): their
+    rows are merged, a (model, seed) pair met twice is kept once (seasonal naive is in every folder),
+    and the setting's seed lists are the union of theirs."""
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    seeds, tables, names = [], [], []
+    by_dataset: dict[str, tuple[list[dict], dict]] = {}
     for run in map(Path, run_dirs):
         missing = [n for n in ("evaluation.md", "evaluation.csv", "evaluation_seeds.csv", "evaluation.json")
                    if not (run / n).is_file()]
         if missing:
             raise CollectError(f"{run} lacks {missing}: give folders of finished `tsfm-msa evaluate` runs")
         record = json.loads((run / "evaluation.json").read_text())
-        rows = record["rows"]
-        dataset = str(rows[0]["dataset"])
-        # Re-rendered from the run's rows and setting, so every table follows the current report format.
+        dataset = str(record["rows"][0]["dataset"])
+        rows, setting = by_dataset.setdefault(dataset, ([], dict(record["setting"])))
+        seen = {(r["model"], r["seed"]) for r in rows}
+        rows.extend(r for r in record["rows"] if (r["model"], r["seed"]) not in seen)
+        for key in ("seeds", "baseline_seeds"):
+            setting[key] = sorted(set(setting[key]) | set(record["setting"][key]))
+    seeds, tables, names = [], [], []
+    for dataset, (rows, setting) in by_dataset.items():
+        # Re-rendered from the rows and setting, so every table follows the current report format.
         table = report.summarize(rows)
         table.to_csv(f"{prefix}-evaluation-{dataset}.csv", index=False)
-        Path(f"{prefix}-evaluation-{dataset}.md").write_text(
-            report.report_markdown(table, rows, dataset, record["setting"]))
+        Path(f"{prefix}-evaluation-{dataset}.md").write_text(report.report_markdown(table, rows, dataset, setting))
         seeds.append(pd.DataFrame(rows))
         tables.append(table)
         names.append(f"`{prefix.name}-evaluation-{dataset}.md`")
     pd.concat(seeds, ignore_index=True).to_csv(f"{prefix}-evaluation_seeds.csv", index=False)
     summary = report.geometric_mean_table(pd.concat(tables, ignore_index=True))
     summary.to_csv(f"{prefix}-evaluation-summary.csv", index=False)
-    setting = json.loads((Path(run_dirs[0]) / "evaluation.json").read_text())["setting"]
+    setting = next(iter(by_dataset.values()))[1]
     md = ["# Evaluation summary across datasets", "",
           "Geometric mean over datasets of each model's seed-mean MASE and CRPS ratio to seasonal naive "
           "(< 1 beats it; GIFT-Eval's aggregate). Per-dataset tables: "

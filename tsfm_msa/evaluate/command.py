@@ -151,7 +151,7 @@ def _train_baseline(cfg: DictConfig, kind: str, seed: int, zsplit: EvalSplit, n_
     # Same budget and the same context as ours (DeepAR and TFT would otherwise fall back to the horizon).
     common = dict(max_steps=int(cfg.eval.max_steps), batch_size=int(cfg.data.batch_size), seed=seed,
                   root_dir=run_dir, num_batches_per_epoch=int(cfg.eval.num_batches_per_epoch),
-                  context_length=int(cfg.data.context_len))
+                  context_length=int(cfg.data.context_len), accelerator=str(cfg.trainer.get("accelerator", "cpu")))
     kwargs = OmegaConf.to_container(cfg.eval[kind], resolve=True) or {}
     H = zsplit.prediction_length
     if kind == "patchtst":
@@ -233,7 +233,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
         # their forecasts are split per target; all are scored on the same windows.
         test = zsplit.uni_test if model in GLUONTS_LEARNED else split.uni_test if model == "seasonal_naive" else split.test
         info: dict[str, Any] = {"train_seconds": 0.0, "steps": 0, "params": 0}
-        with peak_memory() as mem:
+        with peak_memory("cuda" if str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda") else "cpu") as mem:
             start = time.perf_counter()
             if model == "seasonal_naive":
                 predictor = baselines.seasonal_naive(H, split.season)
@@ -324,4 +324,6 @@ def _setting(cfg: DictConfig, split: EvalSplit) -> dict[str, Any]:
         "patch_len": {k: int(cfg.models[k].patch_len) for k in ("dense", "msa") if k in cfg.get("models", {})},
         "seeds": list(cfg.eval.seeds), "baseline_seeds": list(cfg.eval.get("baseline_seeds") or cfg.eval.seeds),
         "checkpoint": cfg.get("checkpoint"),
+        "accelerator": str(cfg.trainer.get("accelerator", "cpu")),
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

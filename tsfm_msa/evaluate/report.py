@@ -130,7 +130,14 @@ def protocol_text(setting: dict[str, Any]) -> str:
         "median of quantile forecasts (ours, TFT; GluonTS's convention when no mean is stored) and the point "
         "forecast of seasonal naive. Peak MB: the process's peak resident memory while the model trained, (+rise) "
         "over its value when that model's training started (CPU; on a GPU both are the peak CUDA allocation). "
-        "Train s: wall-clock training time on shared CPU cores.")
+        f"Train s: wall-clock training time ({_hardware(setting)}).")
+
+
+def _hardware(setting: dict[str, Any]) -> str:
+    accelerator = str(setting.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda"):
+        return f"every learned model trained on {setting.get('device_name') or 'one GPU'}"
+    return "shared CPU cores"
 
 
 def inputs_lines(table: pd.DataFrame) -> list[str]:

@@ -72,7 +72,7 @@ class DenseGQA(_QKV):
     def forward(self, x: torch.Tensor, layout: TokenLayout, phase: str = "sparse") -> tuple[torch.Tensor, AttentionAux]:
         q, k, v = self.project(x, layout)
         out, _ = time_masked_attention(q, k, v, layout.q_time, layout.k_time, cache=layout.cache,
-                                       cache_key="dense_mask")
+                                       cache_key="dense_mask", return_lse=False)
         return self.merge(out), AttentionAux()
 
 
@@ -175,7 +175,7 @@ class MSAAttention(_QKV):
             # Dense main branch (the model trains as a dense model), and the indexer learns from the
             # dense teacher on the dense visible support -- no all-blocks block list, no O(L^2) buffer.
             out, _ = time_masked_attention(q, k, v, layout.q_time, layout.k_time, cache=layout.cache,
-                                           cache_key="dense_mask")
+                                           cache_key="dense_mask", return_lse=False)
             return self.merge(out), AttentionAux(kl=self.dense_index_loss(q, k, qi, ki, layout))
         q_time, k_time = batch_times(layout, batch)
         if self.selector is not None:
@@ -233,7 +233,7 @@ class MSAAttention(_QKV):
         mask_key = ("kl_mask", stride, offset)
         teacher_values = ki[:, None].expand(batch, groups, seq_len, index_dim).contiguous()
         u, _ = time_masked_attention(q.detach()[:, :, rows], k.detach(), teacher_values, q_time, layout.k_time,
-                                     cache=layout.cache, cache_key=mask_key)
+                                     cache=layout.cache, cache_key=mask_key, return_lse=False)
         u = u.float().view(batch, groups, rep, rows.numel(), index_dim).mean(2)  # [B, G, n, Di]
         qi_rows = qi[:, :, rows]
         a, lse_s = time_masked_attention(qi_rows.detach(), ki.detach()[:, None], ki[:, None], q_time, layout.k_time,

@@ -9,10 +9,10 @@ queries -1 and see nothing). Two implementations of one function:
   the block mask is [L/128, L/128] and is built once per layout (cached by the caller's key).
 - CPU (and any device without Flex), and short windows on CUDA (at most ``SMALL_PAIRS`` query-key
   pairs, where a compiled kernel buys nothing): exact attention in query chunks of bounded size,
-  fp32 accumulation, differentiable through autograd.
+  differentiable through autograd.
 
 Both return the output and the log-sum-exp of every query row (``-inf`` where nothing is visible,
-with a zero output), which the indexer warmup needs.
+with a zero output), which the indexer warmup needs; the log-sum-exp carries no gradient.
 """
 from __future__ import annotations
 
@@ -45,12 +45,14 @@ def time_masked_attention(
     scale: float | None = None,
     cache: dict | None = None,
     cache_key: Hashable | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Exact softmax attention of every query head over the keys visible to it by time.
 
     ``Hq`` must be a multiple of ``G`` (GQA). ``cache``/``cache_key`` keep the Flex block mask of a
     fixed (q_time, k_time) pair, so it is built once per layout. Returns ``out [B, Hq, Lq, Dv]`` in
-    the dtype of ``v`` and ``lse [B, Hq, Lq]`` float32.
+    the dtype of ``v`` and ``lse [B, Hq, Lq]`` float32 (``None`` with ``return_lse=False``, which
+    saves the CPU path a pass).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.is_cuda and q.shape[2] * k.shape[2] > SMALL_PAIRS and _flex_usable():
@@ -64,7 +66,7 @@ def time_masked_attention(
                 cache[cache_key] = mask
         return _flex(q, k, v, mask, scale)
     CALLS[("dense_attention", "chunked")] += 1
-    return _chunked_reference(q, k, v, q_time, k_time, scale)
+    return _chunked_reference(q, k, v, q_time, k_time, scale, return_lse)
 
 
 def _flex_usable() -> bool:
@@ -136,23 +138,33 @@ def _flex(q, k, v, block_mask, scale):
     return out[..., :dv], lse.float()
 
 
-def _chunked_reference(q, k, v, q_time, k_time, scale):
+def _chunked_reference(q, k, v, q_time, k_time, scale, return_lse: bool = True):
+    """Exact attention in query chunks: SDPA (the fused CPU kernel, GQA without K/V copies) for the
+    output and its gradients, and the log-sum-exp from a separate no-grad pass (every caller uses it
+    detached). Measured on one CPU thread, 2K tokens x batch 8, a dense_small training step: 22.5 s
+    with einsum/logsumexp through autograd, 2.9 s like this."""
+    import torch.nn.functional as F
+
     batch, n_heads, n_q, _ = q.shape
-    groups, n_k, dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups, n_k = k.shape[1], k.shape[2]
     rep = n_heads // groups
-    qg = q.float().view(batch, groups, rep, n_q, -1)
-    kf, vf = k.float(), v.float()
     chunk = max(1, min(n_q, _CHUNK_ELEMENTS // max(1, batch * n_heads * n_k)))
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     outs, lses = [], []
     for start in range(0, n_q, chunk):
         stop = min(n_q, start + chunk)
         visible = k_time[None, :] <= q_time[start:stop, None]  # [Lc, L]
-        logits = torch.einsum("bgrqd,bgkd->bgrqk", qg[:, :, :, start:stop], kf) * scale
-        logits = logits.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)  # [B, G, R, Lc]
-        lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-        probs = torch.exp(logits - lse_safe[..., None])
-        outs.append(torch.einsum("bgrqk,bgkd->bgrqd", probs, vf))
-        lses.append(lse)
-    out = torch.cat(outs, dim=3).reshape(batch, n_heads, n_q, dv).to(v.dtype)
-    return out, torch.cat(lses, dim=3).reshape(batch, n_heads, n_q)
+        seen = visible.any(-1)  # rows with no visible key (padding) get a zero output, not NaN
+        mask = visible | ~seen[:, None]
+        out = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=rep > 1)
+        outs.append(out * seen[:, None].to(out.dtype))
+        if not return_lse:
+            continue
+        with torch.no_grad():
+            qg = q[:, :, start:stop].float().view(batch, groups, rep, stop - start, -1)
+            logits = torch.einsum("bgrqd,bgkd->bgrqk", qg, k.float()) * scale
+            lse = torch.logsumexp(logits.masked_fill_(~visible, float("-inf")), dim=-1)  # [B, G, R, Lc]
+        lses.append(lse.reshape(batch, n_heads, stop - start))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2) if return_lse else None
