@@ -145,7 +145,7 @@ def _slice_batch(batch: dict, rows: slice, device: torch.device) -> dict:
 def forecast(model: torch.nn.Module, batch: dict) -> tuple[np.ndarray, list[torch.Tensor | None], TokenLayout]:
     """Quantiles in raw units ``[N, T, H, Q]``, each attention layer's block_idx (None for a dense
     layer: every visible block), and the layout."""
-    out = model(batch, "sparse")
+    out = model(batch, "predict")
     targets = model.target_index
     scale = batch["scale"][:, targets, None, None]
     loc = batch["loc"][:, targets, None, None]

@@ -97,6 +97,22 @@ def test_msa_with_every_block_equals_dense():
         torch.testing.assert_close(msa(batch, "indexer_warmup").quantiles, dense(batch).quantiles, atol=1e-5, rtol=1e-4)
 
 
+def test_predict_phase_forecasts_as_sparse_without_the_indexer_loss():
+    model = small_model("msa", "free").eval()
+    batch = random_batch(2, C, H, 3, seed=9)
+    from tsfm_msa.kernels.dispatch import CALLS
+
+    before = dict(CALLS)
+    with torch.no_grad():
+        sparse, predict = model(batch, "sparse"), model(batch, "predict")
+    kl_calls = sum(n - before.get(key, 0) for key, n in CALLS.items() if key[0] == "indexer_kl")
+    assert kl_calls == len(model.layers)  # the sparse forward's, none from predict
+    torch.testing.assert_close(predict.quantiles, sparse.quantiles)
+    assert sparse.kl.item() > 0 and predict.kl.item() == 0
+    for a, b in zip(sparse.aux, predict.aux):
+        assert torch.equal(a.block_idx, b.block_idx)
+
+
 @pytest.mark.parametrize("phase", ["indexer_warmup", "sparse"])
 def test_kl_gradient_reaches_only_index_projections(phase):
     model = small_model("msa", "free").train()

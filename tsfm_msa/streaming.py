@@ -634,7 +634,7 @@ def full_forecast(
              "horizon": torch.nan_to_num(hor, nan=0.0)[None].float(), "horizon_mask": ~torch.isnan(hor)[None]}
     dtype = next(model.parameters()).dtype
     batch = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in batch.items()}
-    return model(batch, "sparse").quantiles[0].float()
+    return model(batch, "predict").quantiles[0].float()
 
 
 @dataclass

@@ -82,7 +82,7 @@ class _QuantileNet(nn.Module):
             "loc": loc,
             "scale": scale,
         }
-        q = self.model(batch, "sparse").quantiles[:, :, :h]  # [B, D, h, Q] scaled, sorted along Q
+        q = self.model(batch, "predict").quantiles[:, :, :h]  # [B, D, h, Q] scaled, sorted along Q
         t = self.target_idx
         q = q * scale[:, t, None, None] + loc[:, t, None, None]
         # Quantiles only: the model has no mean; a QuantileForecast's .mean is then its median (GluonTS's

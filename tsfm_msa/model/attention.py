@@ -18,7 +18,8 @@ from tsfm_msa.model.rope import apply_rope, rope_angles
 from tsfm_msa.tokens import TokenLayout
 
 GROUP_POLICIES = ("free", "sensor", "hybrid")
-PHASES = ("indexer_warmup", "sparse")
+# "predict": the sparse path without the indexer loss (forecasting needs only the selection).
+PHASES = ("indexer_warmup", "sparse", "predict")
 # Indexer loss in training: every query row up to this many tokens; beyond, every AUTO_KL_STRIDE-th
 # row (an unbiased estimate of the mean over rows). In the warmup the loss needs two extra
 # attention passes (teacher with Hq heads, student with G heads): on 1/8 of the rows they add about
@@ -183,20 +184,24 @@ class MSAAttention(_QKV):
         else:
             block_idx = self.select(qi, ki, layout)
         out, lse = kernels.sparse_attention(q, k, v, block_idx, q_time, k_time, layout.block_size)
+        kl = None if phase == "predict" else self.index_loss(qi, ki, q, k, block_idx, lse, q_time, k_time, layout)
+        aux = AttentionAux(kl=kl, block_idx=block_idx.detach())
+        if self.collect_stats:
+            local = layout.own_local_block[None] if self.group_policy == "free" else layout.group_local_block
+            aux.stats = support_stats(block_idx, layout, local)
+        return self.merge(out), aux
+
+    def index_loss(self, qi, ki, q, k, block_idx, lse, q_time, k_time, layout: TokenLayout) -> torch.Tensor:
+        """KL of the indexer against the main branch on the selected support (sparse phase)."""
         kl_idx = block_idx
         stride = self.kl_query_stride(layout)
         if self.training and stride > 1:
             # Rows left out of this step's KL get no blocks: the KL kernel skips them and averages
             # over the rest.
             skipped = layout.cached(("kl_rows_skipped", stride, self.train_step % stride), lambda: (
-                torch.arange(layout.seq_len, device=x.device) % stride != self.train_step % stride))
+                torch.arange(layout.seq_len, device=q.device) % stride != self.train_step % stride))
             kl_idx = block_idx.masked_fill(skipped[None, None, :, None], -1)
-        kl = kernels.indexer_kl(qi, ki, kl_idx, q, k, lse, q_time, k_time, layout.block_size)
-        aux = AttentionAux(kl=kl, block_idx=block_idx.detach())
-        if self.collect_stats:
-            local = layout.own_local_block[None] if self.group_policy == "free" else layout.group_local_block
-            aux.stats = support_stats(block_idx, layout, local)
-        return self.merge(out), aux
+        return kernels.indexer_kl(qi, ki, kl_idx, q, k, lse, q_time, k_time, layout.block_size)
 
     def kl_query_stride(self, layout: TokenLayout) -> int:
         """Every how many query rows the index loss is computed on in training (see dense_index_loss)."""
