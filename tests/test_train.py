@@ -219,3 +219,15 @@ def test_out_of_memory_names_the_settings_to_lower(monkeypatch, capsys, tmp_path
     for key in ("data.context_len", "data.batch_size", "model.activation_checkpointing", "accumulate_grad_batches"):
         assert key in err
     assert "Traceback" not in err
+
+
+def test_lightning_records_reach_the_console_once():
+    """Lightning's own console handler would print every record a second time beside Hydra's."""
+    import logging
+
+    from tsfm_msa.cli import _one_console_handler
+
+    _one_console_handler()
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        assert logger.propagate and not [h for h in logger.handlers if type(h) is logging.StreamHandler], name

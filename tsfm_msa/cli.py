@@ -115,12 +115,29 @@ def _is_global_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
+def _one_console_handler() -> None:
+    """Lightning adds a console handler of its own when it is imported before Hydra configures
+    logging, and its records also reach Hydra's root handlers: every line printed twice. Drop
+    Lightning's handler so its records go through Hydra's (console and the run's log file) once."""
+    import logging
+
+    import lightning.pytorch  # noqa: F401  (its handlers exist once it is imported)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "torchmetrics"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def _hydra_app(config_name: str, command):
     @hydra.main(version_base=None, config_path=CONFIGS, config_name=config_name)
     def app(cfg: DictConfig) -> None:
         # Lightning's DDP launcher starts the other processes with sys.argv: give it the real command
         # line (Hydra has parsed the overrides already).
         hydra_argv, sys.argv = sys.argv, list(_ORIGINAL_ARGV or sys.argv)
+        _one_console_handler()
         try:
             command(cfg)
         except _cuda_out_of_memory() as err:
