@@ -165,7 +165,8 @@ def train_ours(cfg: DictConfig, kind: str, seed: int, split: EvalSplit, run_dir:
     trainer.callbacks.append(timer)
     trainer.fit(module, datamodule=datamodule)
     facts = {"steps": int(trainer.global_step), "batch_size": batch_size, **window_facts(layout),
-             "top_k": model_cfg.get("top_k"), "step_seconds": timer.median_seconds()}
+             "attention": model_cfg.get("attention"), "top_k": model_cfg.get("top_k"),
+             "step_seconds": timer.median_seconds()}
     return module.eval(), facts
 
 
