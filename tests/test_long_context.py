@@ -64,6 +64,21 @@ def test_experiment_composes_and_fits_each_dataset(dataset):
         assert cfg.models.msa_sensor.n_heads == 2 * len(schema.group_names)
 
 
+def test_epf_countries_holds_the_item_stacked_values():
+    from tsfm_msa.datasets.bundled import load_epf
+
+    stacked = {f.item_id: f for f in load_epf()}
+    (joint,) = load_epf(countries_as_groups=True)
+    assert joint.length == stacked["FR"].length
+    rows = np.random.default_rng(int(torch.randint(0, 2**31, ()).item())).integers(0, joint.length, 50)
+    for country in ("FR", "BE"):
+        for var in ("y", "system_load", "gen_forecast", "week_day"):
+            got = joint.column(f"{var}_{country}")[rows]
+            np.testing.assert_array_equal(got, stacked[country].column(var)[rows])
+            assert joint.schema.variates[joint.schema.index(f"{var}_{country}")].role == \
+                stacked[country].schema.variates[stacked[country].schema.index(var)].role
+
+
 def test_msa_sensor_trains_and_scores_on_epf_countries(tmp_path):
     from tsfm_msa.evaluate.command import evaluate
 
@@ -199,3 +214,19 @@ def test_collector_writes_json_md_png_and_checks_the_targets(tmp_path):
 def test_collector_refuses_folders_without_runs(tmp_path):
     with pytest.raises(lc.LongContextError, match="no finished long-context runs"):
         lc.collect([tmp_path], tmp_path / "out")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model", lc.MODELS)
+def test_study_job_trains_and_forecasts_on_cuda(tmp_path, model):
+    """One job of the study on the GPU path: bf16 training through Flex / the Triton kernels, the
+    forecasts made on the GPU under the same autocast, the CUDA peak allocation."""
+    from tsfm_msa.evaluate.command import evaluate
+
+    cfg = _compose(["context_study=pedestrian", "study.context=w4", f"study.model={model}", "study.patch=8",
+                    "trainer=gpu", "eval.max_steps=12", "indexer_warmup.steps=4", "eval.windows=3"])
+    row = next(r for r in evaluate(cfg, tmp_path, "pedestrian")["rows"] if r["model"] == model)
+    assert math.isfinite(row["CRPS_rel"]) and math.isfinite(row["MASE_rel"])
+    assert row["context_tokens"] == 4 * (672 // 8) + 4 * 3 and row["step_seconds"] > 0
+    assert 0 < row["peak_mb"] < 20_000

@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--out", required=True, help="output prefix, e.g. benchmarks/results/2026-12-02-long-context")
         p.add_argument("--budget-minutes", type=float, default=8.0)
         p.add_argument("--workers", type=int, default=6, help="evaluation processes at a time on the one device")
-        p.add_argument("--min-start-seconds", type=float, default=45.0,
+        p.add_argument("--min-start-seconds", type=float, default=60.0,
                        help="start no job once less than this is left of the budget")
         p.add_argument("--trainer", default="gpu")
         p.add_argument("--runs-dir", default=None, help="where the runs go (default outputs/long_context/<time>)")
