@@ -135,9 +135,11 @@ def test_plan_orders_short_against_long_first_and_never_repeats():
     first = jobs[:len(lc.DATASETS) * len(lc.MODELS) * 2]
     assert {(j.rung, j.patch, j.seed) for j in first} == {("max", 16, 0), ("s256", 16, 0)}
     assert {(j.dataset, j.model) for j in first} == {(d, m) for d in lc.DATASETS for m in lc.MODELS}
-    # Every (dataset, rung, patch, model) runs at seed 0; seed 1 only at the rungs that matter.
+    # Every (dataset, rung, patch, model) runs at seed 0 (patch 4 only at the longest rung); seed 1 only at
+    # the rungs that matter.
     seed0 = {(j.dataset, j.rung, j.patch, j.model) for j in jobs if j.seed == 0}
-    assert len(seed0) == len(lc.DATASETS) * 6 * len(lc.PATCHES) * len(lc.MODELS)
+    assert len(seed0) == len(lc.DATASETS) * (6 * 2 + 1) * len(lc.MODELS)
+    assert {j.rung for j in jobs if j.patch == 4} == {"max"}
     assert {j.rung for j in jobs if j.seed == 1} == {"max", "s256", "w52", "w13"}
     assert [j.rung for j in lc.plan(datasets=["epf"], models=["msa"], patches=[8], seeds=[0], rungs=["w1", "max"])] \
         == ["max", "w1"]
