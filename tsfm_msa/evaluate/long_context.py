@@ -171,7 +171,8 @@ def load_rows(paths: list[str | Path]) -> pd.DataFrame:
         if (run / "config.yaml").is_file():
             rung = OmegaConf.select(OmegaConf.load(run / "config.yaml"), "study.context")
         for row in record["rows"]:
-            if row.get("context_tokens") is None or (isinstance(row["context_tokens"], float) and math.isnan(row["context_tokens"])):
+            tokens = row.get("context_tokens")
+            if tokens is None or (isinstance(tokens, float) and math.isnan(tokens)):
                 continue  # seasonal naive and GluonTS baselines: no tokens
             rows.append({**{k: row.get(k) for k in ROW_COLUMNS}, "rung": rung, "run": str(run)})
     if not rows:
@@ -276,10 +277,10 @@ def markdown(table: pd.DataFrame, check: dict[str, Any], jobs: dict[str, str] | 
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table.sort_values(["dataset", "patch_len", "context_len", "model"]).to_dict("records"):
         top_k = "-" if r["attention"] != "msa" else str(int(r["top_k"]))
+        n = r["seeds"]
         lines.append(f"| {r['dataset']} | {r['model']} | {r['patch_len']} | {r['context_len']} | {r['context_tokens']} "
-                     f"| {r['batch_size']} | {top_k} | {r['seeds']} | {_pm(r['CRPS_rel'], r['CRPS_rel_std'], r['seeds'])} "
-                     f"| {_pm(r['MASE_rel'], r['MASE_rel_std'], r['seeds'])} | {r['step_seconds']:.4f} "
-                     f"| {r['peak_mb']:.0f} |")
+                     f"| {r['batch_size']} | {top_k} | {n} | {_pm(r['CRPS_rel'], r['CRPS_rel_std'], n)} "
+                     f"| {_pm(r['MASE_rel'], r['MASE_rel_std'], n)} | {r['step_seconds']:.4f} | {r['peak_mb']:.0f} |")
     lines += ["", "## Targets", "", check["a"]["text"], "", *check["a"]["lines"], "", check["b"]["text"]]
     if jobs:
         done = sum(s == "ok" for s in jobs.values())
@@ -368,7 +369,11 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             print(" ".join(argv[1:]))
         return {"jobs": {name: "not started" for name in commands}}
     print(f"{len(jobs)} jobs, {args.workers} at a time, {args.budget_minutes} min; runs in {runs_dir}", flush=True)
-    status = run_pool(commands, runs_dir / "logs", args.workers, args.budget_minutes * 60, args.min_start_seconds)
+    # Each job compiles its own FlexAttention / Triton kernels: its share of the cores, not a pool of all.
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", str(threads)),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    status = run_pool(commands, runs_dir / "logs", args.workers, args.budget_minutes * 60, args.min_start_seconds,
+                      env=env)
     (runs_dir / "jobs.json").write_text(json.dumps(status, indent=2))
     note = (f"{datetime.now(timezone.utc):%Y-%m-%d} UTC, trainer={args.trainer}, {args.workers} jobs at a time on one "
             f"device (step times and peak memory were measured while the other jobs ran), budget "
