@@ -293,35 +293,50 @@ def markdown(table: pd.DataFrame, check: dict[str, Any], jobs: dict[str, str] | 
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
-    """Plot 1: CRPS / seasonal naive against context tokens (log x), a line per dataset, model and patch.
-    Plot 2: seconds per training step and peak memory against context tokens."""
+    """Plot 1 (top row, a panel per dataset): CRPS / seasonal naive against context tokens (log x), a line
+    per model and patch length. Plot 2 (bottom row): seconds per training step and peak memory against
+    context tokens. Colour = model, line style = patch length, marker = dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    colors = {m: c for m, c in zip(MODELS, ("tab:blue", "tab:orange", "tab:green"))}
-    markers = {d: mk for d, mk in zip(sorted(table["dataset"].unique()), "osD^v")}
-    styles = {16: "-", 8: "--"}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    datasets = sorted(table["dataset"].unique())
+    models = [m for m in MODELS if m in set(table["model"])] + sorted(set(table["model"]) - set(MODELS))
+    patches = sorted(table["patch_len"].unique(), reverse=True)
+    colors = {m: f"C{i}" for i, m in enumerate(models)}
+    styles = {p: ls for p, ls in zip(patches, ("-", "--", ":", "-."))}
+    markers = {d: mk for d, mk in zip(datasets, "osD^vP*X")}
+    ncols = max(len(datasets), 2)
+    fig = plt.figure(figsize=(5.5 * ncols, 9))
+    grid = fig.add_gridspec(2, 2 * ncols)
+    quality = [fig.add_subplot(grid[0, 2 * i:2 * i + 2]) for i in range(len(datasets))]
+    half = ncols  # the bottom row: two panels, each half the width
+    step_ax, mem_ax = fig.add_subplot(grid[1, :half]), fig.add_subplot(grid[1, half:])
     for (dataset, model, patch), g in table.groupby(["dataset", "model", "patch_len"], sort=True):
         g = g.sort_values("context_tokens")
-        kw = dict(color=colors.get(model, "gray"), marker=markers[dataset], linestyle=styles.get(patch, ":"),
-                  label=f"{dataset} {model} p{patch}")
-        axes[0].errorbar(g["context_tokens"], g["CRPS_rel"], yerr=g["CRPS_rel_std"], capsize=2, **kw)
-        axes[1].plot(g["context_tokens"], g["step_seconds"] * 1e3, **kw)
-        axes[2].plot(g["context_tokens"], g["peak_mb"], **kw)
-    axes[0].axhline(1.0, color="black", linewidth=0.8)
-    titles = ("1. CRPS / seasonal naive (lower is better)", "2a. training step (ms)", "2b. peak memory (MB)")
-    for ax, title in zip(axes, titles):
+        kw = dict(color=colors[model], marker=markers[dataset], linestyle=styles[patch], markersize=4)
+        quality[datasets.index(dataset)].errorbar(g["context_tokens"], g["CRPS_rel"], yerr=g["CRPS_rel_std"],
+                                                  capsize=2, **kw)
+        step_ax.plot(g["context_tokens"], g["step_seconds"] * 1e3, **kw)
+        mem_ax.plot(g["context_tokens"], g["peak_mb"], **kw)
+    for ax, dataset in zip(quality, datasets):
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"1. {dataset}: CRPS / seasonal naive (lower is better)")
+    for ax, title in ((step_ax, "2a. training step (ms)"), (mem_ax, "2b. peak memory (MB)")):
+        ax.set_title(title)
+        ax.set_yscale("log")
+    for ax in [*quality, step_ax, mem_ax]:
         ax.set_xscale("log")
         ax.set_xlabel("context tokens per window")
-        ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].set_yscale("log")
-    axes[0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    handles = ([Line2D([], [], color=colors[m], label=m) for m in models]
+               + [Line2D([], [], color="gray", linestyle=styles[p], label=f"patch {p}") for p in patches]
+               + [Line2D([], [], color="gray", marker=markers[d], linestyle="", label=d) for d in datasets])
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
