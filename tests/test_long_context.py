@@ -132,14 +132,17 @@ def test_step_timer_reports_the_last_phase_without_its_first_steps():
 def test_plan_orders_short_against_long_first_and_never_repeats():
     jobs = lc.plan()
     assert len(jobs) == len(set(jobs))
-    first = jobs[:len(lc.DATASETS) * len(lc.MODELS) * 2]
+    n_first = len(lc.DATASETS) * len(lc.MODELS) * 2
+    first = jobs[:n_first]
     assert {(j.rung, j.patch, j.seed) for j in first} == {("max", 16, 0), ("s256", 16, 0)}
     assert {(j.dataset, j.model) for j in first} == {(d, m) for d in lc.DATASETS for m in lc.MODELS}
-    # Every (dataset, rung, patch, model) runs at seed 0 (patch 4 only at the longest rung); seed 1 only at
-    # the rungs that matter.
-    seed0 = {(j.dataset, j.rung, j.patch, j.model) for j in jobs if j.seed == 0}
-    assert len(seed0) == len(lc.DATASETS) * (6 * 2 + 1) * len(lc.MODELS)
-    assert {j.rung for j in jobs if j.patch == 4} == {"max"}
+    # Then the windows past 32K tokens: vic_elec's longest rung at patch 4, every model.
+    assert {(j.dataset, j.rung, j.patch, j.model) for j in jobs[n_first:n_first + 3]} == \
+        {("vic_elec", "max", 4, m) for m in lc.MODELS}
+    assert {(j.dataset, j.rung) for j in jobs if j.patch == 4} == {("vic_elec", "max")}
+    # Every (dataset, rung, patch 16 or 8, model) runs at seed 0; seed 1 only at the rungs that matter.
+    seed0 = {(j.dataset, j.rung, j.patch, j.model) for j in jobs if j.seed == 0 and j.patch != 4}
+    assert len(seed0) == len(lc.DATASETS) * 6 * 2 * len(lc.MODELS)
     assert {j.rung for j in jobs if j.seed == 1} == {"max", "s256", "w52", "w13"}
     assert [j.rung for j in lc.plan(datasets=["epf"], models=["msa"], patches=[8], seeds=[0], rungs=["w1", "max"])] \
         == ["max", "w1"]
