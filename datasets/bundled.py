@@ -32,17 +32,34 @@ def load_vic_elec() -> list[SeriesFrame]:
     )
 
 
-def load_epf() -> list[SeriesFrame]:
+def load_epf(countries_as_groups: bool = False) -> list[SeriesFrame]:
     """Day-ahead electricity prices (EPF benchmark), France and Belgium, 2015-01 to 2016-10, hourly.
 
     Two items "FR", "BE" of 16,080 steps. Variates: y (target, EUR/MWh), gen_forecast and
     week_day (future covariates: the generation forecast and calendar are known a day ahead),
     system_load (past covariate).
+
+    countries_as_groups: one item "FR_BE" holding both countries side by side (y_FR, y_BE,
+    system_load_FR, ...: two targets, eight variates), each country its own sensor group, so that
+    GQA groups can map to countries (group_policy=sensor with 2 KV heads).
     """
     df = _read("fpppy/EPF_FR_BE.csv")
+    if not countries_as_groups:
+        return from_pandas(
+            df, timestamp="ds", item_id="unique_id", targets=["y"], past_covariates=["system_load"],
+            future_covariates=["gen_forecast", "week_day"], freq="h",
+        )
+    wide = df.pivot(index="ds", columns="unique_id")  # columns (variable, country)
+    wide.columns = [f"{var}_{country}" for var, country in wide.columns]
+    countries = ["FR", "BE"]
+
+    def per_country(var: str) -> list[str]:
+        return [f"{var}_{c}" for c in countries]
+
     return from_pandas(
-        df, timestamp="ds", item_id="unique_id", targets=["y"], past_covariates=["system_load"],
-        future_covariates=["gen_forecast", "week_day"], freq="h",
+        wide.reset_index(), timestamp="ds", targets=per_country("y"), past_covariates=per_country("system_load"),
+        future_covariates=per_country("gen_forecast") + per_country("week_day"), freq="h",
+        groups={f"{var}_{c}": c for c in countries for var in ("y", "system_load", "gen_forecast", "week_day")},
     )
 
 

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,18 @@ from tsfm_msa.evaluate.gluonts_data import (EvalSplit, gift_eval_windows, make_e
                                             standardize_covariates)
 from tsfm_msa.evaluate.metrics import relative_to, score_forecasts
 from tsfm_msa.evaluate.predictor import check_schema, load_predictor, predictor_from_module
+from tsfm_msa.evaluate.run_measures import StepTimer, batch_for_tokens, cap_top_k, window_facts, window_layout
 
 GLUONTS_LEARNED = ("patchtst", "deepar", "tft")
-LEARNED = ("dense", "msa") + GLUONTS_LEARNED
-KNOWN_MODELS = ("seasonal_naive",) + LEARNED
+
+
+def our_models(cfg: DictConfig) -> list[str]:
+    """Our models: every node under `models.*` (dense, msa, msa_sensor, ...), each a model config."""
+    return list(cfg.get("models") or {})
+
+
+def learned_models(cfg: DictConfig) -> tuple[str, ...]:
+    return tuple(our_models(cfg)) + GLUONTS_LEARNED
 
 
 class EvaluateConfigError(ValueError):
@@ -94,9 +102,11 @@ def _models(cfg: DictConfig) -> list[str]:
     if cfg.get("checkpoint"):
         return ["seasonal_naive", "checkpoint"]
     models = list(cfg.eval.models)
-    unknown = [m for m in models if m not in KNOWN_MODELS]
+    known = ("seasonal_naive",) + learned_models(cfg)
+    unknown = [m for m in models if m not in known]
     if unknown:
-        raise EvaluateConfigError(f"eval.models has unknown entries {unknown}; choose from {list(KNOWN_MODELS)}")
+        raise EvaluateConfigError(f"eval.models has unknown entries {unknown}; choose from {list(known)} "
+                                  "(ours are the nodes under models.*, e.g. +model@models.mine=msa_small)")
     if "seasonal_naive" not in models:
         models.insert(0, "seasonal_naive")  # the reference of the relative columns
     return models
@@ -122,28 +132,42 @@ def _trainer_cfg(cfg: DictConfig, steps: int) -> DictConfig:
     return OmegaConf.create({"trainer": trainer})
 
 
-def fitting_datamodule(cfg: DictConfig, split: EvalSplit, seed: int):
+def fitting_datamodule(cfg: DictConfig, split: EvalSplit, seed: int, batch_size: int | None = None):
     """The data config's SeriesDataModule cut so that training covers [0, T - test_length) of every series:
     everything before the first test window, no validation split (as for the GluonTS baselines)."""
     datamodule = hydra.utils.instantiate(cfg.data, seed=seed, val_fraction=0.0, val_length=0,
-                                         test_length=split.test_length, _convert_="all")
+                                         test_length=split.test_length, batch_size=batch_size or cfg.data.batch_size,
+                                         _convert_="all")
     datamodule.setup("fit")
     return datamodule
 
 
-def train_ours(cfg: DictConfig, kind: str, seed: int, split: EvalSplit, run_dir: Path):
-    """Train dense or MSA with the `tsfm-msa train` builders on every step before the first test window;
-    return (module at its final weights, steps)."""
+def train_ours(cfg: DictConfig, kind: str, seed: int, split: EvalSplit, run_dir: Path, schema):
+    """Train one of ours (`models.<kind>`) with the `tsfm-msa train` builders on every step before the first
+    test window; return (module at its final weights, facts: steps, batch_size, context_tokens,
+    step_seconds, ...). With `eval.tokens_per_batch` the batch shrinks as the window grows (at most
+    data.batch_size windows, at least one); with `eval.cap_top_k` an MSA top_k above the window's KV
+    blocks is lowered to them (MSA attends densely there) instead of refused."""
     from tsfm_msa.run_setup import build_module, build_trainer
 
     L.seed_everything(seed, workers=True)
-    datamodule = fitting_datamodule(cfg, split, seed)
+    model_cfg = OmegaConf.to_container(cfg.models[kind], resolve=True)
+    layout = window_layout(schema, model_cfg, cfg.data.context_len, cfg.data.horizon)
+    if cfg.eval.get("cap_top_k"):
+        model_cfg = cap_top_k(model_cfg, layout)
+    batch_size = batch_for_tokens(layout.seq_len, cfg.eval.get("tokens_per_batch"), int(cfg.data.batch_size))
+    datamodule = fitting_datamodule(cfg, split, seed, batch_size)
     steps = int(cfg.eval.max_steps)
-    module = build_module(cfg, cfg.models[kind], datamodule, steps)
+    module = build_module(cfg, OmegaConf.create(model_cfg), datamodule, steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(_trainer_cfg(cfg, steps), run_dir)
+    timer = StepTimer()
+    trainer.callbacks.append(timer)
     trainer.fit(module, datamodule=datamodule)
-    return module.eval(), int(trainer.global_step)
+    facts = {"steps": int(trainer.global_step), "batch_size": batch_size, **window_facts(layout),
+             "attention": model_cfg.get("attention"), "top_k": model_cfg.get("top_k"),
+             "step_seconds": timer.median_seconds()}
+    return module.eval(), facts
 
 
 def _train_baseline(cfg: DictConfig, kind: str, seed: int, zsplit: EvalSplit, n_future: int, n_past: int,
@@ -211,6 +235,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     windows = default_windows(cfg, min(f.length for f in frames), H, distance)
     split = make_eval_split(frames, H, windows, distance, min_train=H + 1)
     zsplit = make_eval_split(standardize_covariates(frames, split.train_stops), H, windows, distance, min_train=H + 1)
+    ours = our_models(cfg)
+    learned = learned_models(cfg)
+    device = _device(cfg)
     n_future = len(schema.indices_of("future_covariate", "action"))
     n_past = len(schema.indices_of("past_covariate"))
     target_names = [schema.names[i] for i in schema.target_indices]
@@ -233,36 +260,40 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
         # their forecasts are split per target; all are scored on the same windows.
         test = zsplit.uni_test if model in GLUONTS_LEARNED else split.uni_test if model == "seasonal_naive" else split.test
         info: dict[str, Any] = {"train_seconds": 0.0, "steps": 0, "params": 0}
-        with peak_memory("cuda" if str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda") else "cpu") as mem:
+        with peak_memory(device) as mem:
             start = time.perf_counter()
             if model == "seasonal_naive":
                 predictor = baselines.seasonal_naive(H, split.season)
             elif model == "checkpoint":
                 predictor = predictor_ckpt
                 info["params"] = sum(p.numel() for p in predictor.prediction_net.parameters())
-            elif model in ("dense", "msa"):
-                module, info["steps"] = train_ours(cfg, model, seed, split, job_dir)
-                predictor = predictor_from_module(module, H)
+            elif model in ours:
+                module, facts = train_ours(cfg, model, seed, split, job_dir, schema)
+                info.update(facts, context_len=int(cfg.data.context_len), patch_len=int(cfg.models[model].patch_len))
+                module.to(device)  # Lightning hands the module back on the CPU; forecast where it trained
+                predictor = predictor_from_module(module, H, device=device)
                 info["params"] = sum(p.numel() for p in module.model.parameters())
             else:
                 predictor = _train_baseline(cfg, model, seed, zsplit, n_future, n_past, job_dir)
                 info["steps"] = int(cfg.eval.max_steps)
                 info["params"] = sum(p.numel() for p in predictor.prediction_net.parameters())
-            info["train_seconds"] = time.perf_counter() - start if model in LEARNED else 0.0
+            info["train_seconds"] = time.perf_counter() - start if model in learned else 0.0
         info["peak_mb"], info["delta_mb"] = mem["peak_mb"], mem["delta_mb"]
         start = time.perf_counter()
-        if model in ("dense", "msa") and cfg.eval.get("streaming"):
-            forecasts = streamed_forecasts(module, frames, split, int(cfg.data.context_len))
-        else:
-            forecasts = list(tqdm(predictor.predict(test.input), total=len(test), desc=f"{model} windows",
-                                  leave=False, unit="window"))
+        with _autocast(cfg, device):
+            if model in ours and cfg.eval.get("streaming"):
+                forecasts = streamed_forecasts(module, frames, split, int(cfg.data.context_len))
+            else:
+                forecasts = list(tqdm(predictor.predict(test.input), total=len(test), desc=f"{model} windows",
+                                      leave=False, unit="window"))
         forecasts = split_targets(forecasts, len(frames), split.windows, target_names)
         info["predict_seconds"] = time.perf_counter() - start
         scores = score_forecasts(forecasts, split.uni_test, split.freq)
         if model == "seasonal_naive":
             naive_scores = scores
+        inputs = baselines.INPUTS.get(model, baselines.INPUTS["dense"])  # all of ours read the same inputs
         row = {"dataset": dataset, "model": model, "seed": seed, **scores, **relative_to(scores, naive_scores), **info,
-               "inputs": baselines.INPUTS[model]}
+               "inputs": inputs}
         rows.append(row)
         if model not in plot_forecasts:
             plot_forecasts[model] = forecasts
@@ -316,12 +347,26 @@ def streamed_forecasts(module, frames: list, split: EvalSplit, context_len: int)
     return out
 
 
+def _device(cfg: DictConfig) -> str:
+    """Where ours train and forecast: CUDA under a GPU trainer, else the CPU."""
+    on_gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda") and torch.cuda.is_available()
+    return "cuda" if on_gpu else "cpu"
+
+
+def _autocast(cfg: DictConfig, device: str):
+    """Forecasting in the training precision: bf16 autocast on a GPU trainer with bf16 mixed precision."""
+    if device == "cuda" and "bf16" in str(cfg.trainer.get("precision", "")):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def _setting(cfg: DictConfig, split: EvalSplit) -> dict[str, Any]:
     return {
         "windows": split.windows, "distance": split.distance, "test_length": split.test_length, "prediction_length": split.prediction_length,
         "season": split.season, "freq": split.freq, "max_steps": int(cfg.eval.max_steps),
         "batch_size": int(cfg.data.batch_size), "context_len": int(cfg.data.context_len),
-        "patch_len": {k: int(cfg.models[k].patch_len) for k in ("dense", "msa") if k in cfg.get("models", {})},
+        "patch_len": {k: int(cfg.models[k].patch_len) for k in our_models(cfg)},
+        "tokens_per_batch": cfg.eval.get("tokens_per_batch"),
         "seeds": list(cfg.eval.seeds), "baseline_seeds": list(cfg.eval.get("baseline_seeds") or cfg.eval.seeds),
         "checkpoint": cfg.get("checkpoint"),
         "accelerator": str(cfg.trainer.get("accelerator", "cpu")),
