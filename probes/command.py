@@ -71,31 +71,91 @@ def probe_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def probe_precision(name: str | None, device: torch.device) -> str:
+    """Lightning precision: ``auto`` (default) is bf16-mixed on CUDA (the Triton kernels and Flex run
+    on tensor cores; fp32 inputs take the slow IEEE path) and 32-true on the CPU."""
+    name = name or "auto"
+    if name == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "32-true"
+    if name not in ("bf16-mixed", "32-true"):
+        raise ProbeConfigError(f"precision must be auto, bf16-mixed or 32-true, got {name!r}")
+    if name == "bf16-mixed" and device.type != "cuda":
+        raise ProbeConfigError("precision=bf16-mixed needs device=cuda; use precision=auto on the CPU")
+    return name
+
+
+def eval_autocast(precision: str, device: torch.device):
+    """The training precision for the probe forwards: bf16 autocast on CUDA under bf16-mixed."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_model(model_config: dict, scenario: ScenarioData, train_cfg: dict, seed: int,
-                init_state: dict | None = None, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, float]:
+                init_state: dict | None = None, device: torch.device = torch.device("cpu"),
+                precision: str = "32-true", train_items: list | None = None) -> tuple[torch.nn.Module, float]:
     """Train on the scenario's training windows with ForecastModule + Lightning on ``device``; return
-    the PatchTransformer (eval mode, on ``device``) and the seconds spent."""
+    the PatchTransformer (eval mode, on ``device``) and the seconds spent. ``train_items``: the
+    training windows already cut and scaled (shared by the models of a scenario)."""
     import lightning as L
 
     from tsfm_msa.train.lightning_module import ForecastModule
 
     L.seed_everything(seed, workers=False, verbose=False)
     steps = int(train_cfg["steps"])
-    module = ForecastModule(
+    dense_every = dense_mix_period(train_cfg.get("dense_mix"))
+    module_cls = _mixed_module_class() if dense_every else ForecastModule
+    module = module_cls(
         model_config=model_config, schema=scenario.schema.to_dict(), context_len=scenario.context_len,
         horizon=scenario.horizon, optim=dict(train_cfg.get("optim") or {}), kl_weight=float(train_cfg["kl_weight"]),
         indexer_warmup={"steps": int(train_cfg["indexer_warmup_steps"])}, max_steps=steps)
+    if dense_every:
+        module.dense_every = dense_every
     if init_state is not None:
         # Dense -> MSA adaptation: the dense weights load, only the index projections start fresh.
         module.model.load_state_dict(init_state, strict=False)
-    loader = DataLoader(window_dataset(scenario.train, scenario), batch_size=int(train_cfg["batch_size"]),
-                        shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        gradient_clip_val=1.0, num_sanity_val_steps=0)
+    items = train_items if train_items is not None else list(window_dataset(scenario.train, scenario))
+    loader = DataLoader(items, batch_size=int(train_cfg["batch_size"]), shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, gradient_clip_val=1.0, num_sanity_val_steps=0, precision=precision)
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
+    _sync(device)
     return module.model.to(device).eval(), time.perf_counter() - start
+
+
+def dense_mix_period(fraction: float | None) -> int:
+    """``train.dense_mix`` (share of the sparse-phase steps run with dense attention) as "every n-th
+    step" (0: none)."""
+    if not fraction:
+        return 0
+    if not 0 < float(fraction) <= 1:
+        raise ProbeConfigError(f"train.dense_mix must lie in (0, 1] (share of sparse steps run dense), got {fraction!r}")
+    return max(1, round(1 / float(fraction)))
+
+
+def _mixed_module_class():
+    """ForecastModule whose sparse phase runs every ``dense_every``-th step as a dense step (the
+    warmup phase: dense main branch, indexer still learning from the dense teacher)."""
+    from tsfm_msa.train.lightning_module import ForecastModule
+
+    class DenseMixedModule(ForecastModule):
+        dense_every = 0
+
+        def current_phase(self) -> str:
+            phase = super().current_phase()
+            if phase == "sparse" and self.dense_every and self.global_step % self.dense_every == 0:
+                return "indexer_warmup"
+            return phase
+
+    return DenseMixedModule
 
 
 def as_msa(model_config: dict, schema: dict, state: dict, policy: str) -> torch.nn.Module:
@@ -170,7 +230,8 @@ def selection_grid(query_selection_per_layer: list[torch.Tensor], layout: TokenL
     return grid
 
 
-def run_selector(model: torch.nn.Module, data: dict, name: str, seed: int, eval_batch: int) -> dict:
+def run_selector(model: torch.nn.Module, data: dict, name: str, seed: int, eval_batch: int,
+                 precision: str = "32-true") -> dict:
     """Forecasts of the original and counterfactual windows under selector ``name``, in mini-batches
     of ``eval_batch`` instances, with what the metrics need kept per instance: each layer's selection
     at the forecast queries ``[N, G, Q, NB]`` and the path recall ``[N]`` — never a full block list
@@ -180,7 +241,7 @@ def run_selector(model: torch.nn.Module, data: dict, name: str, seed: int, eval_
     hook = contextlib.nullcontext() if name == "dense" else use_selector(model, name, seed)
     n = data["needed"].shape[0]
     quant, quant_cf, query_sel, path = [], [], None, []
-    with hook:
+    with hook, eval_autocast(precision, device):
         for start in range(0, n, eval_batch):
             rows = slice(start, min(start + eval_batch, n))
             q_orig, block_idx, layout = forecast(runner, _slice_batch(data["orig"], rows, device))
@@ -199,9 +260,15 @@ def run_selector(model: torch.nn.Module, data: dict, name: str, seed: int, eval_
             "path": torch.cat(path), "layout": layout.to("cpu"), "queries": queries.cpu()}
 
 
-def evaluate_selector(model: torch.nn.Module, data: dict, name: str, seed: int, eval_batch: int = 16) -> dict:
+def evaluate_selector(model: torch.nn.Module, data: dict, name: str, seed: int, eval_batch: int = 16,
+                      precision: str = "32-true") -> dict:
     """Every metric of one selector on one backbone (the error ratio is filled in by the caller)."""
-    run = run_selector(model, data, name, seed, eval_batch)
+    device = next(model.parameters()).device
+    _sync(device)
+    start = time.perf_counter()
+    run = run_selector(model, data, name, seed, eval_batch, precision)
+    _sync(device)
+    seconds = time.perf_counter() - start
     quant, quant_cf, layout, queries = run["quant"], run["quant_cf"], run["layout"], run["queries"]
     levels = model.quantile_levels.cpu().numpy()
     mid = int(np.abs(levels - 0.5).argmin())
@@ -223,18 +290,19 @@ def evaluate_selector(model: torch.nn.Module, data: dict, name: str, seed: int, 
         "cf_gain": cf["gain"],
         "support_tokens": float(np.mean([s["tokens"] for s in support])),
         "support_frac": float(np.mean([s["frac"] for s in support])),
+        "seconds": round(seconds, 2),
         "_grid": selection_grid(run["query_sel"], layout, data["needed"].shape[1]),
         "_cf": (data["truth_cf"] - data["truth"], quant_cf[..., mid] - quant[..., mid]),
     }
 
 
 def evaluate_backbones(backbones: dict[str, tuple[torch.nn.Module, list[str]]], data: dict, reference: str,
-                       seed: int, thresholds: dict, eval_batch: int = 16) -> list[dict]:
+                       seed: int, thresholds: dict, eval_batch: int = 16, precision: str = "32-true") -> list[dict]:
     """Run the listed selectors on each backbone; error ratios against ``dense`` on ``reference``."""
     rows = []
     for backbone, (model, names) in backbones.items():
         for name in names:
-            row = evaluate_selector(model, data, name, seed, eval_batch)
+            row = evaluate_selector(model, data, name, seed, eval_batch, precision)
             row["backbone"] = backbone
             rows.append(row)
     ref = next(r for r in rows if r["backbone"] == reference and r["selector"] == "dense")
@@ -276,8 +344,10 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     """Everything for one scenario: data, models, selector rows per policy, figures' raw material."""
     seed = int(cfg["seed"])
     hp = dict(checkpoint.hparams) if checkpoint is not None else None
+    start = time.perf_counter()
     scenario = make_scenario(name, **_scenario_knobs(spec, hp, seed))
     data = probe_batches(scenario)
+    data_seconds = time.perf_counter() - start
     selectors = [s for s in cfg["selectors"] if s in SELECTORS]
     unknown = [s for s in cfg["selectors"] if s not in SELECTORS]
     if unknown:
@@ -285,10 +355,18 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     if "dense" not in selectors:
         raise ProbeConfigError("selectors must include 'dense': it is the reference of every error ratio")
     result = {"description": scenario.description, "knobs": scenario.knobs, "policies": {},
-              "train_seconds": {}, "schema": scenario.schema.to_dict()}
+              "train_seconds": {}, "schema": scenario.schema.to_dict(), "data_seconds": round(data_seconds, 1)}
     thresholds = dict(cfg["verdict"])
     device = probe_device(cfg.get("device"))
+    precision = probe_precision(cfg.get("precision"), device)
     eval_batch = int(cfg.get("eval_batch_size") or 16)
+    # Training-free selectors also run on the dense model's weights (what a selector costs without
+    # any sparse training); long-context probes keep only `dense` there to save time.
+    on_dense = cfg.get("dense_backbone_selectors")
+    on_dense = [s for s in selectors if s in TRAINING_FREE] if on_dense is None else list(on_dense)
+    if "dense" not in on_dense or any(s not in TRAINING_FREE for s in on_dense):
+        raise ProbeConfigError(f"dense_backbone_selectors must include 'dense' and list only training-free selectors "
+                               f"{TRAINING_FREE}, got {on_dense}")
 
     if checkpoint is not None:
         ck_schema = SeriesSchema.from_dict(hp["schema"])
@@ -304,7 +382,7 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
             model = as_msa(model_config, hp["schema"], state, policy)
             names = [s for s in selectors if is_msa or s != "learned"]
             rows = evaluate_backbones({"checkpoint": (model.to(device), names)}, data, "checkpoint", seed, thresholds,
-                                      eval_batch)
+                                      eval_batch, precision)
             result["policies"][policy] = _finish(rows, model, scenario)
         return result
 
@@ -313,28 +391,35 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     if init_mode not in ("scratch", "dense"):
         raise ProbeConfigError(f"train.msa_init must be scratch or dense, got {init_mode!r}")
     msa_train = {**train_cfg, "steps": train_cfg.get("msa_steps") or train_cfg["steps"]}
+    if init_mode == "dense" and train_cfg.get("continue_optim"):
+        # Both continuations (dense reference and MSA) take the same optimizer settings.
+        msa_train["optim"] = {**dict(train_cfg.get("optim") or {}), **dict(train_cfg["continue_optim"])}
     policies = list(spec.get("policies") or ["sensor"])
     dense_config = probe_model_config(cfg["model"], scenario, "dense", policies[0])
-    dense, secs = train_model(dense_config, scenario, {**train_cfg, "indexer_warmup_steps": 0}, seed, device=device)
+    start = time.perf_counter()
+    items = list(window_dataset(scenario.train, scenario))  # cut and scaled once for every model
+    result["data_seconds"] = round(data_seconds + time.perf_counter() - start, 1)
+    fit = dict(device=device, precision=precision, train_items=items)
+    dense, secs = train_model(dense_config, scenario, {**train_cfg, "indexer_warmup_steps": 0, "dense_mix": None}, seed,
+                              **fit)
     result["train_seconds"]["dense"] = round(secs, 1)
     init_state = {k: v.clone() for k, v in dense.state_dict().items()}
     if init_mode == "dense":
         # Dense -> sparse adaptation: the MSA model continues from this dense model for msa_steps
         # (indexer warmup, then sparse). The dense reference continues just as long with dense
         # attention, so both models end with the same number of steps on the same data.
-        dense, secs = train_model(dense_config, scenario, {**msa_train, "indexer_warmup_steps": 0}, seed + 1,
-                                  init_state=init_state, device=device)
+        dense, secs = train_model(dense_config, scenario, {**msa_train, "indexer_warmup_steps": 0, "dense_mix": None},
+                                  seed + 1, init_state=init_state, **fit)
         result["train_seconds"]["dense_continued"] = round(secs, 1)
     dense_state = dense.state_dict()
     for policy in policies:
         msa_config = probe_model_config(cfg["model"], scenario, "msa", policy)
         msa, secs = train_model(msa_config, scenario, msa_train, seed + 1 if init_mode == "dense" else seed,
-                                init_state=init_state if init_mode == "dense" else None, device=device)
+                                init_state=init_state if init_mode == "dense" else None, **fit)
         result["train_seconds"][f"msa_{policy}"] = round(secs, 1)
         dense_backbone = as_msa(msa_config, scenario.schema.to_dict(), dense_state, policy).to(device)
-        free = [s for s in selectors if s in TRAINING_FREE]
-        backbones = {"dense": (dense_backbone, free), "msa": (msa, selectors)}
-        rows = evaluate_backbones(backbones, data, "dense", seed, thresholds, eval_batch)
+        backbones = {"dense": (dense_backbone, [s for s in selectors if s in on_dense]), "msa": (msa, selectors)}
+        rows = evaluate_backbones(backbones, data, "dense", seed, thresholds, eval_batch, precision)
         result["policies"][policy] = _finish(rows, msa, scenario)
     return result
 
@@ -387,7 +472,10 @@ def run_probe_in(cfg: dict, out_dir: Path) -> dict:
     summary = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "settings": {k: copy.deepcopy(cfg.get(k)) for k in ("overrides", "seed", "threads", "checkpoint", "model",
-                                                              "train", "selectors", "verdict")},
+                                                              "train", "selectors", "dense_backbone_selectors",
+                                                              "eval_batch_size", "verdict")},
+        "precision": probe_precision(cfg.get("precision"), probe_device(cfg.get("device"))),
+        "target": copy.deepcopy(probe.get("target")),
         "device": _device_text(probe_device(cfg.get("device"))),
         "scenarios": results,
         "wall_seconds": round(time.perf_counter() - start, 1),

@@ -116,7 +116,8 @@ def _figures(summary: dict, out_dir: Path) -> list[tuple[str, str]]:
                     ax.add_patch(Rectangle((p - 0.5, v - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
                 ax.axvline(needed.shape[1] - 1.5, color="white", linestyle=":", linewidth=1)
                 ax.set_yticks(range(len(names)), names, fontsize=7)
-                ax.set_xticks(range(needed.shape[1]), [str(p) for p in range(needed.shape[1])], fontsize=6)
+                if needed.shape[1] <= 64:  # one tick per patch; long windows keep matplotlib's few ticks
+                    ax.set_xticks(range(needed.shape[1]), [str(p) for p in range(needed.shape[1])], fontsize=6)
                 ax.set_title(f"{row['selector']} ({row['backbone']} model): recall {_fmt(row['recall'])}", fontsize=9)
             axes[-1, 0].set_xlabel("patch (time); right of the dotted line: horizon; red: needed tokens")
             fig.tight_layout()
@@ -190,7 +191,8 @@ def _settings_lines(summary: dict) -> list[str]:
     s = summary["settings"]
     t = {**DEFAULT_THRESHOLDS, **(s.get("verdict") or {})}
     return [
-        f"- date: {summary['date']}; device: {summary['device']}; wall time {summary['wall_seconds']} s",
+        f"- date: {summary['date']}; device: {summary['device']}; precision {summary.get('precision', '32-true')}; "
+        f"wall time {summary['wall_seconds']} s",
         f"- model: {json.dumps(s.get('model'))}",
         f"- training: {json.dumps(s.get('train'))}",
         f"- checkpoint: {s.get('checkpoint')}",
@@ -209,8 +211,61 @@ def _settings_lines(summary: dict) -> list[str]:
     ]
 
 
+def target_check(summary: dict) -> list[dict]:
+    """The long-context target (``probe.target``): per listed scenario under ``policy``, the learned
+    indexer on the MSA model reaches ``learned_recall`` and an error ratio <= ``learned_ratio``
+    while the local window stays below ``local_recall``. One row per scenario; [] without a target."""
+    target = summary.get("target")
+    if not target:
+        return []
+    out = []
+    for scenario in target["scenarios"]:
+        pol = summary["scenarios"].get(scenario, {}).get("policies", {}).get(target["policy"])
+        rows = {(r["backbone"], r["selector"]): r for r in (pol or {}).get("rows", [])}
+        learned, local = rows.get(("msa", "learned")), rows.get(("msa", "local"))
+        if learned is None or local is None:
+            out.append({"scenario": scenario, "ok": False, "why": "not run (needs the learned and local selectors)"})
+            continue
+        checks = {"learned recall": learned["recall"] >= target["learned_recall"],
+                  "learned ratio": learned["error_ratio"] <= target["learned_ratio"],
+                  "local recall": local["recall"] < target["local_recall"]}
+        out.append({"scenario": scenario, "learned_recall": learned["recall"], "learned_ratio": learned["error_ratio"],
+                    "local_recall": local["recall"], "ok": all(checks.values()),
+                    "why": ", ".join(k for k, ok in checks.items() if not ok) or "met"})
+    return out
+
+
+def _target_lines(summary: dict) -> list[str]:
+    rows = target_check(summary)
+    if not rows:
+        return []
+    t = summary["target"]
+    lines = [f"## Target: learned recall >= {t['learned_recall']} and MAE ratio <= {t['learned_ratio']} under the "
+             f"`{t['policy']}` policy, local-window recall < {t['local_recall']}", "",
+             "| scenario | learned recall | learned MAE ratio | local recall | met | misses |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scenario']} | {_fmt(r.get('learned_recall'))} | {_fmt(r.get('learned_ratio'))} | "
+                     f"{_fmt(r.get('local_recall'))} | {'yes' if r['ok'] else 'no'} | {r['why']} |")
+    return lines + [""]
+
+
+def timing_table(summary: dict) -> str:
+    """Seconds per scenario: total, data (generation, windows), each model's training, each selector's
+    probe forwards (original + counterfactual windows, with its metrics)."""
+    lines = ["| scenario | total s | data s | training s | probing s (backbone/selector) |", "|---|---|---|---|---|"]
+    for scenario, res in summary["scenarios"].items():
+        train = ", ".join(f"{k} {v}" for k, v in res.get("train_seconds", {}).items())
+        probe = "; ".join(f"{policy}: " + ", ".join(f"{r['backbone']}/{r['selector']} {_fmt(r.get('seconds'), 1)}"
+                                                    for r in pol["rows"])
+                          for policy, pol in res.get("policies", {}).items())
+        lines.append(f"| {scenario} | {_fmt(res.get('seconds'), 1)} | {_fmt(res.get('data_seconds'), 1)} | {train} | "
+                     f"{probe} |")
+    return "\n".join(lines)
+
+
 def _markdown(summary: dict, figures: list[tuple[str, str]]) -> str:
-    lines = ["# Preservation probes", "", *_settings_lines(summary), "", "## Summary", "", summary_table(summary), ""]
+    lines = ["# Preservation probes", "", *_settings_lines(summary), "", "## Summary", "", summary_table(summary), "",
+             *_target_lines(summary), "## Timing", "", timing_table(summary), ""]
     for scenario, res in summary["scenarios"].items():
         lines += [f"## {scenario}", "", f"{res['description']}. Knobs: `{json.dumps(res['knobs'])}`", ""]
         if res.get("skipped"):
@@ -267,11 +322,16 @@ def write_report(summary: dict, out_dir: Path) -> dict:
     the summary table; return the JSON-safe summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(summary, out_dir)
+    if summary.get("target"):
+        summary["target_check"] = target_check(summary)
     safe = _json_safe(summary)
     (out_dir / "probe_summary.json").write_text(json.dumps(safe, indent=1))
     (out_dir / "probe_report.md").write_text(_markdown(summary, figures))
     (out_dir / "probe_report.html").write_text(_html(summary, figures, out_dir))
     print(summary_table(summary))
+    for line in _target_lines(summary):
+        print(line)
+    print(timing_table(summary))
     print(f"\n[probe] report: {out_dir / 'probe_report.md'} | {out_dir / 'probe_report.html'} | "
           f"{out_dir / 'probe_summary.json'}")
     return safe

@@ -26,24 +26,29 @@ from typing import Callable, Iterator
 import torch
 
 from tsfm_msa.model.attention import MSAAttention
+from tsfm_msa.model.dense_attention import time_masked_attention
 from tsfm_msa.probes.scenarios import ProbeConfigError
 from tsfm_msa.tokens import TokenLayout
 
 SELECTORS = ("dense", "local", "random", "oracle", "moba", "learned")
 TRAINING_FREE = ("dense", "local", "random", "oracle", "moba")
 
-# Elements of the largest per-chunk float tensor ([B, H, chunk, L] logits): 2^24 floats = 64 MiB.
+# Elements of the largest per-chunk float tensor ([B, H, chunk, L] logits): 2^24 floats = 64 MiB on
+# the CPU; on CUDA 2^28 (1 GiB of fp32) so a 64K-token layout needs a few hundred chunks, not 10K.
 CHUNK_ELEMENTS = 1 << 24
+CUDA_CHUNK_ELEMENTS = 1 << 28
 
 Selector = Callable[[MSAAttention, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, TokenLayout], torch.Tensor]
 # scores(start, stop) -> [B, G, stop - start, NB] block scores of the queries start..stop-1 (-inf: invisible)
 ChunkScores = Callable[[int, int], torch.Tensor]
 
 
-def query_chunk(seq_len: int, per_query: int, budget: int | None = None) -> int:
+def query_chunk(seq_len: int, per_query: int, budget: int | None = None,
+                device: torch.device | None = None) -> int:
     """Queries per chunk so that a ``[chunk, per_query]`` tensor stays within ``budget`` elements
-    (default ``CHUNK_ELEMENTS``)."""
-    budget = CHUNK_ELEMENTS if budget is None else budget
+    (default ``CHUNK_ELEMENTS``, or ``CUDA_CHUNK_ELEMENTS`` on a CUDA ``device``)."""
+    if budget is None:
+        budget = CUDA_CHUNK_ELEMENTS if device is not None and device.type == "cuda" else CHUNK_ELEMENTS
     return max(1, min(seq_len, budget // max(1, per_query)))
 
 
@@ -162,7 +167,8 @@ def local_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
         latest = torch.where(seen, k_time[None].double(), float("-inf")).amax(-1) + tie  # [c, NB]
         return latest.expand(batch, groups, stop - start, nb)  # float64: the tie fraction needs the digits
 
-    return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * groups * nb + nb * bs))
+    return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * groups * nb + nb * bs,
+                                                                  device=k.device))
 
 
 def make_random_selector(seed: int) -> Selector:
@@ -172,15 +178,16 @@ def make_random_selector(seed: int) -> Selector:
     def random_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
         batch, groups, seq_len, _ = k.shape
         nb = layout.n_blocks
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        # Drawn on the tensors' device: at 64K tokens a layer needs B * G * L * NB (10^9) numbers.
+        gen = torch.Generator(device=k.device).manual_seed(seed)
         first_time = block_min_key_time(layout)  # [NB]
 
         def scores(start: int, stop: int) -> torch.Tensor:
-            noise = torch.rand(batch, groups, stop - start, nb, generator=gen).to(k.device)
+            noise = torch.rand(batch, groups, stop - start, nb, generator=gen, device=k.device)
             visible = first_time[None, :] <= layout.q_time[start:stop, None]  # [c, NB]
             return noise.masked_fill(~visible, float("-inf"))
 
-        return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * groups * nb))
+        return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * groups * nb, device=k.device))
 
     return random_selector
 
@@ -200,29 +207,103 @@ def dense_attention_mass(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, 
 
 
 def oracle_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
-    """Blocks with the most dense attention mass of this layer (the best any selector could match),
-    computed in query chunks: the attention rows of a chunk are sum-pooled per block, then dropped."""
-    batch, heads, seq_len, _ = q.shape
+    """Blocks with the most dense attention mass of this layer (the best any selector could match).
+
+    Each query row's log-normaliser comes from one dense attention pass (Flex on CUDA), so a chunk's
+    mass is ``exp(q . k * scale - lse)`` straight from one batched matmul: no second softmax pass.
+    The chunk's masses are masked by time, sum-pooled per block, averaged over the group's heads,
+    reduced to the chunk's top-k and dropped. Equal to ``block_pool(dense_attention_mass(...), "sum")``
+    (tests/test_probes_long.py)."""
+    batch, heads, seq_len, dim = q.shape
+    groups = k.shape[1]
+    rep = heads // groups
+    nb, bs = layout.n_blocks, layout.block_size
+    scale = 1.0 / math.sqrt(dim)
+    # The normaliser from the inputs as they are (bf16 under autocast: the same compiled Flex kernel
+    # and block mask as the model's dense layers); the logits below in fp32, since the masses of bf16
+    # logits would be off by ~10% (the logit's rounding, exponentiated).
+    # (values unused: zeros, not k itself, so the compiled kernel sees no aliased inputs and is reused)
+    _, lse = time_masked_attention(q, k, torch.zeros_like(k), layout.q_time, layout.k_time, cache=layout.cache,
+                                   cache_key="dense_mask")  # [B, Hq, L] float32
+    qf, kf = q.float(), k.float()
+    q_bg = qf.reshape(batch * groups, rep, seq_len, dim)  # heads h = g * rep + r share KV head g
+    k_t = kf.reshape(batch * groups, seq_len, dim).transpose(1, 2)  # [BG, D, L]
+    neg_lse = (-lse).reshape(batch * groups, rep, seq_len)
+    pad = nb * bs - seq_len
 
     def scores(start: int, stop: int) -> torch.Tensor:
-        rows = slice(start, stop)
-        return block_pool(dense_attention_mass(q, k, layout, rows), layout, "sum", rows)
+        c = stop - start
+        rows = q_bg[:, :, start:stop].reshape(batch * groups, rep * c, dim)
+        bias = neg_lse[:, :, start:stop].reshape(batch * groups, rep * c, 1)
+        mass = torch.baddbmm(bias, rows, k_t, alpha=scale)  # [BG, R * c, L] log-probabilities
+        hidden = layout.k_time[None, :] > layout.q_time[start:stop, None]  # [c, L]: not visible
+        mass = mass.view(batch * groups, rep, c, seq_len).masked_fill_(hidden, float("-inf")).exp_()
+        if pad:  # layouts pad every group segment to whole blocks, so normally no copy here
+            mass = torch.nn.functional.pad(mass, (0, pad))
+        mass = mass.view(batch * groups, rep, c, nb, bs)
+        pooled = mass.sum(-1).mean(1).view(batch, groups, c, nb)  # [B, G, c, NB]
+        visible = block_min_key_time(layout)[None, :] <= layout.q_time[start:stop, None]  # [c, NB]
+        return pooled.masked_fill(~visible, float("-inf"))
 
-    return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * heads * seq_len))
+    return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * heads * seq_len, device=q.device))
+
+
+def _block_key_means(k: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per KV block: the mean of its keys ``[B, G, NB, D]`` (for blocks every key of which is visible),
+    the keys themselves ``[B, G, NB, bs, D]`` and their times ``[NB, bs]`` (padding: INT32_MAX)."""
+    batch, groups, seq_len, dim = k.shape
+    nb, bs = layout.n_blocks, layout.block_size
+    pad = nb * bs - seq_len
+    keys = (torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k).view(batch, groups, nb, bs, dim)
+    times = torch.nn.functional.pad(layout.k_time, (0, pad), value=torch.iinfo(torch.int32).max).view(nb, bs)
+    return keys.mean(3), keys, times
 
 
 def moba_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
     """MoBA-style gate: mean query of the group . mean of the block's visible keys (= mean of the
-    logits over the block's visible keys), training-free; computed in query chunks."""
-    batch, groups, seq_len, _ = k.shape
+    logits over the block's visible keys), training-free.
+
+    A block every key of which is visible scores ``qbar . mean(keys)``: one ``[L, NB]`` matmul, never
+    the ``[L, L]`` logits. Only the few blocks a query sees in part (its own time step, padding) need
+    their visible keys: those are gathered per query (at most ``P`` of them) and scored exactly."""
+    batch, groups, seq_len, dim = k.shape
+    nb = layout.n_blocks
     qbar = _group_mean_query(q.float(), groups)  # [B, G, L, D]
-    kf = k.float()
+    key_mean, keys, times = _block_key_means(k.float(), layout)
+    first, last = times.amin(-1), times.amax(-1)  # [NB]
+    q_time = layout.q_time
 
     def scores(start: int, stop: int) -> torch.Tensor:
-        logits = torch.einsum("bgqd,bgkd->bgqk", qbar[:, :, start:stop], kf)  # [B, G, c, L]
-        return block_pool(logits, layout, "mean", slice(start, stop))
+        t = q_time[start:stop]  # [c]
+        qc = qbar[:, :, start:stop]  # [B, G, c, D]
+        out = torch.einsum("bgqd,bgnd->bgqn", qc, key_mean)  # [B, G, c, NB]
+        full = last[None, :] <= t[:, None]  # [c, NB]
+        part = (first[None, :] <= t[:, None]) & ~full
+        width = int(part.sum(-1).max()) if part.numel() else 0
+        if width:
+            slot_val, slot = torch.topk(part.to(torch.int8), width, dim=-1)  # [c, P] the partial blocks
+            slot_ok = slot_val > 0
+            vis = (times[slot] <= t[:, None, None]) & slot_ok[..., None]  # [c, P, bs]
+            picked = keys[:, :, slot]  # [B, G, c, P, bs, D]
+            logits = torch.einsum("bgqd,bgqpsd->bgqps", qc, picked)
+            mean = (logits * vis).sum(-1) / vis.sum(-1).clamp(min=1)  # [B, G, c, P]
+            current = out.gather(-1, slot.expand(batch, groups, -1, -1))
+            out = out.scatter(-1, slot.expand(batch, groups, -1, -1), torch.where(slot_ok, mean, current))
+        return out.masked_fill(~(full | part), float("-inf"))
 
-    return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * groups * seq_len))
+    # The gathered keys of the partial blocks ([B, G, c, P, bs, D]) bound the chunk; P is small
+    # (about one block per sensor group, plus padding).
+    per_query = batch * groups * max(nb, 4 * layout.n_groups * layout.block_size * dim)
+    return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, per_query, device=k.device))
+
+
+def moba_token_scores(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, rows: slice | None = None) -> torch.Tensor:
+    """The MoBA gate by its definition: the mean of the group-mean query's logits over each block's
+    visible keys, ``[B, G, Lq, NB]`` for the query rows ``rows`` (O(Lq * L): tests and short layouts)."""
+    rows = rows if rows is not None else slice(0, q.shape[2])
+    qbar = _group_mean_query(q.float(), k.shape[1])
+    logits = torch.einsum("bgqd,bgkd->bgqk", qbar[:, :, rows], k.float())
+    return block_pool(logits, layout, "mean", rows)
 
 
 def get_selector(name: str, seed: int = 0) -> Selector | None:

@@ -363,3 +363,61 @@ def test_zero_shot_probe_of_a_checkpoint(tmp_path):
     assert all(r["backbone"] == "checkpoint" for r in rows)
     assert rows[0]["error_ratio"] == 1.0 and rows[0]["recall"] == 1.0 and rows[1]["recall"] == 0.0
     assert "schema" in summary["scenarios"]["exogenous_delay"]["skipped"]
+
+
+# ---------------------------------------------------------------------------------------------
+# training knobs, precision, report additions
+
+def test_dense_mix_runs_every_nth_sparse_step_dense():
+    from tsfm_msa.probes.command import _mixed_module_class, dense_mix_period
+
+    assert dense_mix_period(None) == 0 and dense_mix_period(0.25) == 4 and dense_mix_period(1.0) == 1
+    with pytest.raises(ProbeConfigError, match="train.dense_mix"):
+        dense_mix_period(1.5)
+    class Stepped(_mixed_module_class()):
+        step = 0
+
+        @property
+        def global_step(self) -> int:  # no Trainer here: the step is set by hand
+            return self.step
+
+    module = Stepped(model_config={"attention": "msa", "patch_len": 4, "d_model": 8, "n_layers": 1, "n_heads": 2,
+                               "n_kv_heads": 1, "head_dim": 4, "block_size": 2, "top_k": 2, "index_dim": 4},
+                 schema={"variates": [{"name": "y", "role": "target", "group": "g"}], "freq": "h"},
+                 context_len=16, horizon=4, indexer_warmup={"steps": 3})
+    module.dense_every = 4
+    phases = []
+    for step in range(10):
+        module.step = step
+        phases.append(module.current_phase())
+    assert phases == ["indexer_warmup"] * 3 + ["sparse", "indexer_warmup", "sparse", "sparse", "sparse",
+                                                "indexer_warmup", "sparse"]
+
+
+def test_precision_follows_the_device():
+    from tsfm_msa.probes.command import probe_precision
+
+    assert probe_precision("auto", torch.device("cpu")) == "32-true"
+    assert probe_precision(None, torch.device("cuda")) == "bf16-mixed"
+    with pytest.raises(ProbeConfigError, match="precision=bf16-mixed needs device=cuda"):
+        probe_precision("bf16-mixed", torch.device("cpu"))
+    with pytest.raises(ProbeConfigError, match="precision must be"):
+        probe_precision("fp8", torch.device("cuda"))
+
+
+def _target_summary(learned_recall: float, learned_ratio: float, local_recall: float) -> dict:
+    rows = [{"backbone": "msa", "selector": "learned", "recall": learned_recall, "error_ratio": learned_ratio},
+            {"backbone": "msa", "selector": "local", "recall": local_recall, "error_ratio": 2.0}]
+    return {"target": {"scenarios": ["rare_event", "action_history"], "policy": "sensor", "learned_recall": 0.9,
+                       "learned_ratio": 1.1, "local_recall": 0.5},
+            "scenarios": {"rare_event": {"policies": {"sensor": {"rows": rows}}}}}
+
+
+def test_target_check_names_each_miss():
+    met = report.target_check(_target_summary(0.95, 1.05, 0.1))
+    assert met[0] == {"scenario": "rare_event", "learned_recall": 0.95, "learned_ratio": 1.05, "local_recall": 0.1,
+                      "ok": True, "why": "met"}
+    assert met[1]["scenario"] == "action_history" and not met[1]["ok"] and "not run" in met[1]["why"]
+    missed = report.target_check(_target_summary(0.8, 1.2, 0.6))[0]
+    assert not missed["ok"] and missed["why"] == "learned recall, learned ratio, local recall"
+    assert report.target_check({"scenarios": {}}) == []

@@ -247,7 +247,12 @@ def test_long_context_ci_setting_runs_end_to_end_on_the_cpu(tmp_path):
         assert msa_rows == set(selectors.SELECTORS)
         local = next(r for r in pol["rows"] if r["backbone"] == "msa" and r["selector"] == "local")
         assert local["recall"] == 0.0  # the cause is 60 patches back, the local window two blocks of 16
-    assert (tmp_path / "probe_report.md").is_file()
+        # Long-context probes run only the dense selector on the dense model's weights.
+        assert [r["selector"] for r in pol["rows"] if r["backbone"] == "dense"] == ["dense"]
+        assert res["data_seconds"] >= 0 and all(r["seconds"] > 0 for r in pol["rows"])
+    assert [r["scenario"] for r in summary["target_check"]] == ["rare_event", "exogenous_delay", "action_history"]
+    md = (tmp_path / "probe_report.md").read_text()
+    assert "## Target: learned recall >= 0.9" in md and "## Timing" in md
 
 
 @pytest.mark.gpu
@@ -286,3 +291,81 @@ def test_dense_twin_equals_the_all_blocks_selector():
     assert not selectors.msa_layers(twin)
     with torch.no_grad(), selectors.use_selector(msa, "dense"):
         torch.testing.assert_close(twin(batch).quantiles, msa(batch).quantiles, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast selectors equal their definitions
+
+def _captured_scores(name: str, layer, q, k, layout, monkeypatch) -> torch.Tensor:
+    """The block scores ``[B, G, L, NB]`` a chunked selector ranks (all chunks, concatenated)."""
+    seen = []
+    real = selectors.chunked_policy_topk
+
+    def capture(scores, layer_, layout_, chunk):
+        seen.append(torch.cat([scores(s, min(s + chunk, layout_.seq_len)) for s in range(0, layout_.seq_len, chunk)], 2))
+        return real(scores, layer_, layout_, chunk)
+
+    monkeypatch.setattr(selectors, "chunked_policy_topk", capture)
+    selectors.get_selector(name)(layer, q, k, None, None, layout)
+    return seen[0]
+
+
+# Padding in every group segment, several variates per group, and a visible future plan (key times not
+# monotone within a block): the cases where a block is only partly visible to a query.
+_MIXED = (["target", "past_covariate", "past_covariate", "future_covariate"], [0, 1, 1, 2], ["t", "a", "p"])
+
+
+@pytest.mark.parametrize("plan_visible", [False, True])
+def test_oracle_scores_equal_the_pooled_dense_attention_mass(plan_visible, monkeypatch):
+    layout = build_layout(*_MIXED, 96, 8, 4, 4, future_covariates_visible=plan_visible)
+    g = torch.Generator().manual_seed(21)
+    q = 2 * torch.randn(2, 6, layout.seq_len, 8, generator=g)
+    k = torch.randn(2, 3, layout.seq_len, 8, generator=g)
+    layer = _layer("sensor", 3, top_k=4)
+    got = _captured_scores("oracle", layer, q, k, layout, monkeypatch)
+    ref = selectors.block_pool(selectors.dense_attention_mass(q, k, layout), layout, "sum")
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("plan_visible", [False, True])
+def test_moba_scores_equal_the_mean_logit_over_visible_keys(plan_visible, monkeypatch):
+    layout = build_layout(*_MIXED, 96, 8, 4, 4, future_covariates_visible=plan_visible)
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn(2, 6, layout.seq_len, 8, generator=g)
+    k = torch.randn(2, 3, layout.seq_len, 8, generator=g)
+    layer = _layer("free", 3, top_k=4)
+    got = _captured_scores("moba", layer, q, k, layout, monkeypatch)
+    ref = selectors.moba_token_scores(q, k, layout)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], rtol=1e-5, atol=1e-5)
+    partial = (selectors.block_min_key_time(layout)[None] <= layout.q_time[:, None]) & torch.isfinite(ref[0, 0])
+    assert bool(partial.any()), "some blocks are partly visible: the exact path ran"
+
+
+def test_moba_reads_no_quadratic_tensor_at_32k_tokens():
+    """The block-mean gate needs O(L * NB) memory: well under the 128 MiB guard at 32K tokens, with a
+    budget that would allow [chunk, L] logits."""
+    layout = one_variate_per_group_layout(16384, 1, 2, 16)
+    layer = _layer("sensor", 2)
+    q, k = _qk(layout, 2, 2, seed=5)
+    guard = AllocationLimit(LONG_LIMIT)
+    with guard:
+        idx = selectors.moba_selector(layer, q, k, None, None, layout)
+    assert idx.shape == (1, 2, layout.seq_len, layer.top_k)
+
+
+def test_random_selector_draws_on_the_tensors_device(monkeypatch):
+    """The random scores are drawn where the keys live (on CUDA: no 10^9 CPU numbers copied over)."""
+    layout = build_layout(*_MIXED, 64, 8, 4, 4)
+    q, k = torch.randn(1, 6, layout.seq_len, 8), torch.randn(1, 3, layout.seq_len, 8)
+    devices = []
+    real = torch.Generator
+
+    def spy(device="cpu"):
+        devices.append(torch.device(device))
+        return real(device=device)
+
+    monkeypatch.setattr(torch, "Generator", spy)
+    selectors.get_selector("random", 3)(_layer("free", 3, top_k=4), q, k, None, None, layout)
+    assert devices == [k.device]
