@@ -302,6 +302,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
 
     datasets = sorted(table["dataset"].unique())
     models = [m for m in MODELS if m in set(table["model"])] + sorted(set(table["model"]) - set(MODELS))
@@ -330,6 +331,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         ax.set_yscale("log")
     for ax in [*quality, step_ax, mem_ax]:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short decade span
         ax.set_xlabel("context tokens per window")
         ax.grid(True, which="both", alpha=0.3)
     handles = ([Line2D([], [], color=colors[m], label=m) for m in models]
