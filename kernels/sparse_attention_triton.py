@@ -68,6 +68,10 @@ CONFIG = {
     "dq_rows": 128, "dq_keys": 64, "dq_warps": 8, "dq_stages": 2,  # query-outer dq
     "dkdv_rows": 32, "dkdv_keys": 128, "dkdv_warps": 8, "dkdv_stages": 2,  # dk/dv owners (keys each)
     "dkdv_dq_rows": 32,  # rows of the dk/dv owners that also write dq partials (kv_outer)
+    # Fused backward on shared selections (dq added atomically by the dk/dv owners, S/P/dS computed
+    # once instead of again in the dq kernel). Off until measured against the split path on the H200
+    # (benchmarks/attention.py times both); rows/keys of its owners as the split dk/dv owners'.
+    "bwd_fused": False, "fused_rows": 32, "fused_keys": 128,
     "cb_rows": 32, "cb_warps": 4,                       # slot combine / sum
     # auto: query_outer while it computes fewer than this many blocks per needed (query, block) pair.
     # H200 (notes, session 3): query_outer's forward costs ~5.5 ms (tsfm) / ~22 ms (paper) per unit of
@@ -495,15 +499,18 @@ def _bwd_dq_query_outer_kernel(
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta,  # as in the dq kernel
     DK, DV,  # [B, G, L, D] fp32 accumulators
-    PartDQ,  # [B, Hq, LS, KS, D] per-slot dq partials (written when WRITE_DQ)
+    DQOut,  # DQ_MODE 1: [B, Hq, LS, KS, D] per-slot dq partials; 2: [B, Hq, L, D] fp32, atomic adds
     QTime, KTime,
     Order,  # [B*G*NB] int32: block keys, heaviest first (the launch order is the schedule)
     Offsets,  # [B*G*NB + 1] int32: CSR offsets into PairEntry
     PairEntry,  # [P] int32: q_local * KS + slot
     L, L0, LS, G, Hq, R, KS, NB, qk_scale2, scale,
     D: tl.constexpr, BSZ: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, TQ: tl.constexpr,
-    RP: tl.constexpr, WRITE_DQ: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
+    RP: tl.constexpr, DQ_MODE: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """DQ_MODE 0: dk/dv only (dq by the query-outer kernel); 1: also per-slot dq partials (one
+    program per whole block); 2: also dq, added atomically in fp32 (the fused backward: S, P and dS
+    computed once for dq, dk and dv)."""
     ROWS: tl.constexpr = TQ * RP
     SPLIT: tl.constexpr = (BSZ + BN - 1) // BN  # programs per block, BN keys each
     pid = tl.program_id(0)
@@ -554,9 +561,15 @@ def _bwd_dkdv_kernel(
         dpt = _dot(vb, tl.trans(do), IEEE)  # [BN, ROWS]
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, IEEE)
-        if WRITE_DQ:
+        if DQ_MODE == 1:
             dq = _dot(tl.trans(dst).to(kb.dtype), kb, IEEE) * scale  # [ROWS, DP]
-            _store_rows(PartDQ, (bh * LS + ql) * KS + entry % KS, row_ok, d, dq, D, DP)
+            _store_rows(DQOut, (bh * LS + ql) * KS + entry % KS, row_ok, d, dq, D, DP)
+        elif DQ_MODE == 2:
+            dq = _dot(tl.trans(dst).to(kb.dtype), kb, IEEE) * scale  # [ROWS, DP]
+            dq_mask = row_ok[:, None]
+            if D != DP:
+                dq_mask = dq_mask & (d < D)[None, :]
+            tl.atomic_add(DQOut + bh_row[:, None] * D + d[None, :], dq, mask=dq_mask, sem="relaxed")
 
     dk = dk * scale
     out_ok = k_ok
@@ -779,36 +792,44 @@ def _backward(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_si
         delta = delta - dlse.float()
     delta = delta.contiguous()
     variant, sched = _pick_variant(variant, block_idx, sh, "bwd", q_time, k_time)
-    write_dq = variant == "kv_outer"
+    # dq: per-slot partials summed afterwards (kv_outer), atomic fp32 adds from the dk/dv owners
+    # (fused, on shared selections), or a separate query-outer kernel (split).
+    dq_mode = 1 if variant == "kv_outer" else 2 if CONFIG["bwd_fused"] else 0
 
     dq = torch.empty_like(q)
     dk32 = torch.empty(k.shape, device=k.device, dtype=torch.float32)
     dv32 = torch.empty(v.shape, device=v.device, dtype=torch.float32)
-    if write_dq:
+    seg = sh.L
+    if dq_mode == 1:
         seg = _segment_len(sh.B, sh.Hq, sh.L, sh.KS, sh.D, q.element_size())
-        part_dq = torch.empty(sh.B, sh.Hq, seg, sh.KS, sh.D, device=q.device, dtype=q.dtype)
+        dq_out = torch.empty(sh.B, sh.Hq, seg, sh.KS, sh.D, device=q.device, dtype=q.dtype)
+        # Per-slot dq partials need one program per whole block (a key split would write each
+        # partial twice); fewer rows keep that variant's registers in bounds.
+        tq, bn = sh.tq(CONFIG["dkdv_dq_rows"]), sh.BS
+    elif dq_mode == 2:
+        dq_out = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        tq, bn = sh.tq(CONFIG["fused_rows"]), min(sh.BS, CONFIG["fused_keys"])
     else:
-        seg, part_dq = sh.L, dq  # placeholder pointer, never written
-    # Per-slot dq partials need one program per whole block (a key split would write each partial
-    # twice); fewer rows keep that variant's registers in bounds.
-    tq = sh.tq(CONFIG["dkdv_dq_rows"] if write_dq else CONFIG["dkdv_rows"])
-    bn = sh.BS if write_dq else min(sh.BS, CONFIG["dkdv_keys"])
+        dq_out = dq  # placeholder pointer, never written
+        tq, bn = sh.tq(CONFIG["dkdv_rows"]), min(sh.BS, CONFIG["dkdv_keys"])
     for l0 in range(0, sh.L, seg):
         ls = min(seg, sh.L - l0)
         pair_entry, offsets = _block_csr(block_idx[:, :, l0:l0 + ls], sh.NB)
         # Heaviest blocks first, so a popular block's long loop starts early (LPT order).
         order = torch.argsort(offsets[1:] - offsets[:-1], descending=True).to(torch.int32)
         _bwd_dkdv_kernel[(order.numel() * triton.cdiv(sh.bs, bn),)](
-            q, k, v, dout, lse, delta, dk32, dv32, part_dq, q_time, k_time, order, offsets, pair_entry,
+            q, k, v, dout, lse, delta, dk32, dv32, dq_out, q_time, k_time, order, offsets, pair_entry,
             sh.L, l0, seg, sh.G, sh.Hq, sh.R, sh.KS, sh.NB, qk_scale2, scale,
-            D=sh.D, BSZ=sh.bs, BN=bn, DP=sh.DP, TQ=tq, RP=sh.RP, WRITE_DQ=write_dq, ACCUM=l0 > 0, IEEE=sh.ieee,
+            D=sh.D, BSZ=sh.bs, BN=bn, DP=sh.DP, TQ=tq, RP=sh.RP, DQ_MODE=dq_mode, ACCUM=l0 > 0, IEEE=sh.ieee,
             num_warps=CONFIG["dkdv_warps"], num_stages=CONFIG["dkdv_stages"])
-        if write_dq:
+        if dq_mode == 1:
             bq = CONFIG["cb_rows"]
             _slot_reduce_kernel[(triton.cdiv(ls, bq), sh.B * sh.Hq)](
-                part_dq, part_dq, block_idx, dq, lse, sh.L, l0, seg, ls, sh.G, sh.Hq, sh.R, sh.KS,
+                dq_out, dq_out, block_idx, dq, lse, sh.L, l0, seg, ls, sh.G, sh.Hq, sh.R, sh.KS,
                 D=sh.D, BQ=bq, DP=sh.DP, LSE_MERGE=False, num_warps=CONFIG["cb_warps"])
-    if not write_dq:
+    if dq_mode == 2:
+        dq = dq_out.to(q.dtype)
+    if dq_mode == 0:
         tq = sh.tq(CONFIG["dq_rows"])
         if sched is None or sched[0].shape[1] != triton.cdiv(sh.L, tq):  # other tile size
             sched = _build_union(block_idx, tq, q_time, k_time, sh.bs)

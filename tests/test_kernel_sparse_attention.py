@@ -171,6 +171,23 @@ def test_matches_reference(case, dtype, variant, monkeypatch):
 
 
 @cpu_only
+@pytest.mark.parametrize("case,dtype", [(0, torch.float32), (1, torch.float32), (2, torch.float16),
+                                        (3, torch.float32), (1, torch.float16)])
+def test_fused_backward_matches_reference(case, dtype, monkeypatch):
+    """The fused backward (dq added atomically by the dk/dv owners) on every case: batch padding,
+    several series one after another (group-major times), empty slots, future blocks hidden by time."""
+    batch, heads, groups, seq_len, dim, bs, k, pattern, layout, causal, rows = CASES[case]
+    monkeypatch.setitem(sa.CONFIG, "bwd_fused", True)
+    monkeypatch.setitem(sa.CONFIG, "qo_rows", rows)
+    monkeypatch.setitem(sa.CONFIG, "fused_rows", rows)
+    for name in ("qo_keys", "fused_keys"):  # 32-token blocks run as two 16-key owners
+        monkeypatch.setitem(sa.CONFIG, name, 16)
+    got, ref = run_case(batch, heads, groups, seq_len, dim, bs, k, pattern, layout, dtype, "query_outer",
+                        "cpu", causal=causal, seed=40 + case, lse_grad=case % 2 == 1)
+    check_close(got, ref, 1e-5 if dtype == torch.float32 else 5e-3)
+
+
+@cpu_only
 @pytest.mark.parametrize("case,dtype,variant", [
     (0, torch.float32, "query_outer"), (0, torch.float32, "kv_outer"), (0, torch.float16, "query_outer"),
     (0, torch.float16, "kv_outer"), (1, torch.float32, "query_outer"), (1, torch.float16, "kv_outer"),
@@ -313,14 +330,30 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("variant", ["query_outer", "kv_outer"])
+@pytest.mark.parametrize("variant", ["query_outer", "fused", "kv_outer"])
 @pytest.mark.parametrize("case", range(len(GPU_CASES)))
-def test_gpu_bf16_matches_reference(case, variant):
+def test_gpu_bf16_matches_reference(case, variant, monkeypatch):
     heads, groups, dim, bs, k, pattern = GPU_CASES[case]
+    monkeypatch.setitem(sa.CONFIG, "bwd_fused", variant == "fused")
     got, ref = run_case(1, heads, groups, 8192, dim, bs, k, pattern, "causal", torch.bfloat16,
-                        variant, "cuda", seed=case, empty=0.02)
+                        "kv_outer" if variant == "kv_outer" else "query_outer", "cuda", seed=case, empty=0.02)
     errs = check_close(got, ref, 2e-2)
     print(case, variant, errs)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("variant", ["query_outer", "fused", "kv_outer"])
+@pytest.mark.parametrize("pattern", ["tile_shared", "pool", "random"])
+def test_gpu_bf16_series_layout_and_masks(pattern, variant, monkeypatch):
+    """bf16 on group-major times (several series one after another, time restarting) with masked
+    tokens (time -1 / INT32_MAX, as sensor masks produce), empty slots and batch 2."""
+    monkeypatch.setitem(sa.CONFIG, "bwd_fused", variant == "fused")
+    got, ref = run_case(2, 16, 4, 4096, 128, 128, 16, pattern, "series", torch.bfloat16,
+                        "kv_outer" if variant == "kv_outer" else "query_outer", "cuda", causal=False,
+                        seed=60, empty=0.05, lse_grad=True)
+    errs = check_close(got, ref, 2e-2)
+    print(pattern, variant, errs)
 
 
 @pytest.mark.gpu
