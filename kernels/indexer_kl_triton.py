@@ -18,7 +18,7 @@ pattern (tile-shared or per-token random).
   (off every support). Entry positions are int64 inside the kernels; the schedule is int64 once
   ``block_idx`` has 2^31 entries.
 * Backward: the same items recompute ``p`` and ``s``; ``dS = (softmax(s) * sum p - p) * index_scale *
-  grad / n_rows``.  ``dqi`` partials go to the entry's own slot (``[B, G, L, K, Di]``, summed over K
+  grad / n_rows``.  ``dqi`` partials go to the entry's own slot (``[B, G, L, KS, Di]``, summed over KS
   by torch); ``dki`` accumulates in registers over the item's chunks and is written per item, then a
   second kernel sums the items of each KV block in a fixed order.  No atomics: deterministic.
 """
@@ -45,17 +45,17 @@ INDEX32_LIMIT = 2**31
 @triton.jit
 def _kl_chunk(
     c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
-    L, K, G, R, scale, iscale,
+    L, KS, G, R, scale, iscale,
     s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
-    BSW: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+    BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
     TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Teacher probabilities p [TQ, BSW], student logits s [TQ, BSW] (-inf off support), positions,
+    """Teacher probabilities p [TQ, BSP], student logits s [TQ, BSP] (-inf off support), positions,
     support mask, qi rows of one chunk of gathered queries."""
     t = tl.arange(0, TQ)
     valid = c0 + t < end
     pos = tl.load(rows_ptr + c0 + t, mask=valid, other=0).to(tl.int64)
-    qidx = (pos // K) % L
+    qidx = (pos // KS) % L
     qtime = tl.load(qt_ptr + b.to(tl.int64) * L + qidx, mask=valid, other=-1)
     offs_di = tl.arange(0, DIP)
     qiv = tl.load(qi_ptr + b.to(tl.int64) * s_qib + g.to(tl.int64) * s_qig + qidx[:, None] * s_qil + offs_di[None, :],
@@ -64,12 +64,12 @@ def _kl_chunk(
         s = tl.dot(qiv, tl.trans(kiv), input_precision="ieee")
     else:
         s = tl.dot(qiv, tl.trans(kiv))
-    # teacher: mean over the group's R heads, one [TQ, D] x [D, BSW] dot per head
+    # teacher: mean over the group's R heads, one [TQ, D] x [D, BSP] dot per head
     offs_d = tl.arange(0, DP)
     q_rows = q_ptr + b.to(tl.int64) * s_qb + qidx[:, None] * s_ql + offs_d[None, :]
     qmask = valid[:, None] & (offs_d < D)[None, :]
     lse_rows = lse_ptr + b.to(tl.int64) * s_lb + qidx
-    p = tl.zeros([TQ, BSW], dtype=tl.float32)
+    p = tl.zeros([TQ, BSP], dtype=tl.float32)
     LOG2E: tl.constexpr = 1.4426950408889634
     for r in range(0, R):
         head = (g * R + r).to(tl.int64)
@@ -91,9 +91,9 @@ def _kl_chunk(
 @triton.jit
 def _kl_fwd_kernel(
     items_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, part_ptr,
-    L, K, G, R, NTOT, scale, iscale,
+    L, KS, G, R, NTOT, scale, iscale,
     s_qib, s_qig, s_qil, s_kib, s_kil, s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_lb, s_lh,
-    BS: tl.constexpr, BSW: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
+    BS: tl.constexpr, BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
     DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     w = tl.program_id(0)
@@ -104,10 +104,10 @@ def _kl_fwd_kernel(
     end = tl.load(items_ptr + w * 5 + 4)
     # Blocks under 16 tokens run in a 16-key tile (tl.dot needs 16): the keys past the block load as
     # padding (time INT32_MAX), so they are off every row's support.
-    jn = tl.arange(0, BSW)
+    jn = tl.arange(0, BSP)
     offs_n = blk * BS + jn
     nmask = offs_n < L
-    if BSW != BS:
+    if BSP != BS:
         nmask = nmask & (jn < BS)
     offs_d = tl.arange(0, DP)
     offs_di = tl.arange(0, DIP)
@@ -119,15 +119,15 @@ def _kl_fwd_kernel(
     for c0 in range(start, end, TQ):
         p, s, pos, valid, sup, qiv = _kl_chunk(
             c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
-            L, K, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
-            BSW, D, DP, DI, DIP, TQ, IEEE)
+            L, KS, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
+            BSP, D, DP, DI, DIP, TQ, IEEE)
         m = tl.max(s, axis=1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         lsum = tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
         plogp = tl.sum(p * tl.log(tl.maximum(p, 1e-30)), axis=1)
         ps = tl.sum(p * tl.where(sup, s, 0.0), axis=1)
         psum = tl.sum(p, axis=1)
-        # 64-bit: 4 * NTOT passes 2^31 once B * G * L * K >= 2^29.
+        # 64-bit: 4 * NTOT passes 2^31 once B * G * L * KS >= 2^29.
         ntot = NTOT.to(tl.int64)
         tl.store(part_ptr + pos, m, mask=valid)
         tl.store(part_ptr + ntot + pos, lsum, mask=valid)
@@ -140,9 +140,9 @@ def _kl_fwd_kernel(
 def _kl_bwd_kernel(
     items_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, lses_ptr, psum_ptr, coef_ptr,
     dqi_part_ptr, dki_part_ptr,
-    L, K, G, R, scale, iscale,
+    L, KS, G, R, scale, iscale,
     s_qib, s_qig, s_qil, s_kib, s_kil, s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_lb, s_lh,
-    BS: tl.constexpr, BSW: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
+    BS: tl.constexpr, BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
     DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     w = tl.program_id(0)
@@ -153,10 +153,10 @@ def _kl_bwd_kernel(
     end = tl.load(items_ptr + w * 5 + 4)
     # Blocks under 16 tokens run in a 16-key tile (tl.dot needs 16): the keys past the block load as
     # padding (time INT32_MAX), so they are off every row's support.
-    jn = tl.arange(0, BSW)
+    jn = tl.arange(0, BSP)
     offs_n = blk * BS + jn
     nmask = offs_n < L
-    if BSW != BS:
+    if BSP != BS:
         nmask = nmask & (jn < BS)
     offs_d = tl.arange(0, DP)
     offs_di = tl.arange(0, DIP)
@@ -166,13 +166,13 @@ def _kl_bwd_kernel(
                   mask=nmask[:, None] & (offs_di < DI)[None, :], other=0.0)
     ktime = tl.load(kt_ptr + b.to(tl.int64) * L + offs_n, mask=nmask, other=2147483647)
     coef = tl.load(coef_ptr)
-    acc = tl.zeros([BSW, DIP], dtype=tl.float32)
+    acc = tl.zeros([BSP, DIP], dtype=tl.float32)
     for c0 in range(start, end, TQ):
         p, s, pos, valid, sup, qiv = _kl_chunk(
             c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
-            L, K, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
-            BSW, D, DP, DI, DIP, TQ, IEEE)
-        row = pos // K  # (b, g, i) flat row
+            L, KS, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
+            BSP, D, DP, DI, DIP, TQ, IEEE)
+        row = pos // KS  # (b, g, i) flat row
         lse_s = tl.load(lses_ptr + row, mask=valid, other=0.0)
         lse_s = tl.where(lse_s == float("-inf"), 0.0, lse_s)
         ps = tl.load(psum_ptr + row, mask=valid, other=0.0)
@@ -188,7 +188,7 @@ def _kl_bwd_kernel(
         tl.store(dqi_part_ptr + pos[:, None] * DI + offs_di[None, :], dq,
                  mask=valid[:, None] & (offs_di < DI)[None, :])
     smask = (offs_di < DI)[None, :]
-    if BSW != BS:
+    if BSP != BS:
         smask = smask & (jn < BS)[:, None]
     tl.store(dki_part_ptr + w.to(tl.int64) * (BS * DI) + jn[:, None] * DI + offs_di[None, :], acc, mask=smask)
 
@@ -299,7 +299,7 @@ def _kl_forward(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale,
         _kl_fwd_kernel[(items.shape[0],)](
             items, rows, qi, ki, q, k, lse, q_time, k_time, part,
             seq_len, kslots, groups, rep, ntot, scale, index_scale, *_strides(qi, ki, q, k, lse),
-            BS=block_size, BSW=max(16, block_size), TQ=tq, **_consts(qi, q), **_launch_kwargs(tq))
+            BS=block_size, BSP=max(16, block_size), TQ=tq, **_consts(qi, q), **_launch_kwargs(tq))
     m, lsum, plogp, ps, psum = (x.view(batch, groups, seq_len, kslots) for x in part)
     mmax = m.amax(-1)
     row_valid = mmax > float("-inf")
@@ -330,7 +330,7 @@ def _kl_backward(grad, qi, ki, block_idx, q, k, lse, q_time, k_time, lse_s, psum
         _kl_bwd_kernel[(nw,)](
             items, rows, qi, ki, q, k, lse, q_time, k_time, lse_s, psum, coef, dqi_part, dki_part,
             seq_len, kslots, groups, rep, scale, index_scale, *_strides(qi, ki, q, k, lse),
-            BS=block_size, BSW=max(16, block_size), TQ=tq, **consts, **_launch_kwargs(tq))
+            BS=block_size, BSP=max(16, block_size), TQ=tq, **consts, **_launch_kwargs(tq))
     _dki_reduce_kernel[(batch * nb,)](dki_part, item_off, dki, seq_len, nb, BS=block_size, DI=index_dim,
                                       DIP=consts["DIP"])
     dqi = dqi_part.sum(3)

@@ -234,18 +234,15 @@ def test_int64_csr(monkeypatch):
 
 
 @cpu_only
-@pytest.mark.parametrize("member,dq_bits", [("bits", True), ("unrolled", False), ("slots", True)])
-def test_query_outer_wide_tiles_and_members(member, dq_bits, monkeypatch):
-    """One head a group (64-query tiles: two membership words per union entry) through each
-    membership path of the forward and both of the dq kernel."""
-    monkeypatch.setitem(sa.CONFIG, "qo_member", member)
-    monkeypatch.setitem(sa.CONFIG, "dq_bits", dq_bits)
-    for name in ("qo_rows", "dq_rows"):
-        monkeypatch.setitem(sa.CONFIG, name, 64)
-    for name in ("qo_keys", "dq_keys", "dkdv_keys"):
-        monkeypatch.setitem(sa.CONFIG, name, 16)
-    got, ref = run_case(1, 2, 2, 90, 16, 16, 3, "pool", "causal", torch.float32, "query_outer", "cpu",
-                        seed=11)
+def test_query_outer_wide_tiles():
+    """One head a group: 64-query tiles, so two membership words per union entry in the forward and
+    the dq kernel."""
+    cfg = {"qo_rows": 64, "dq_rows": 64, "qo_keys": 16, "dq_keys": 16, "dkdv_keys": 16}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in cfg.items():
+            mp.setitem(sa.CONFIG, name, value)
+        got, ref = run_case(1, 2, 2, 90, 16, 16, 3, "pool", "causal", torch.float32, "query_outer", "cpu",
+                            seed=11)
     check_close(got, ref, 1e-5)
 
 
