@@ -65,7 +65,9 @@ SHAPES = {"tsfm": (16, 4, 128, 64), "paper": (64, 4, 128, 128)}
 # (shape, L, forward only) in run order: the targets first, the 1M forward last.
 RUNS = [("tsfm", K128, False), ("paper", K128, False), ("paper", M1, True)]
 PATTERNS = {"tile": "(i) tile-shared", "local": "(ii) local-overlap", "random": "(iii) random"}
-# fused backward launch configurations timed on (i): (rows, keys) of the dk/dv owners
+# backward launch configurations timed on (i): (rows, keys) of the dk/dv owners, the default first;
+# 64 rows a step is the item 1b (more rows per dk += dS^T Q step)
+SPLIT_CONFIGS = [(32, 128), (64, 64)]
 FUSED_CONFIGS = [(32, 128), (64, 64)]
 
 
@@ -79,7 +81,7 @@ class Setting:
         self.bs, self.topk = (16, 4) if smoke else (128, 16)
         self.check_len = 64 if smoke else 4096
         self.shapes = {"tsfm": (4, 2, 16, 16), "paper": (16, 1, 16, 16)} if smoke else SHAPES
-        self.runs = [("tsfm", 128, False), ("paper", 128, False), ("paper", 256, True)] if smoke else RUNS
+        self.runs = [("tsfm", 64, False), ("paper", 64, False), ("paper", 96, True)] if smoke else RUNS
 
     @property
     def selected(self) -> int:
@@ -406,7 +408,7 @@ class Bench:
                 for name, fn in (("ref", indexer_kl_reference), ("triton", kl_mod.indexer_kl_triton)):
                     a, b = qi.clone().requires_grad_(), ki.clone().requires_grad_()
                     loss = fn(a, b, bidx, q, k, lse, t, t, st.bs)
-                    res[name] = (float(loss), *torch.autograd.grad(loss, (a, b)))
+                    res[name] = (float(loss.detach()), *torch.autograd.grad(loss, (a, b)))
                 errs = {"loss": abs(res["triton"][0] - res["ref"][0]) / abs(res["ref"][0]),
                         "dqi": rel_err(res["triton"][1], res["ref"][1]), "dki": rel_err(res["triton"][2], res["ref"][2])}
                 self.checks[f"indexer_kl {shape}"] = {"L": L, **errs, "ok": max(errs.values()) < tol}
@@ -516,8 +518,11 @@ class Bench:
                 with kernel_config(bwd_fused=fused):
                     return sa._backward(q, k, v, bidx, t, t, out, lse, dout, None, st.bs, scale, "query_outer")
 
-            self.time(shape, L, "ours (i) bwd split", lambda: bwd(False), 2.5 * c.sel_flops, need_s=8,
-                      check=f"sparse {shape} tile query_outer", pattern=p, path="query_outer")
+            for rows, keys in SPLIT_CONFIGS:
+                with kernel_config(dkdv_rows=rows, dkdv_keys=keys):
+                    self.time(shape, L, f"ours (i) bwd split rows={rows} keys={keys}", lambda: bwd(False),
+                              2.5 * c.sel_flops, need_s=8, check=f"sparse {shape} tile query_outer", pattern=p,
+                              path="query_outer", dkdv_rows=rows, dkdv_keys=keys)
             for rows, keys in FUSED_CONFIGS:
                 with kernel_config(fused_rows=rows, fused_keys=keys):
                     self.time(shape, L, f"ours (i) bwd fused rows={rows} keys={keys}", lambda: bwd(True),

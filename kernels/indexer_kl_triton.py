@@ -5,9 +5,11 @@ gradients for ``qi`` and ``ki``; ``q``, ``k`` and ``lse`` are constants).
 
 Loop order: KV-outer over an inverted list, so every tensor-core tile is full whatever the selection
 pattern (tile-shared or per-token random).
-* Schedule (torch, deterministic): every valid entry ``(b, g, i, slot)`` of ``block_idx`` is keyed by
-  ``(b, block, g)``; a stable sort gives, per key, the list of entry positions; each list is cut into
-  work items of at most ``TQ * CH`` entries (a popular block is spread over many programs).
+* Schedule: the work list of the attention kernels (:mod:`.worklist`; torch ops, deterministic, no
+  host sync): every valid entry ``(b, g, i, slot)`` of ``block_idx`` is keyed by ``(b, block, g)``; a
+  stable sort gives, per key, the list of its entries; each list is cut into work items of at most
+  ``TQ * CH`` entries (a popular block is spread over many programs). The item count is bounded on
+  the host; items past the real ones are empty.
 * Forward: a program per work item loads the block's ``k`` (group g) and ``ki`` once, then for each
   chunk of ``TQ`` gathered queries computes the teacher ``p = mean_h exp(q_h . k * scale - lse_h)`` (all
   heads of the group, one ``[TQ, D] x [D, bs]`` dot each) and the student logits ``s = qi . ki * index_scale``
@@ -16,7 +18,7 @@ pattern (tile-shared or per-token random).
   ``KL = sum p log p - sum p s + lse_s * sum p``: no ``L x L`` matrix, one pass.
 * Blocks under 16 tokens (any power of two) run in 16-key tiles whose keys past the block are padding
   (off every support). Entry positions are int64 inside the kernels; the schedule is int64 once
-  ``block_idx`` has 2^31 entries.
+  its sizes pass 2^31.
 * Backward: the same items recompute ``p`` and ``s``; ``dS = (softmax(s) * sum p - p) * index_scale *
   grad / n_rows``.  ``dqi`` partials go to the entry's own slot (``[B, G, L, KS, Di]``, summed over KS
   by torch); ``dki`` accumulates in registers over the item's chunks and is written per item, then a
@@ -34,17 +36,15 @@ import triton.language as tl
 
 from .reference import num_blocks
 from .validation import check_kernel_block_size, check_kl_inputs
+from .worklist import block_csr, chunks
 
 CONFIG_OVERRIDE: dict = {}
 _CHUNKS_PER_ITEM = 8
-# Schedules (entry positions, item bounds) are int32 below this many block_idx entries, int64 above
-# (the tests lower it to run the int64 path on small inputs).
-INDEX32_LIMIT = 2**31
 
 
 @triton.jit
 def _kl_chunk(
-    c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
+    c0, end, b, g, blk, pos_base, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
     L, KS, G, R, scale, iscale,
     s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
     BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
@@ -54,7 +54,7 @@ def _kl_chunk(
     support mask, qi rows of one chunk of gathered queries."""
     t = tl.arange(0, TQ)
     valid = c0 + t < end
-    pos = tl.load(rows_ptr + c0 + t, mask=valid, other=0).to(tl.int64)
+    pos = pos_base + tl.load(rows_ptr + c0 + t, mask=valid, other=0).to(tl.int64)  # flat block_idx entry
     qidx = (pos // KS) % L
     qtime = tl.load(qt_ptr + b.to(tl.int64) * L + qidx, mask=valid, other=-1)
     offs_di = tl.arange(0, DIP)
@@ -90,18 +90,20 @@ def _kl_chunk(
 
 @triton.jit
 def _kl_fwd_kernel(
-    items_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, part_ptr,
-    L, KS, G, R, NTOT, scale, iscale,
+    key_ptr, start_ptr, len_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, part_ptr,
+    L, KS, G, R, NB, NTOT, scale, iscale,
     s_qib, s_qig, s_qil, s_kib, s_kil, s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_lb, s_lh,
     BS: tl.constexpr, BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
     DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     w = tl.program_id(0)
-    b = tl.load(items_ptr + w * 5 + 0)
-    g = tl.load(items_ptr + w * 5 + 1)
-    blk = tl.load(items_ptr + w * 5 + 2)
-    start = tl.load(items_ptr + w * 5 + 3)  # int64 items once the entries pass 2^31
-    end = tl.load(items_ptr + w * 5 + 4)
+    key = tl.load(key_ptr + w)  # (b * NB + blk) * G + g; chunks past the real ones have length 0
+    start = tl.load(start_ptr + w)  # int64 once the entries pass 2^31
+    end = start + tl.load(len_ptr + w)
+    g = key % G
+    blk = (key // G) % NB
+    b = key // G // NB
+    pos_base = (b * G + g).to(tl.int64) * L * KS
     # Blocks under 16 tokens run in a 16-key tile (tl.dot needs 16): the keys past the block load as
     # padding (time INT32_MAX), so they are off every row's support.
     jn = tl.arange(0, BSP)
@@ -118,7 +120,7 @@ def _kl_fwd_kernel(
     ktime = tl.load(kt_ptr + b.to(tl.int64) * L + offs_n, mask=nmask, other=2147483647)
     for c0 in range(start, end, TQ):
         p, s, pos, valid, sup, qiv = _kl_chunk(
-            c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
+            c0, end, b, g, blk, pos_base, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
             L, KS, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
             BSP, D, DP, DI, DIP, TQ, IEEE)
         m = tl.max(s, axis=1)
@@ -138,19 +140,21 @@ def _kl_fwd_kernel(
 
 @triton.jit
 def _kl_bwd_kernel(
-    items_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, lses_ptr, psum_ptr, coef_ptr,
-    dqi_part_ptr, dki_part_ptr,
-    L, KS, G, R, scale, iscale,
+    key_ptr, start_ptr, len_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, lses_ptr, psum_ptr,
+    coef_ptr, dqi_part_ptr, dki_part_ptr,
+    L, KS, G, R, NB, scale, iscale,
     s_qib, s_qig, s_qil, s_kib, s_kil, s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_lb, s_lh,
     BS: tl.constexpr, BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
     DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     w = tl.program_id(0)
-    b = tl.load(items_ptr + w * 5 + 0)
-    g = tl.load(items_ptr + w * 5 + 1)
-    blk = tl.load(items_ptr + w * 5 + 2)
-    start = tl.load(items_ptr + w * 5 + 3)  # int64 items once the entries pass 2^31
-    end = tl.load(items_ptr + w * 5 + 4)
+    key = tl.load(key_ptr + w)  # (b * NB + blk) * G + g; chunks past the real ones have length 0
+    start = tl.load(start_ptr + w)  # int64 once the entries pass 2^31
+    end = start + tl.load(len_ptr + w)
+    g = key % G
+    blk = (key // G) % NB
+    b = key // G // NB
+    pos_base = (b * G + g).to(tl.int64) * L * KS
     # Blocks under 16 tokens run in a 16-key tile (tl.dot needs 16): the keys past the block load as
     # padding (time INT32_MAX), so they are off every row's support.
     jn = tl.arange(0, BSP)
@@ -169,7 +173,7 @@ def _kl_bwd_kernel(
     acc = tl.zeros([BSP, DIP], dtype=tl.float32)
     for c0 in range(start, end, TQ):
         p, s, pos, valid, sup, qiv = _kl_chunk(
-            c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
+            c0, end, b, g, blk, pos_base, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
             L, KS, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
             BSP, D, DP, DI, DIP, TQ, IEEE)
         row = pos // KS  # (b, g, i) flat row
@@ -227,37 +231,16 @@ def _config(rep: int):
 
 
 def _schedule(block_idx: torch.Tensor, seq_len: int, block_size: int, tq: int):
-    """Work items [NW, 5] int32 / int64 (b, g, blk, start, end) over the sorted entry positions ``rows``, sorted by
-    (b, blk, g); ``item_off [B * NB + 1]`` delimits the items of each KV block."""
-    batch, groups, _, kslots = block_idx.shape
+    """Work list of the KL kernels (shared with the attention kernels, :mod:`.worklist`): keys
+    ``(b * NB + blk) * G + g`` so that the chunks of one KV block are adjacent for the dki reduction.
+    Returns ``(key, start, length)`` per chunk, the entries ``rows`` (``q * K + slot`` inside their
+    (b, g)) and ``chunk_off [B * NB + 1]``, the chunks of each (b, block)."""
+    batch, groups, _, _ = block_idx.shape
     nb = num_blocks(seq_len, block_size)
-    device = block_idx.device
-    flat = block_idx.reshape(-1)
-    pos = torch.nonzero(flat >= 0).squeeze(1)
-    blk = flat[pos].long()
-    b = pos // (groups * seq_len * kslots)
-    g = (pos // (seq_len * kslots)) % groups
-    key = (b * nb + blk) * groups + g
-    order = torch.sort(key, stable=True).indices
-    # Entry positions (and the items' start / end into them) stay int32 while they fit.
-    index_dtype = torch.int32 if flat.numel() < INDEX32_LIMIT else torch.int64
-    rows = pos[order].to(index_dtype).contiguous()
-    nkeys = batch * nb * groups
-    counts = torch.bincount(key, minlength=nkeys)
-    offs = torch.cumsum(counts, 0) - counts
-    per_item = tq * _CHUNKS_PER_ITEM
-    n_items = (counts + per_item - 1) // per_item
-    item_key = torch.repeat_interleave(torch.arange(nkeys, device=device), n_items)
-    first = torch.cumsum(n_items, 0) - n_items
-    within = torch.arange(item_key.numel(), device=device) - first[item_key]
-    start = offs[item_key] + within * per_item
-    end = torch.minimum(start + per_item, offs[item_key] + counts[item_key])
-    items = torch.stack([item_key // (nb * groups), item_key % groups, (item_key // groups) % nb, start, end], 1)
-    items = items.to(index_dtype).contiguous()
-    per_block = n_items.view(batch * nb, groups).sum(1)
-    item_off = torch.zeros(batch * nb + 1, dtype=torch.int32, device=device)
-    item_off[1:] = torch.cumsum(per_block, 0).to(torch.int32)
-    return items, rows, item_off
+    rows, offsets = block_csr(block_idx, nb, groups_inner=True)
+    key, start, length, n_chunks, first = chunks(offsets, tq * _CHUNKS_PER_ITEM, rows.numel())
+    chunk_off = torch.cat([first.view(batch * nb, groups)[:, 0], n_chunks])
+    return (key, start, length), rows, chunk_off
 
 
 def _common(qi, ki, q, k, lse, q_time, k_time, scale, index_scale):
@@ -291,15 +274,15 @@ def _kl_forward(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale,
     batch, groups, seq_len, kslots = block_idx.shape
     rep, scale, index_scale, (qi, ki, q, k, lse, q_time, k_time) = _common(qi, ki, q, k, lse, q_time, k_time, scale, index_scale)
     tq = _config(rep)
-    items, rows, _ = _schedule(block_idx, seq_len, block_size, tq)
+    work, rows, _ = _schedule(block_idx, seq_len, block_size, tq)
     ntot = block_idx.numel()
     part = torch.zeros(5, ntot, dtype=torch.float32, device=qi.device)
     part[0].fill_(float("-inf"))
-    if items.shape[0] > 0:
-        _kl_fwd_kernel[(items.shape[0],)](
-            items, rows, qi, ki, q, k, lse, q_time, k_time, part,
-            seq_len, kslots, groups, rep, ntot, scale, index_scale, *_strides(qi, ki, q, k, lse),
-            BS=block_size, BSP=max(16, block_size), TQ=tq, **_consts(qi, q), **_launch_kwargs(tq))
+    _kl_fwd_kernel[(work[0].numel(),)](
+        *work, rows, qi, ki, q, k, lse, q_time, k_time, part,
+        seq_len, kslots, groups, rep, num_blocks(seq_len, block_size), ntot, scale, index_scale,
+        *_strides(qi, ki, q, k, lse),
+        BS=block_size, BSP=max(16, block_size), TQ=tq, **_consts(qi, q), **_launch_kwargs(tq))
     m, lsum, plogp, ps, psum = (x.view(batch, groups, seq_len, kslots) for x in part)
     mmax = m.amax(-1)
     row_valid = mmax > float("-inf")
@@ -318,20 +301,19 @@ def _kl_backward(grad, qi, ki, block_idx, q, k, lse, q_time, k_time, lse_s, psum
     index_dim = qi.shape[-1]
     rep, scale, index_scale, (qi, ki, q, k, lse, q_time, k_time) = _common(qi, ki, q, k, lse, q_time, k_time, scale, index_scale)
     tq = _config(rep)
-    items, rows, item_off = _schedule(block_idx, seq_len, block_size, tq)
+    work, rows, chunk_off = _schedule(block_idx, seq_len, block_size, tq)
     nb = num_blocks(seq_len, block_size)
     coef = (grad.float() * index_scale / n_rows.clamp_min(1.0)).reshape(1).contiguous()
     dqi_part = torch.zeros(batch, groups, seq_len, kslots, index_dim, dtype=torch.float32, device=qi.device)
-    nw = items.shape[0]
-    dki_part = torch.empty(max(nw, 1), block_size, index_dim, dtype=torch.float32, device=qi.device)
+    nw = work[0].numel()
+    dki_part = torch.empty(nw, block_size, index_dim, dtype=torch.float32, device=qi.device)
     dki = torch.empty(batch, seq_len, index_dim, dtype=torch.float32, device=qi.device)
     consts = _consts(qi, q)
-    if nw > 0:
-        _kl_bwd_kernel[(nw,)](
-            items, rows, qi, ki, q, k, lse, q_time, k_time, lse_s, psum, coef, dqi_part, dki_part,
-            seq_len, kslots, groups, rep, scale, index_scale, *_strides(qi, ki, q, k, lse),
-            BS=block_size, BSP=max(16, block_size), TQ=tq, **consts, **_launch_kwargs(tq))
-    _dki_reduce_kernel[(batch * nb,)](dki_part, item_off, dki, seq_len, nb, BS=block_size, DI=index_dim,
+    _kl_bwd_kernel[(nw,)](
+        *work, rows, qi, ki, q, k, lse, q_time, k_time, lse_s, psum, coef, dqi_part, dki_part,
+        seq_len, kslots, groups, rep, nb, scale, index_scale, *_strides(qi, ki, q, k, lse),
+        BS=block_size, BSP=max(16, block_size), TQ=tq, **consts, **_launch_kwargs(tq))
+    _dki_reduce_kernel[(batch * nb,)](dki_part, chunk_off, dki, seq_len, nb, BS=block_size, DI=index_dim,
                                       DIP=consts["DIP"])
     dqi = dqi_part.sum(3)
     return dqi.to(qi.dtype), dki.to(ki.dtype)

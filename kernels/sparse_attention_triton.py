@@ -42,14 +42,11 @@ import triton.language as tl
 from .triton_common import dot as _dot
 
 from .validation import check_attention_inputs
+from .worklist import block_csr, chunks
 
 INT32_MAX = 2**31 - 1
 _I32_MAX = tl.constexpr(INT32_MAX)  # jit code may only read constexpr globals
 _LOG2E = 1.4426950408889634
-
-# CSR schedules (pair entries, offsets) are int32 below this size, int64 above (the tests lower it to
-# run the int64 path on small inputs).
-INDEX32_LIMIT = 2**31
 
 # Bytes one kv_outer segment may spend on its partial buffer ([B, Hq, Ls, K, D] in the input dtype).
 _PARTIAL_BYTES = 4 << 30
@@ -596,47 +593,6 @@ def _build_union(block_idx, tq, q_time=None, k_time=None, block_size=None):
     return union, count, bits
 
 
-def _block_csr(block_idx: torch.Tensor, nb: int):
-    """Invert ``block_idx [B, G, Ls, K]`` (a query segment) into per-(batch, group, block) lists.
-
-    Returns ``pair_entry [B*G*Ls*K]`` int32 (``q_local * K + slot``, grouped by block key
-    ``bg * nb + block``, queries ascending inside a block; entries past the valid ones are unused)
-    and ``offsets [B*G*nb + 1]`` int32 (CSR offsets).
-    """
-    batch, groups, seg_len, slots = block_idx.shape
-    n_bg = batch * groups
-    flat = block_idx.reshape(n_bg, seg_len * slots)
-    bg = torch.arange(n_bg, device=flat.device, dtype=torch.int32)[:, None]
-    key = torch.where(flat >= 0, bg * nb + flat, n_bg * nb).reshape(-1)  # empty slots sort last
-    sorted_key, order = torch.sort(key, stable=True)
-    # int32 while the sizes fit (the kernels take either): 2^31 pairs are reached by all-block
-    # selections at long L (e.g. B*G*L*K = 4 * 128K * 4096).
-    entry_dtype = torch.int32 if seg_len * slots < INDEX32_LIMIT else torch.int64
-    pair_entry = (order % (seg_len * slots)).to(entry_dtype)
-    bounds = torch.arange(n_bg * nb + 1, device=flat.device, dtype=torch.int32)
-    offsets = torch.searchsorted(sorted_key, bounds, out_int32=key.numel() < INDEX32_LIMIT)
-    return pair_entry, offsets
-
-
-def _chunks(offsets: torch.Tensor, per_chunk: int, max_pairs: int):
-    """Cut each block's pair list into chunks of at most ``per_chunk`` pairs.
-
-    Returns ``key, start, length [C]`` int32 with ``C`` an upper bound known on the host (no sync),
-    and ``n_chunks [1]`` int32, the real count (the kernel loops only that far).
-    """
-    counts = offsets[1:] - offsets[:-1]  # [B*G*NB]
-    n_keys = counts.numel()
-    per_block = (counts + per_chunk - 1) // per_chunk
-    ends = torch.cumsum(per_block, 0, dtype=torch.int32)
-    cap = triton.cdiv(max_pairs, per_chunk) + n_keys
-    c = torch.arange(cap, device=offsets.device, dtype=torch.int32)
-    key = torch.searchsorted(ends, c, right=True, out_int32=True).clamp_(max=n_keys - 1)
-    index = c - (ends[key] - per_block[key])
-    start = offsets[key] + index * per_chunk
-    length = (counts[key] - index * per_chunk).clamp(0, per_chunk)
-    return key, start, length, ends[-1:].contiguous()
-
-
 def _segment_len(batch, heads, seq_len, slots, head_dim, elem) -> int:
     per_query = batch * heads * slots * head_dim * elem
     return max(1, min(seq_len, _PARTIAL_BYTES // max(per_query, 1)))
@@ -681,7 +637,11 @@ def _use_tma(q, sh: _Shape, bn: int) -> bool:
 
 
 def _union_waste(block_idx, union_count, tq) -> float:
-    """Blocks computed by query_outer per valid (query, block) pair (1.0 = no waste). Syncs."""
+    """Blocks computed by query_outer per valid (query, block) pair (1.0 = no waste).
+
+    One host sync, kept on purpose: the answer decides which kernels are launched. Deciding on the
+    device instead means building both schedules and launching both paths with an early exit; the
+    kv_outer CSR alone costs 0.65-0.76 ms at 128K (H200), far more than the sync's launch bubble."""
     valid = int((block_idx >= 0).sum())
     return float(union_count.sum()) * tq / max(valid, 1)
 
@@ -734,8 +694,8 @@ def _forward(q, k, v, block_idx, q_time, k_time, block_size, scale, variant):
     for l0 in range(0, sh.L, seg):
         ls = min(seg, sh.L - l0)
         sel = block_idx[:, :, l0:l0 + ls]
-        pair_entry, offsets = _block_csr(sel, sh.NB)
-        c_key, c_start, c_len, n_chunks = _chunks(offsets, tq, pair_entry.numel())
+        pair_entry, offsets = block_csr(sel, sh.NB)
+        c_key, c_start, c_len, n_chunks, _ = chunks(offsets, tq, pair_entry.numel())
         _fwd_kv_outer_kernel[(triton.cdiv(c_key.numel(), cpp),)](
             q, k, v, part_o, part_lse, q_time, k_time, c_key, c_start, c_len, n_chunks, pair_entry,
             sh.L, l0, seg, sh.G, sh.Hq, sh.R, sh.KS, sh.NB, qk_scale2,
@@ -778,7 +738,7 @@ def _backward(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_si
         tq, bn = sh.tq(CONFIG["dkdv_rows"]), min(sh.BSP, CONFIG["dkdv_keys"])
     for l0 in range(0, sh.L, seg):
         ls = min(seg, sh.L - l0)
-        pair_entry, offsets = _block_csr(block_idx[:, :, l0:l0 + ls], sh.NB)
+        pair_entry, offsets = block_csr(block_idx[:, :, l0:l0 + ls], sh.NB)
         # Heaviest blocks first, so a popular block's long loop starts early (LPT order).
         order = torch.argsort(offsets[1:] - offsets[:-1], descending=True).to(torch.int32)
         _bwd_dkdv_kernel[(order.numel() * triton.cdiv(sh.bs, bn),)](

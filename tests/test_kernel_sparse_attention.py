@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 from tsfm_msa.kernels import INT32_MAX, KernelInputError, sparse_attention_reference  # noqa: E402
 # The package re-exports the dispatcher function under the module's name: fetch the module itself.
 sa = importlib.import_module("tsfm_msa.kernels.sparse_attention_triton")
+worklist = importlib.import_module("tsfm_msa.kernels.worklist")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_only = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (CPU, TRITON_INTERPRET=1)")
@@ -219,9 +220,9 @@ def test_int64_csr(monkeypatch):
     block_idx exactly and run the kv_outer forward and backward unchanged."""
     gen = torch.Generator().manual_seed(9)
     block_idx = make_block_idx(2, 2, 40, 8, 3, "random", gen, empty=0.2)
-    entry32, off32 = sa._block_csr(block_idx, 5)
-    monkeypatch.setattr(sa, "INDEX32_LIMIT", 1)
-    entry, off = sa._block_csr(block_idx, 5)
+    entry32, off32 = worklist.block_csr(block_idx, 5)
+    monkeypatch.setattr(worklist, "INDEX32_LIMIT", 1)
+    entry, off = worklist.block_csr(block_idx, 5)
     assert entry.dtype == off.dtype == torch.int64 and entry32.dtype == off32.dtype == torch.int32
     assert torch.equal(entry, entry32.long()) and torch.equal(off, off32.long())
     flat = block_idx.reshape(4, 40 * 3)
