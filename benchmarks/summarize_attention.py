@@ -25,7 +25,7 @@ def render(doc: dict) -> str:
            "FLOP counts: " + "; ".join(f"{k} = {v}" for k, v in s["flops"].items()) + f"; % of {s['peak_tflops']:g} TFLOP/s.",
            "", "## Targets (issue 10)", ""]
     for t in doc["targets"]:
-        extra = f"{t['tflops']:.0f} TFLOP/s" if t.get("tflops") else (
+        extra = f"{_num(t['tflops'], '.0f')} TFLOP/s" if "tflops" in t else (
             f"ours {_num(t.get('ours_ms'), '.2f')} ms ({t.get('ours') or '-'}) vs {t.get('other')} {_num(t.get('other_ms'), '.2f')} ms")
         out.append(f"- {t['target']}: **{t['verdict']}**, ratio {_num(t.get('ratio'), '.2f')} (need {t['need']:g}); {extra}")
     out += ["", "## Correctness before timing (bf16 vs the fp32 reference, ||err|| / ||ref||)", "",

@@ -130,8 +130,9 @@ def _qo_update(s, vb, e, wptr, qsh, j0, m_i, l_i, acc, qt, row_ok, KTime, t_base
         # whole softmax in its layout (a shared-memory round trip of the score tile every step).
         # One word per entry from the union kernel, bit q = query q of the tile chose it. Loaded
         # here, inside the masked branch: a load at the loop top gets software-pipelined (cp.async +
-        # waits every step) and ran 20-40% slower. Against per-slot loads of the rows' selections
-        # (dependent or unrolled) it measured 13.48 vs 14.72 ms (tsfm pool, 128K).
+        # waits every step) and ran 20-40% slower. Against per-slot loads of the rows' selections it
+        # measured 8.99 ms vs 11.46 (unrolled loads) and 12.34 (a loop of loads) on tsfm pool 128K,
+        # 34.9 vs 44.4 and 39.4 on paper pool.
         member = (tl.load(wptr, mask=row_ok, other=0) >> qsh) & 1
         # One compare per score: membership folded into the row's time (-1 sees nothing), missing keys
         # already read as INT32_MAX (against three 2D ANDs: 13.4 -> 12.3 ms, tsfm pool 128K).
@@ -430,7 +431,7 @@ def _bwd_dq_query_outer_kernel(
         blk = e >> 1
         # Membership from the union's query bitmask; the mask runs only on flagged entries (the flag
         # covers membership, partial blocks and time; padded heads have zero dO, so ds = 0). Against a
-        # [ROWS, KP] slot tile with per-step reductions: 29.7 vs ~31.7 ms backward, tsfm tile-shared 128K.
+        # [ROWS, KP] slot tile with per-step reductions: 29.71 vs 30.85 ms backward, tsfm tile-shared 128K.
         if NW == 1:
             wb = tl.load(Bits + u_base + it) + tl.zeros([ROWS], tl.int32)
         else:
