@@ -29,16 +29,14 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing: kernels/ imports alone
+from tsfm_msa.kernels import dispatch
 
-from kernels import dispatch  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {"tsfm": (16, 4), "paper": (64, 4)}
 

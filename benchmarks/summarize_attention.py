@@ -1,8 +1,8 @@
-"""Render a benchmarks/results/*-attention.json file as a Markdown table people can scan.
+"""Markdown view of a ``benchmarks/attention.py`` result (``<date>-<gpu>-attention.json``).
 
-    python benchmarks/summarize_attention.py benchmarks/results/2026-11-28-h200-attention.json [extra.json ...]
+    python benchmarks/summarize_attention.py benchmarks/results/2026-12-02-h200-attention.json
 
-Later files override earlier ones for the same (shape, L, contender), e.g. a re-run of one contender.
+``attention.py`` writes the same Markdown next to its JSON; this script re-renders a JSON by hand.
 """
 from __future__ import annotations
 
@@ -11,72 +11,51 @@ import sys
 from pathlib import Path
 
 
-def load(paths: list[str]) -> tuple[dict, dict]:
-    head, rows = {}, {}
-    for path in paths:
-        data = json.loads(Path(path).read_text())
-        head = head or data
-        for row in data["results"]:
-            rows[(row["shape"], row["L"], row["contender"])] = row
-    return head, rows
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
 
-def render(head: dict, rows: dict) -> str:
-    out = [f"# Attention kernels on {head['gpu']} ({head['date'][:10]}, torch {head['torch']}, triton {head['triton']})",
-           "", f"Settings: {json.dumps(head['settings'])}", "",
-           "| shape | L | contender | ms | TFLOP/s | % of 790 | note |", "|---|---:|---|---:|---:|---:|---|"]
-    for (shape, length, name), row in rows.items():
-        ms = f"{row['ms']:.3f}" if row.get("ms") is not None else "-"
-        tf = f"{row['tflops']:.0f}" if row.get("tflops") is not None else "-"
-        pct = f"{row['pct_of_790']:.0f}" if row.get("pct_of_790") is not None else "-"
-        note = row.get("status") or " ".join(f"{k}={v:.1f}x" for k, v in row.items() if k.startswith("speedup"))
-        out.append(f"| {shape} | {length} | {name} | {ms} | {tf} | {pct} | {note} |")
-    out += ["", "## Targets of issue 3, from the merged rows above", ""]
-    out += [f"- {line}" for line in targets(rows)]
+def render(doc: dict) -> str:
+    s = doc["settings"]
+    out = [f"# Attention ops on {doc['gpu']} ({doc['date'][:10]}, torch {doc['torch']}, triton {doc['triton']})", "",
+           f"fla: {doc['fla']}. {s['dtype']}, batch {s['batch']}, blocks of {s['block_size']}, top-{s['topk']} "
+           f"({s['selected_tokens']} selected tokens per query and group), time = position. Shapes: "
+           + ", ".join(f"{k} {v}" for k, v in s["shapes"].items()) + f". Wall {doc['wall_s']} s"
+           + ("" if doc.get("complete") else " (run did not finish)") + ".", "",
+           "FLOP counts: " + "; ".join(f"{k} = {v}" for k, v in s["flops"].items()) + f"; % of {s['peak_tflops']:g} TFLOP/s.",
+           "", "## Targets (issue 10)", ""]
+    for t in doc["targets"]:
+        extra = f"{_num(t['tflops'], '.0f')} TFLOP/s" if "tflops" in t else (
+            f"ours {_num(t.get('ours_ms'), '.2f')} ms ({t.get('ours') or '-'}) vs {t.get('other')} {_num(t.get('other_ms'), '.2f')} ms")
+        out.append(f"- {t['target']}: **{t['verdict']}**, ratio {_num(t.get('ratio'), '.2f')} (need {t['need']:g}); {extra}")
+    out += ["", "## Correctness before timing (bf16 vs the fp32 reference, ||err|| / ||ref||)", "",
+            "| check | L | ok | errors |", "|---|---:|---|---|"]
+    for name, c in doc["checks"].items():
+        errs = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()
+                         if k not in ("L", "ok"))
+        out.append(f"| {name} | {c.get('L', '-')} | {c.get('ok')} | {errs} |")
+    out += ["", "## Times", "", "| shape | L | contender | ms | TFLOP/s | % of peak | reps | note |",
+            "|---|---:|---|---:|---:|---:|---:|---|"]
+    for r in doc["results"]:
+        notes = [r["status"]] if r.get("status") else []
+        if r.get("check") is not None and r.get("check_ok") is not True:
+            notes.append(f"check {r['check']}: {r.get('check_ok')}")
+        for key in ("method", "waste", "selection_waste", "attention_variant"):
+            if key in r:
+                notes.append(f"{key} {r[key]}")
+        for key in ("speedup_vs_dense_fwd", "speedup_of_ours"):
+            if key in r:
+                notes.append(f"{key} {r[key]:.1f}x")
+        out.append(f"| {r['shape']} | {r['L']} | {r['contender']} | {_num(r.get('ms'), '.3f')} | "
+                   f"{_num(r.get('tflops'), '.0f')} | {_num(r.get('pct_of_peak'), '.0f')} | {r.get('reps', '-')} | "
+                   f"{'; '.join(notes)} |")
+    if doc["errors"]:
+        out += ["", "## Errors", ""] + [f"- {e.get('shape', '')} {e.get('L', '')} {e.get('contender', '')}: {e['error']}"
+                                        for e in doc["errors"]]
     return "\n".join(out) + "\n"
 
 
-def targets(rows: dict) -> list[str]:
-    def ms(shape: str, length: int, name: str) -> float | None:
-        row = rows.get((shape, length, name))
-        return row.get("ms") if row and row.get("ms") is not None and not row.get("status") else None
-
-    def best(shape: str, length: int, pattern: str, what: str) -> float | None:
-        times = [ms(shape, length, f"sparse ({pattern}) {v} {what}") for v in ("query_outer", "kv_outer")]
-        times = [t for t in times if t is not None]
-        return min(times) if times else None
-
-    def verdict(ok: bool) -> str:
-        return "MET" if ok else "not met"
-
-    lines, k128, m1 = [], 131072, 1048576
-    for what, limit in (("fwd", 4.0), ("fwd+bwd", 15.0)):
-        ours, flex = best("tsfm", k128, "i", what), ms("tsfm", k128, f"flex (i) {what}")
-        if ours and flex:
-            lines.append(f"tsfm 128K tile-shared {what}: ours {ours:.2f} ms vs Flex {flex:.2f} ms ({flex / ours:.2f}x); "
-                         f"target <= {limit} ms and >= 1.5x Flex: {verdict(ours <= limit and flex / ours >= 1.5)}")
-    for pattern in ("ii", "iii"):
-        for what, limit, nsa in (("fwd", 30.0, 90.0), ("fwd+bwd", 90.0, 275.0)):
-            ours = best("paper", k128, pattern, what)
-            if ours:
-                lines.append(f"paper 128K pattern ({pattern}) {what}: ours {ours:.1f} ms vs fla NSA {nsa:.0f} ms "
-                             f"(quoted; {nsa / ours:.1f}x); target <= {limit} ms: {verdict(ours <= limit)}")
-    for shape in ("tsfm", "paper"):
-        ours, torch_ms = ms(shape, k128, "select_blocks (ours)"), ms(shape, k128, "select torch-ops pipeline")
-        row = rows.get((shape, k128, "select_blocks (ours)"), {})
-        if ours and torch_ms:
-            lines.append(f"{shape} 128K select_blocks: {ours:.2f} ms, {torch_ms / ours:.1f}x the torch-ops pipeline, "
-                         f"{row.get('tflops', 0):.0f} TFLOP/s on scoring; target >= 20x and >= 395 TFLOP/s: "
-                         f"{verdict(torch_ms / ours >= 20 and row.get('tflops', 0) >= 395)}")
-    for shape, length, need in (("tsfm", k128, 8.0), ("paper", m1, 20.0)):
-        layer, dense = ms(shape, length, "msa layer fwd (select+kv_outer)"), rows.get((shape, length, "dense_sdpa fwd"), {}).get("ms")
-        if layer and dense:
-            lines.append(f"{shape} L={length} MSA layer fwd {layer:.1f} ms vs dense {dense:.1f} ms ({dense / layer:.1f}x); "
-                         f"target >= {need}x: {verdict(dense / layer >= need)}")
-    return lines
-
-
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    if len(sys.argv) != 2:
         sys.exit(__doc__)
-    print(render(*load(sys.argv[1:])))
+    print(render(json.loads(Path(sys.argv[1]).read_text())), end="")

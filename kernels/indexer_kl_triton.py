@@ -5,9 +5,11 @@ gradients for ``qi`` and ``ki``; ``q``, ``k`` and ``lse`` are constants).
 
 Loop order: KV-outer over an inverted list, so every tensor-core tile is full whatever the selection
 pattern (tile-shared or per-token random).
-* Schedule (torch, deterministic): every valid entry ``(b, g, i, slot)`` of ``block_idx`` is keyed by
-  ``(b, block, g)``; a stable sort gives, per key, the list of entry positions; each list is cut into
-  work items of at most ``TQ * CH`` entries (a popular block is spread over many programs).
+* Schedule: the work list of the attention kernels (:mod:`.worklist`; torch ops, deterministic, no
+  host sync): every valid entry ``(b, g, i, slot)`` of ``block_idx`` is keyed by ``(b, block, g)``; a
+  stable sort gives, per key, the list of its entries; each list is cut into work items of at most
+  ``TQ * CH`` entries (a popular block is spread over many programs). The item count is bounded on
+  the host; items past the real ones are empty.
 * Forward: a program per work item loads the block's ``k`` (group g) and ``ki`` once, then for each
   chunk of ``TQ`` gathered queries computes the teacher ``p = mean_h exp(q_h . k * scale - lse_h)`` (all
   heads of the group, one ``[TQ, D] x [D, bs]`` dot each) and the student logits ``s = qi . ki * index_scale``
@@ -16,9 +18,9 @@ pattern (tile-shared or per-token random).
   ``KL = sum p log p - sum p s + lse_s * sum p``: no ``L x L`` matrix, one pass.
 * Blocks under 16 tokens (any power of two) run in 16-key tiles whose keys past the block are padding
   (off every support). Entry positions are int64 inside the kernels; the schedule is int64 once
-  ``block_idx`` has 2^31 entries.
+  its sizes pass 2^31.
 * Backward: the same items recompute ``p`` and ``s``; ``dS = (softmax(s) * sum p - p) * index_scale *
-  grad / n_rows``.  ``dqi`` partials go to the entry's own slot (``[B, G, L, K, Di]``, summed over K
+  grad / n_rows``.  ``dqi`` partials go to the entry's own slot (``[B, G, L, KS, Di]``, summed over KS
   by torch); ``dki`` accumulates in registers over the item's chunks and is written per item, then a
   second kernel sums the items of each KV block in a fixed order.  No atomics: deterministic.
 """
@@ -34,28 +36,26 @@ import triton.language as tl
 
 from .reference import num_blocks
 from .validation import check_kernel_block_size, check_kl_inputs
+from .worklist import block_csr, chunks
 
 CONFIG_OVERRIDE: dict = {}
 _CHUNKS_PER_ITEM = 8
-# Schedules (entry positions, item bounds) are int32 below this many block_idx entries, int64 above
-# (the tests lower it to run the int64 path on small inputs).
-INDEX32_LIMIT = 2**31
 
 
 @triton.jit
 def _kl_chunk(
-    c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
-    L, K, G, R, scale, iscale,
+    c0, end, b, g, blk, pos_base, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
+    L, KS, G, R, scale, iscale,
     s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
-    BSW: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
+    BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr,
     TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Teacher probabilities p [TQ, BSW], student logits s [TQ, BSW] (-inf off support), positions,
+    """Teacher probabilities p [TQ, BSP], student logits s [TQ, BSP] (-inf off support), positions,
     support mask, qi rows of one chunk of gathered queries."""
     t = tl.arange(0, TQ)
     valid = c0 + t < end
-    pos = tl.load(rows_ptr + c0 + t, mask=valid, other=0).to(tl.int64)
-    qidx = (pos // K) % L
+    pos = pos_base + tl.load(rows_ptr + c0 + t, mask=valid, other=0).to(tl.int64)  # flat block_idx entry
+    qidx = (pos // KS) % L
     qtime = tl.load(qt_ptr + b.to(tl.int64) * L + qidx, mask=valid, other=-1)
     offs_di = tl.arange(0, DIP)
     qiv = tl.load(qi_ptr + b.to(tl.int64) * s_qib + g.to(tl.int64) * s_qig + qidx[:, None] * s_qil + offs_di[None, :],
@@ -64,12 +64,12 @@ def _kl_chunk(
         s = tl.dot(qiv, tl.trans(kiv), input_precision="ieee")
     else:
         s = tl.dot(qiv, tl.trans(kiv))
-    # teacher: mean over the group's R heads, one [TQ, D] x [D, BSW] dot per head
+    # teacher: mean over the group's R heads, one [TQ, D] x [D, BSP] dot per head
     offs_d = tl.arange(0, DP)
     q_rows = q_ptr + b.to(tl.int64) * s_qb + qidx[:, None] * s_ql + offs_d[None, :]
     qmask = valid[:, None] & (offs_d < D)[None, :]
     lse_rows = lse_ptr + b.to(tl.int64) * s_lb + qidx
-    p = tl.zeros([TQ, BSW], dtype=tl.float32)
+    p = tl.zeros([TQ, BSP], dtype=tl.float32)
     LOG2E: tl.constexpr = 1.4426950408889634
     for r in range(0, R):
         head = (g * R + r).to(tl.int64)
@@ -90,24 +90,26 @@ def _kl_chunk(
 
 @triton.jit
 def _kl_fwd_kernel(
-    items_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, part_ptr,
-    L, K, G, R, NTOT, scale, iscale,
+    key_ptr, start_ptr, len_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, part_ptr,
+    L, KS, G, R, NB, NTOT, scale, iscale,
     s_qib, s_qig, s_qil, s_kib, s_kil, s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_lb, s_lh,
-    BS: tl.constexpr, BSW: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
+    BS: tl.constexpr, BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
     DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     w = tl.program_id(0)
-    b = tl.load(items_ptr + w * 5 + 0)
-    g = tl.load(items_ptr + w * 5 + 1)
-    blk = tl.load(items_ptr + w * 5 + 2)
-    start = tl.load(items_ptr + w * 5 + 3)  # int64 items once the entries pass 2^31
-    end = tl.load(items_ptr + w * 5 + 4)
+    key = tl.load(key_ptr + w)  # (b * NB + blk) * G + g; chunks past the real ones have length 0
+    start = tl.load(start_ptr + w)  # int64 once the entries pass 2^31
+    end = start + tl.load(len_ptr + w)
+    g = key % G
+    blk = (key // G) % NB
+    b = key // G // NB
+    pos_base = (b * G + g).to(tl.int64) * L * KS
     # Blocks under 16 tokens run in a 16-key tile (tl.dot needs 16): the keys past the block load as
     # padding (time INT32_MAX), so they are off every row's support.
-    jn = tl.arange(0, BSW)
+    jn = tl.arange(0, BSP)
     offs_n = blk * BS + jn
     nmask = offs_n < L
-    if BSW != BS:
+    if BSP != BS:
         nmask = nmask & (jn < BS)
     offs_d = tl.arange(0, DP)
     offs_di = tl.arange(0, DIP)
@@ -118,16 +120,16 @@ def _kl_fwd_kernel(
     ktime = tl.load(kt_ptr + b.to(tl.int64) * L + offs_n, mask=nmask, other=2147483647)
     for c0 in range(start, end, TQ):
         p, s, pos, valid, sup, qiv = _kl_chunk(
-            c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
-            L, K, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
-            BSW, D, DP, DI, DIP, TQ, IEEE)
+            c0, end, b, g, blk, pos_base, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
+            L, KS, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
+            BSP, D, DP, DI, DIP, TQ, IEEE)
         m = tl.max(s, axis=1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         lsum = tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
         plogp = tl.sum(p * tl.log(tl.maximum(p, 1e-30)), axis=1)
         ps = tl.sum(p * tl.where(sup, s, 0.0), axis=1)
         psum = tl.sum(p, axis=1)
-        # 64-bit: 4 * NTOT passes 2^31 once B * G * L * K >= 2^29.
+        # 64-bit: 4 * NTOT passes 2^31 once B * G * L * KS >= 2^29.
         ntot = NTOT.to(tl.int64)
         tl.store(part_ptr + pos, m, mask=valid)
         tl.store(part_ptr + ntot + pos, lsum, mask=valid)
@@ -138,25 +140,27 @@ def _kl_fwd_kernel(
 
 @triton.jit
 def _kl_bwd_kernel(
-    items_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, lses_ptr, psum_ptr, coef_ptr,
-    dqi_part_ptr, dki_part_ptr,
-    L, K, G, R, scale, iscale,
+    key_ptr, start_ptr, len_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, lses_ptr, psum_ptr,
+    coef_ptr, dqi_part_ptr, dki_part_ptr,
+    L, KS, G, R, NB, scale, iscale,
     s_qib, s_qig, s_qil, s_kib, s_kil, s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_lb, s_lh,
-    BS: tl.constexpr, BSW: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
+    BS: tl.constexpr, BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
     DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     w = tl.program_id(0)
-    b = tl.load(items_ptr + w * 5 + 0)
-    g = tl.load(items_ptr + w * 5 + 1)
-    blk = tl.load(items_ptr + w * 5 + 2)
-    start = tl.load(items_ptr + w * 5 + 3)  # int64 items once the entries pass 2^31
-    end = tl.load(items_ptr + w * 5 + 4)
+    key = tl.load(key_ptr + w)  # (b * NB + blk) * G + g; chunks past the real ones have length 0
+    start = tl.load(start_ptr + w)  # int64 once the entries pass 2^31
+    end = start + tl.load(len_ptr + w)
+    g = key % G
+    blk = (key // G) % NB
+    b = key // G // NB
+    pos_base = (b * G + g).to(tl.int64) * L * KS
     # Blocks under 16 tokens run in a 16-key tile (tl.dot needs 16): the keys past the block load as
     # padding (time INT32_MAX), so they are off every row's support.
-    jn = tl.arange(0, BSW)
+    jn = tl.arange(0, BSP)
     offs_n = blk * BS + jn
     nmask = offs_n < L
-    if BSW != BS:
+    if BSP != BS:
         nmask = nmask & (jn < BS)
     offs_d = tl.arange(0, DP)
     offs_di = tl.arange(0, DIP)
@@ -166,13 +170,13 @@ def _kl_bwd_kernel(
                   mask=nmask[:, None] & (offs_di < DI)[None, :], other=0.0)
     ktime = tl.load(kt_ptr + b.to(tl.int64) * L + offs_n, mask=nmask, other=2147483647)
     coef = tl.load(coef_ptr)
-    acc = tl.zeros([BSW, DIP], dtype=tl.float32)
+    acc = tl.zeros([BSP, DIP], dtype=tl.float32)
     for c0 in range(start, end, TQ):
         p, s, pos, valid, sup, qiv = _kl_chunk(
-            c0, end, b, g, blk, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
-            L, K, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
-            BSW, D, DP, DI, DIP, TQ, IEEE)
-        row = pos // K  # (b, g, i) flat row
+            c0, end, b, g, blk, pos_base, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
+            L, KS, G, R, scale, iscale, s_qib, s_qig, s_qil, s_qb, s_qh, s_ql, s_lb, s_lh,
+            BSP, D, DP, DI, DIP, TQ, IEEE)
+        row = pos // KS  # (b, g, i) flat row
         lse_s = tl.load(lses_ptr + row, mask=valid, other=0.0)
         lse_s = tl.where(lse_s == float("-inf"), 0.0, lse_s)
         ps = tl.load(psum_ptr + row, mask=valid, other=0.0)
@@ -188,7 +192,7 @@ def _kl_bwd_kernel(
         tl.store(dqi_part_ptr + pos[:, None] * DI + offs_di[None, :], dq,
                  mask=valid[:, None] & (offs_di < DI)[None, :])
     smask = (offs_di < DI)[None, :]
-    if BSW != BS:
+    if BSP != BS:
         smask = smask & (jn < BS)[:, None]
     tl.store(dki_part_ptr + w.to(tl.int64) * (BS * DI) + jn[:, None] * DI + offs_di[None, :], acc, mask=smask)
 
@@ -227,37 +231,16 @@ def _config(rep: int):
 
 
 def _schedule(block_idx: torch.Tensor, seq_len: int, block_size: int, tq: int):
-    """Work items [NW, 5] int32 / int64 (b, g, blk, start, end) over the sorted entry positions ``rows``, sorted by
-    (b, blk, g); ``item_off [B * NB + 1]`` delimits the items of each KV block."""
-    batch, groups, _, kslots = block_idx.shape
+    """Work list of the KL kernels (shared with the attention kernels, :mod:`.worklist`): keys
+    ``(b * NB + blk) * G + g`` so that the chunks of one KV block are adjacent for the dki reduction.
+    Returns ``(key, start, length)`` per chunk, the entries ``rows`` (``q * K + slot`` inside their
+    (b, g)) and ``chunk_off [B * NB + 1]``, the chunks of each (b, block)."""
+    batch, groups, _, _ = block_idx.shape
     nb = num_blocks(seq_len, block_size)
-    device = block_idx.device
-    flat = block_idx.reshape(-1)
-    pos = torch.nonzero(flat >= 0).squeeze(1)
-    blk = flat[pos].long()
-    b = pos // (groups * seq_len * kslots)
-    g = (pos // (seq_len * kslots)) % groups
-    key = (b * nb + blk) * groups + g
-    order = torch.sort(key, stable=True).indices
-    # Entry positions (and the items' start / end into them) stay int32 while they fit.
-    index_dtype = torch.int32 if flat.numel() < INDEX32_LIMIT else torch.int64
-    rows = pos[order].to(index_dtype).contiguous()
-    nkeys = batch * nb * groups
-    counts = torch.bincount(key, minlength=nkeys)
-    offs = torch.cumsum(counts, 0) - counts
-    per_item = tq * _CHUNKS_PER_ITEM
-    n_items = (counts + per_item - 1) // per_item
-    item_key = torch.repeat_interleave(torch.arange(nkeys, device=device), n_items)
-    first = torch.cumsum(n_items, 0) - n_items
-    within = torch.arange(item_key.numel(), device=device) - first[item_key]
-    start = offs[item_key] + within * per_item
-    end = torch.minimum(start + per_item, offs[item_key] + counts[item_key])
-    items = torch.stack([item_key // (nb * groups), item_key % groups, (item_key // groups) % nb, start, end], 1)
-    items = items.to(index_dtype).contiguous()
-    per_block = n_items.view(batch * nb, groups).sum(1)
-    item_off = torch.zeros(batch * nb + 1, dtype=torch.int32, device=device)
-    item_off[1:] = torch.cumsum(per_block, 0).to(torch.int32)
-    return items, rows, item_off
+    rows, offsets = block_csr(block_idx, nb, groups_inner=True)
+    key, start, length, n_chunks, first = chunks(offsets, tq * _CHUNKS_PER_ITEM, rows.numel())
+    chunk_off = torch.cat([first.view(batch * nb, groups)[:, 0], n_chunks])
+    return (key, start, length), rows, chunk_off
 
 
 def _common(qi, ki, q, k, lse, q_time, k_time, scale, index_scale):
@@ -291,15 +274,15 @@ def _kl_forward(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale,
     batch, groups, seq_len, kslots = block_idx.shape
     rep, scale, index_scale, (qi, ki, q, k, lse, q_time, k_time) = _common(qi, ki, q, k, lse, q_time, k_time, scale, index_scale)
     tq = _config(rep)
-    items, rows, _ = _schedule(block_idx, seq_len, block_size, tq)
+    work, rows, _ = _schedule(block_idx, seq_len, block_size, tq)
     ntot = block_idx.numel()
     part = torch.zeros(5, ntot, dtype=torch.float32, device=qi.device)
     part[0].fill_(float("-inf"))
-    if items.shape[0] > 0:
-        _kl_fwd_kernel[(items.shape[0],)](
-            items, rows, qi, ki, q, k, lse, q_time, k_time, part,
-            seq_len, kslots, groups, rep, ntot, scale, index_scale, *_strides(qi, ki, q, k, lse),
-            BS=block_size, BSW=max(16, block_size), TQ=tq, **_consts(qi, q), **_launch_kwargs(tq))
+    _kl_fwd_kernel[(work[0].numel(),)](
+        *work, rows, qi, ki, q, k, lse, q_time, k_time, part,
+        seq_len, kslots, groups, rep, num_blocks(seq_len, block_size), ntot, scale, index_scale,
+        *_strides(qi, ki, q, k, lse),
+        BS=block_size, BSP=max(16, block_size), TQ=tq, **_consts(qi, q), **_launch_kwargs(tq))
     m, lsum, plogp, ps, psum = (x.view(batch, groups, seq_len, kslots) for x in part)
     mmax = m.amax(-1)
     row_valid = mmax > float("-inf")
@@ -318,20 +301,19 @@ def _kl_backward(grad, qi, ki, block_idx, q, k, lse, q_time, k_time, lse_s, psum
     index_dim = qi.shape[-1]
     rep, scale, index_scale, (qi, ki, q, k, lse, q_time, k_time) = _common(qi, ki, q, k, lse, q_time, k_time, scale, index_scale)
     tq = _config(rep)
-    items, rows, item_off = _schedule(block_idx, seq_len, block_size, tq)
+    work, rows, chunk_off = _schedule(block_idx, seq_len, block_size, tq)
     nb = num_blocks(seq_len, block_size)
     coef = (grad.float() * index_scale / n_rows.clamp_min(1.0)).reshape(1).contiguous()
     dqi_part = torch.zeros(batch, groups, seq_len, kslots, index_dim, dtype=torch.float32, device=qi.device)
-    nw = items.shape[0]
-    dki_part = torch.empty(max(nw, 1), block_size, index_dim, dtype=torch.float32, device=qi.device)
+    nw = work[0].numel()
+    dki_part = torch.empty(nw, block_size, index_dim, dtype=torch.float32, device=qi.device)
     dki = torch.empty(batch, seq_len, index_dim, dtype=torch.float32, device=qi.device)
     consts = _consts(qi, q)
-    if nw > 0:
-        _kl_bwd_kernel[(nw,)](
-            items, rows, qi, ki, q, k, lse, q_time, k_time, lse_s, psum, coef, dqi_part, dki_part,
-            seq_len, kslots, groups, rep, scale, index_scale, *_strides(qi, ki, q, k, lse),
-            BS=block_size, BSW=max(16, block_size), TQ=tq, **consts, **_launch_kwargs(tq))
-    _dki_reduce_kernel[(batch * nb,)](dki_part, item_off, dki, seq_len, nb, BS=block_size, DI=index_dim,
+    _kl_bwd_kernel[(nw,)](
+        *work, rows, qi, ki, q, k, lse, q_time, k_time, lse_s, psum, coef, dqi_part, dki_part,
+        seq_len, kslots, groups, rep, nb, scale, index_scale, *_strides(qi, ki, q, k, lse),
+        BS=block_size, BSP=max(16, block_size), TQ=tq, **consts, **_launch_kwargs(tq))
+    _dki_reduce_kernel[(batch * nb,)](dki_part, chunk_off, dki, seq_len, nb, BS=block_size, DI=index_dim,
                                       DIP=consts["DIP"])
     dqi = dqi_part.sum(3)
     return dqi.to(qi.dtype), dki.to(ki.dtype)

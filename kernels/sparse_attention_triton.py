@@ -20,8 +20,9 @@ Both variants pack the ``R = Hq / G`` query heads of a group into the rows of on
   writes a partial ``(out, lse)`` per (query, head, slot); a combine kernel merges the ``K``
   partials of each (query, head) through their LSEs. No atomics: deterministic.
 - Backward: ``dk, dv`` by one owner program per KV block looping over the CSR list of its pairs
-  (programs launched heaviest first); ``dq`` either by a query-outer walk over the tile union, or
-  (kv_outer) as per-slot partials written by the owner programs and summed per query afterwards.
+  (programs launched heaviest first); ``dq`` by a query-outer walk over the tile union (split), by
+  fp32 atomic adds from the owners themselves (fused: S, P and dS computed once; ``CONFIG["bwd_fused"]``),
+  or (kv_outer) as per-slot partials written by the owners and summed per query afterwards.
 
 Long sequences run the kv_outer order in query segments so the partial buffers stay bounded.
 
@@ -41,43 +42,36 @@ import triton.language as tl
 from .triton_common import dot as _dot
 
 from .validation import check_attention_inputs
+from .worklist import block_csr, chunks
 
 INT32_MAX = 2**31 - 1
 _I32_MAX = tl.constexpr(INT32_MAX)  # jit code may only read constexpr globals
 _LOG2E = 1.4426950408889634
 
-# CSR schedules (pair entries, offsets) are int32 below this size, int64 above (the tests lower it to
-# run the int64 path on small inputs).
-INDEX32_LIMIT = 2**31
-
 # Bytes one kv_outer segment may spend on its partial buffer ([B, Hq, Ls, K, D] in the input dtype).
 _PARTIAL_BYTES = 4 << 30
 
-# Launch configuration; the benchmark overrides entries to sweep them. ``*_rows`` is the number of
-# tile rows (queries x padded heads) per program.
+# Launch configuration (H200 measurements in benchmarks/NOTES-attention.md; the benchmark overrides
+# entries to compare them). ``*_rows`` is the number of tile rows (queries x padded heads) per program.
 CONFIG = {
-    # query-outer forward: 128 keys a step, 3 stages, K/V by TMA (H200 run 2 in the notes: 4.97 ms
-    # against 5.68 for 2 stages and 6.12 for 64-key steps, tsfm tile_shared 128K)
+    # query-outer forward: 128 keys a step, 3 stages, K/V by TMA: 4.97 ms against 5.68 for 2 stages
+    # and 6.12 for 64-key steps (tsfm tile-shared 128K)
     "qo_rows": 128, "qo_keys": 128, "qo_warps": 8, "qo_stages": 3, "qo_tma": True,
-    # membership on masked union blocks in the query-outer forward: "bits" (the union kernel's
-    # per-entry query bitmask, one load), "unrolled" (the rows' slots, independent loads) or "slots"
-    # (a runtime loop of dependent loads, session 2); "dq_bits": the dq kernel uses the bitmask and
-    # the union's needs_mask flag (else the 2D slot tile and per-step reductions).
-    "qo_member": "bits", "dq_bits": True,
     "kv_rows": 128, "kv_warps": 8, "kv_stages": 2, "kv_cpp": 4,  # kv-outer forward (chunks/program)
     "dq_rows": 128, "dq_keys": 64, "dq_warps": 8, "dq_stages": 2,  # query-outer dq
     "dkdv_rows": 32, "dkdv_keys": 128, "dkdv_warps": 8, "dkdv_stages": 2,  # dk/dv owners (keys each)
     "dkdv_dq_rows": 32,  # rows of the dk/dv owners that also write dq partials (kv_outer)
+    # Fused backward on shared selections (dq added atomically by the dk/dv owners, S/P/dS computed
+    # once instead of again in the dq kernel). Off until measured against the split path on the H200
+    # (benchmarks/attention.py times both); rows/keys of its owners as the split dk/dv owners'.
+    "bwd_fused": False, "fused_rows": 32, "fused_keys": 128,
     "cb_rows": 32, "cb_warps": 4,                       # slot combine / sum
     # auto: query_outer while it computes fewer than this many blocks per needed (query, block) pair.
-    # H200 (notes, session 3): query_outer's forward costs ~5.5 ms (tsfm) / ~22 ms (paper) per unit of
+    # query_outer's forward costs ~5.5 ms (tsfm) / ~22 ms (paper) per unit of
     # waste at 128K, kv_outer's a flat ~17.5 / ~67 ms: break-even ~3.0-3.2. Backward: query_outer
     # 29.8 / 34.6 ms at waste 1 / 1.56 against kv_outer's 34.2-34.5 (tsfm; paper 111 / 128 vs 129).
     "auto_waste_fwd": 3.0, "auto_waste_bwd": 1.5,
 }
-
-
-_MEMBER = {"slots": 0, "unrolled": 1, "bits": 2}
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -102,59 +96,46 @@ def _store_rows(X, row, row_ok, d, val, D: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _key_block(KTime, t_base, L, blk, j, BSZ: tl.constexpr, BS: tl.constexpr):
-    """Positions ``[BS]`` of the keys ``j`` of block ``blk``, their validity and time ids (padding
+def _key_block(KTime, t_base, L, blk, j, BS: tl.constexpr, BSP: tl.constexpr):
+    """Positions ``[BSP]`` of the keys ``j`` of block ``blk``, their validity and time ids (padding
     and out-of-range keys get INT32_MAX, so no query sees them)."""
-    kpos = blk * BSZ + j
+    kpos = blk * BS + j
     k_ok = kpos < L
-    if BS != BSZ:
-        k_ok = k_ok & (j < BSZ)
+    if BSP != BS:
+        k_ok = k_ok & (j < BS)
     kt = tl.load(KTime + t_base + kpos, mask=k_ok, other=_I32_MAX)
     return kpos, k_ok, kt
 
 
 @triton.jit
-def _needs_mask(kt, k_ok, qt_min, member_min):
-    # The token mask is skipped when every key of the block exists and is visible to every row and
-    # every row chose the block (the common case off the diagonal); it costs ALU work per score.
-    return (tl.max(kt, axis=0) > qt_min) | (tl.min(k_ok.to(tl.int32), axis=0) == 0) | (member_min == 0)
+def _needs_mask(kt, k_ok, qt_min):
+    # The token mask is skipped when every key of the block exists and is visible to every row (the
+    # common case off the diagonal); it costs ALU work per score.
+    return (tl.max(kt, axis=0) > qt_min) | (tl.min(k_ok.to(tl.int32), axis=0) == 0)
 
 
 # --------------------------------------------------------------------------------------------
 # Forward, query-outer
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _qo_update(s, vb, e, wptr, qsh, j0, m_i, l_i, acc, qt, sel_row, row_ok, KTime, t_base, L, KS, qk_scale2,
-               BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr,
-               MEMBER: tl.constexpr, KP: tl.constexpr):
+def _qo_update(s, vb, e, wptr, qsh, j0, m_i, l_i, acc, qt, row_ok, KTime, t_base, L, qk_scale2,
+               BS: tl.constexpr, BSP: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr):
     """Online-softmax step on raw scores ``s [ROWS, BN]`` of keys ``j0 + [0, BN)`` of the block of
     union entry ``e`` (block * 2 + needs_mask); the mask runs only where the union kernel flagged it."""
     blk = e >> 1
     if (e & 1) != 0:
         j = j0 + tl.arange(0, BN)
-        kpos, k_ok, kt = _key_block(KTime, t_base, L, blk, j, BSZ, BS)
+        kpos, k_ok, kt = _key_block(KTime, t_base, L, blk, j, BS, BSP)
         # Membership as 1D row vectors: a 2D [ROWS, KP] selection tile here made the compiler run the
         # whole softmax in its layout (a shared-memory round trip of the score tile every step).
-        if MEMBER == 2:
-            # "bits": one word per entry from the union kernel, bit q = query q of the tile chose it.
-            # Loaded here, inside the masked branch: a load at the loop top gets software-pipelined
-            # (cp.async + waits every step) and ran 20-40% slower (notes, session 3). The local sm_90
-            # compile spills (254 registers + 344 B stack, the slot variants 247-248 and none), yet
-            # this is the fastest variant measured.
-            member = (tl.load(wptr, mask=row_ok, other=0) >> qsh) & 1
-        elif MEMBER == 1:
-            # "unrolled": the rows' KP slots by independent loads, all in flight together.
-            member = tl.zeros([ROWS], tl.int32)
-            for slot in tl.static_range(0, KP):
-                ok = row_ok & ((tl.zeros([ROWS], tl.int32) + slot) < KS)  # a block: the interpreter
-                member = member | (tl.load(sel_row + slot, mask=ok, other=-1) == blk).to(tl.int32)
-        else:
-            # "slots": KS loads in a runtime loop, one after another (session 2).
-            member = tl.zeros([ROWS], tl.int32)
-            for slot in range(0, KS):
-                member = member | (tl.load(sel_row + slot, mask=row_ok, other=-1) == blk).to(tl.int32)
+        # One word per entry from the union kernel, bit q = query q of the tile chose it. Loaded
+        # here, inside the masked branch: a load at the loop top gets software-pipelined (cp.async +
+        # waits every step) and ran 20-40% slower. Against per-slot loads of the rows' selections it
+        # measured 8.99 ms vs 11.46 (unrolled loads) and 12.34 (a loop of loads) on tsfm pool 128K,
+        # 34.9 vs 44.4 and 39.4 on paper pool.
+        member = (tl.load(wptr, mask=row_ok, other=0) >> qsh) & 1
         # One compare per score: membership folded into the row's time (-1 sees nothing), missing keys
-        # already read as INT32_MAX (three 2D ANDs before; the slots path went 13.4 -> 12.3 ms).
+        # already read as INT32_MAX (against three 2D ANDs: 13.4 -> 12.3 ms, tsfm pool 128K).
         qt_eff = tl.where(member > 0, tl.minimum(qt, 2147483646), -1)
         s = tl.where(kt[None, :] <= qt_eff[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale2)  # log2 units
@@ -169,14 +150,12 @@ def _qo_update(s, vb, e, wptr, qsh, j0, m_i, l_i, acc, qt, sel_row, row_ok, KTim
 @triton.jit
 def _fwd_query_outer_kernel(
     Q, K, V, Out, Lse,  # q/out [B, Hq, L, D], k/v [B, G, L, D], lse [B, Hq, L] fp32
-    BlockIdx,  # [B, G, L, KS] int32
     Union, UnionCount,  # [B*G, NT, UW] int32 union entries (block * 2 + needs_mask), [B*G, NT] int32
     Bits,  # [B*G, NT, UW, NW] int32: bit q % 32 of word q // 32 = query q of the tile chose the entry
     QTime, KTime,  # [B, L] int32
-    L, G, Hq, R, KS, NT, UW, qk_scale2, NKV,  # NKV = B * G * L rows of k/v
-    D: tl.constexpr, BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-    TQ: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
-    MEMBER: tl.constexpr, NW: tl.constexpr,
+    L, G, Hq, R, NT, UW, qk_scale2, NKV,  # NKV = B * G * L rows of k/v
+    D: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+    TQ: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, NW: tl.constexpr,
 ):
     ROWS: tl.constexpr = TQ * RP
     tile = tl.program_id(0)
@@ -192,7 +171,6 @@ def _fwd_query_outer_kernel(
     bh_row = (b * Hq + g * R + h).to(tl.int64) * L + qpos  # [ROWS] row of q/out/lse
     q = _load_rows(Q, bh_row, row_ok, d, D, DP)  # [ROWS, DP]
     qt = tl.load(QTime + b * L + qpos, mask=row_ok, other=-1)  # padding rows see no key
-    sel_row = BlockIdx + (bg.to(tl.int64) * L + qpos) * KS  # [ROWS] pointers to the rows' slots
     qsh = (r % TQ) % 32  # bit of the row's query in its membership word
     qword = (r % TQ) // 32
 
@@ -210,22 +188,22 @@ def _fwd_query_outer_kernel(
         blk = e >> 1
         wptr = Bits + (u_base + it) * NW + qword  # [ROWS] pointers to the rows' membership words
         # BN keys at a time: [ROWS, BN] score tiles keep the registers in bounds.
-        for sub in tl.static_range(0, BS // BN):
+        for sub in tl.static_range(0, BSP // BN):
             if TMA:
-                row = (kv_row0 + blk * BSZ + sub * BN).to(tl.int32)
+                row = (kv_row0 + blk * BS + sub * BN).to(tl.int32)
                 kb = k_desc.load([row, 0])  # rows past the tensor read as zeros, others are masked
                 vb = v_desc.load([row, 0])
             else:
                 j = sub * BN + tl.arange(0, BN)
-                kpos = blk * BSZ + j
+                kpos = blk * BS + j
                 k_ok = kpos < L
-                if BS != BSZ:
-                    k_ok = k_ok & (j < BSZ)
+                if BSP != BS:
+                    k_ok = k_ok & (j < BS)
                 kb = _load_rows(K, kv_row0 + kpos, k_ok, d, D, DP)  # [BN, DP]
                 vb = _load_rows(V, kv_row0 + kpos, k_ok, d, D, DP)
             s = _dot(q, tl.trans(kb), IEEE)  # [ROWS, BN], raw logits
-            m_i, l_i, acc = _qo_update(s, vb, e, wptr, qsh, sub * BN, m_i, l_i, acc, qt, sel_row, row_ok,
-                                       KTime, b * L, L, KS, qk_scale2, BSZ, BS, BN, ROWS, IEEE, MEMBER, KP)
+            m_i, l_i, acc = _qo_update(s, vb, e, wptr, qsh, sub * BN, m_i, l_i, acc, qt, row_ok,
+                                       KTime, b * L, L, qk_scale2, BS, BSP, BN, ROWS, IEEE)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
@@ -317,7 +295,7 @@ def _fwd_kv_outer_kernel(
     ChunkKey, ChunkStart, ChunkLen, NChunks,  # [C] int32: bg * NB + block, first pair, pairs; [1] int32
     PairEntry,  # [P] int32: q_local * KS + slot, grouped by block
     L, L0, LS, G, Hq, R, KS, NB, qk_scale2,
-    D: tl.constexpr, BSZ: tl.constexpr, BS: tl.constexpr, DP: tl.constexpr, TQ: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, DP: tl.constexpr, TQ: tl.constexpr,
     RP: tl.constexpr, CPP: tl.constexpr, IEEE: tl.constexpr,
 ):
     ROWS: tl.constexpr = TQ * RP
@@ -325,7 +303,7 @@ def _fwd_kv_outer_kernel(
     h = r // TQ
     i = r % TQ
     d = tl.arange(0, DP)
-    j = tl.arange(0, BS)
+    j = tl.arange(0, BSP)
     n_chunks = tl.load(NChunks)
     c_begin = tl.program_id(0) * CPP
     c_end = tl.minimum(c_begin + CPP, n_chunks)
@@ -347,11 +325,11 @@ def _fwd_kv_outer_kernel(
         qt = tl.load(QTime + b * L + qpos, mask=row_ok, other=-1)
         qt_min = tl.min(tl.where(row_ok, qt, _I32_MAX), axis=0)
 
-        kpos, k_ok, kt = _key_block(KTime, b * L, L, blk, j, BSZ, BS)
+        kpos, k_ok, kt = _key_block(KTime, b * L, L, blk, j, BS, BSP)
         kb = _load_rows(K, bg.to(tl.int64) * L + kpos, k_ok, d, D, DP)
         vb = _load_rows(V, bg.to(tl.int64) * L + kpos, k_ok, d, D, DP)
         s = _dot(q, tl.trans(kb), IEEE) * qk_scale2
-        if _needs_mask(kt, k_ok, qt_min, 1):
+        if _needs_mask(kt, k_ok, qt_min):
             s = tl.where((kt[None, :] <= qt[:, None]) & k_ok[None, :], s, float("-inf"))
         m = tl.max(s, axis=1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -419,11 +397,10 @@ def _slot_reduce_kernel(
 @triton.jit
 def _bwd_dq_query_outer_kernel(
     Q, K, V, DO, Lse, Delta, DQ,  # q/do/dq [B, Hq, L, D], k/v [B, G, L, D], lse/delta [B, Hq, L] fp32
-    BlockIdx, Union, UnionCount, Bits, QTime, KTime,
-    L, G, Hq, R, KS, NT, UW, qk_scale2, scale,
-    D: tl.constexpr, BSZ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-    TQ: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr,
-    BITS: tl.constexpr, NW: tl.constexpr,
+    Union, UnionCount, Bits, QTime, KTime,
+    L, G, Hq, R, NT, UW, qk_scale2, scale,
+    D: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+    TQ: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr, NW: tl.constexpr,
 ):
     ROWS: tl.constexpr = TQ * RP
     tile = tl.program_id(0)
@@ -442,13 +419,8 @@ def _bwd_dq_query_outer_kernel(
     lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # empty rows: every p is masked to 0 anyway
     delta = tl.load(Delta + bh_row, mask=row_ok, other=0.0)
     qt = tl.load(QTime + b * L + qpos, mask=row_ok, other=-1)
-    qt_min = tl.min(tl.where(row_ok, qt, _I32_MAX), axis=0)
     qsh = (r % TQ) % 32
     qword = (r % TQ) // 32
-    if not BITS:
-        kk = tl.arange(0, KP)
-        sel = tl.load(BlockIdx + (bg.to(tl.int64) * L + qpos)[:, None] * KS + kk[None, :],
-                      mask=row_ok[:, None] & (kk < KS)[None, :], other=-1)
 
     kv_row0 = bg.to(tl.int64) * L
     dq = tl.zeros([ROWS, DP], tl.float32)
@@ -457,30 +429,24 @@ def _bwd_dq_query_outer_kernel(
     for it in range(0, n_union):
         e = tl.load(Union + u_base + it)  # union entries are block * 2 + needs_mask
         blk = e >> 1
-        if BITS:
-            # Membership from the union's query bitmask; the mask runs only on flagged entries (the
-            # flag covers membership, partial blocks and time; padded heads have zero dO, so ds = 0).
-            if NW == 1:
-                wb = tl.load(Bits + u_base + it) + tl.zeros([ROWS], tl.int32)
-            else:
-                wb = tl.load(Bits + (u_base + it) * NW + qword)
-            member = (wb >> qsh) & 1
-            flagged = (e & 1) != 0
+        # Membership from the union's query bitmask; the mask runs only on flagged entries (the flag
+        # covers membership, partial blocks and time; padded heads have zero dO, so ds = 0). Against a
+        # [ROWS, KP] slot tile with per-step reductions: 29.71 vs 30.85 ms backward, tsfm tile-shared 128K.
+        if NW == 1:
+            wb = tl.load(Bits + u_base + it) + tl.zeros([ROWS], tl.int32)
         else:
-            member = tl.max((sel == blk).to(tl.int32), axis=1)
-            member_min = tl.min(tl.where(row_ok, member, 1), axis=0)
-        for sub in tl.static_range(0, BS // BN):
+            wb = tl.load(Bits + (u_base + it) * NW + qword)
+        member = (wb >> qsh) & 1
+        flagged = (e & 1) != 0
+        for sub in tl.static_range(0, BSP // BN):
             j = sub * BN + tl.arange(0, BN)
-            kpos, k_ok, kt = _key_block(KTime, b * L, L, blk, j, BSZ, BS)
+            kpos, k_ok, kt = _key_block(KTime, b * L, L, blk, j, BS, BSP)
             kb = _load_rows(K, kv_row0 + kpos, k_ok, d, D, DP)
             vb = _load_rows(V, kv_row0 + kpos, k_ok, d, D, DP)
             s = _dot(q, tl.trans(kb), IEEE) * qk_scale2
             p = tl.exp2(s - lse2[:, None])
             # Keys past L have zero K rows, so they add nothing to dq even where unmasked.
-            if BITS:
-                if flagged:
-                    p = tl.where((member[:, None] > 0) & (kt[None, :] <= qt[:, None]), p, 0.0)
-            elif _needs_mask(kt, k_ok, qt_min, member_min):
+            if flagged:
                 p = tl.where((member[:, None] > 0) & (kt[None, :] <= qt[:, None]), p, 0.0)
             dp = _dot(do, tl.trans(vb), IEEE)
             ds = p * (dp - delta[:, None])
@@ -495,17 +461,20 @@ def _bwd_dq_query_outer_kernel(
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta,  # as in the dq kernel
     DK, DV,  # [B, G, L, D] fp32 accumulators
-    PartDQ,  # [B, Hq, LS, KS, D] per-slot dq partials (written when WRITE_DQ)
+    DQOut,  # DQ_MODE 1: [B, Hq, LS, KS, D] per-slot dq partials; 2: [B, Hq, L, D] fp32, atomic adds
     QTime, KTime,
     Order,  # [B*G*NB] int32: block keys, heaviest first (the launch order is the schedule)
     Offsets,  # [B*G*NB + 1] int32: CSR offsets into PairEntry
     PairEntry,  # [P] int32: q_local * KS + slot
     L, L0, LS, G, Hq, R, KS, NB, qk_scale2, scale,
-    D: tl.constexpr, BSZ: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, TQ: tl.constexpr,
-    RP: tl.constexpr, WRITE_DQ: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr, TQ: tl.constexpr,
+    RP: tl.constexpr, DQ_MODE: tl.constexpr, ACCUM: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """DQ_MODE 0: dk/dv only (dq by the query-outer kernel); 1: also per-slot dq partials (one
+    program per whole block); 2: also dq, added atomically in fp32 (the fused backward: S, P and dS
+    computed once for dq, dk and dv)."""
     ROWS: tl.constexpr = TQ * RP
-    SPLIT: tl.constexpr = (BSZ + BN - 1) // BN  # programs per block, BN keys each
+    SPLIT: tl.constexpr = (BS + BN - 1) // BN  # programs per block, BN keys each
     pid = tl.program_id(0)
     key = tl.load(Order + pid // SPLIT)
     bg = key // NB
@@ -517,8 +486,8 @@ def _bwd_dkdv_kernel(
 
     d = tl.arange(0, DP)
     jj = (pid % SPLIT) * BN + tl.arange(0, BN)  # keys of the block this program owns
-    kpos = blk * BSZ + jj
-    k_ok = (kpos < L) & (jj < BSZ)
+    kpos = blk * BS + jj
+    k_ok = (kpos < L) & (jj < BS)
     kt = tl.load(KTime + b * L + kpos, mask=k_ok, other=_I32_MAX)
     kv_row = bg.to(tl.int64) * L + kpos
     kb = _load_rows(K, kv_row, k_ok, d, D, DP)  # [BN, DP]
@@ -554,9 +523,15 @@ def _bwd_dkdv_kernel(
         dpt = _dot(vb, tl.trans(do), IEEE)  # [BN, ROWS]
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, IEEE)
-        if WRITE_DQ:
+        if DQ_MODE == 1:
             dq = _dot(tl.trans(dst).to(kb.dtype), kb, IEEE) * scale  # [ROWS, DP]
-            _store_rows(PartDQ, (bh * LS + ql) * KS + entry % KS, row_ok, d, dq, D, DP)
+            _store_rows(DQOut, (bh * LS + ql) * KS + entry % KS, row_ok, d, dq, D, DP)
+        elif DQ_MODE == 2:
+            dq = _dot(tl.trans(dst).to(kb.dtype), kb, IEEE) * scale  # [ROWS, DP]
+            dq_mask = row_ok[:, None]
+            if D != DP:
+                dq_mask = dq_mask & (d < D)[None, :]
+            tl.atomic_add(DQOut + bh_row[:, None] * D + d[None, :], dq, mask=dq_mask, sem="relaxed")
 
     dk = dk * scale
     out_ok = k_ok
@@ -619,47 +594,6 @@ def _build_union(block_idx, tq, q_time=None, k_time=None, block_size=None):
     return union, count, bits
 
 
-def _block_csr(block_idx: torch.Tensor, nb: int):
-    """Invert ``block_idx [B, G, Ls, K]`` (a query segment) into per-(batch, group, block) lists.
-
-    Returns ``pair_entry [B*G*Ls*K]`` int32 (``q_local * K + slot``, grouped by block key
-    ``bg * nb + block``, queries ascending inside a block; entries past the valid ones are unused)
-    and ``offsets [B*G*nb + 1]`` int32 (CSR offsets).
-    """
-    batch, groups, seg_len, slots = block_idx.shape
-    n_bg = batch * groups
-    flat = block_idx.reshape(n_bg, seg_len * slots)
-    bg = torch.arange(n_bg, device=flat.device, dtype=torch.int32)[:, None]
-    key = torch.where(flat >= 0, bg * nb + flat, n_bg * nb).reshape(-1)  # empty slots sort last
-    sorted_key, order = torch.sort(key, stable=True)
-    # int32 while the sizes fit (the kernels take either): 2^31 pairs are reached by all-block
-    # selections at long L (e.g. B*G*L*K = 4 * 128K * 4096).
-    entry_dtype = torch.int32 if seg_len * slots < INDEX32_LIMIT else torch.int64
-    pair_entry = (order % (seg_len * slots)).to(entry_dtype)
-    bounds = torch.arange(n_bg * nb + 1, device=flat.device, dtype=torch.int32)
-    offsets = torch.searchsorted(sorted_key, bounds, out_int32=key.numel() < INDEX32_LIMIT)
-    return pair_entry, offsets
-
-
-def _chunks(offsets: torch.Tensor, per_chunk: int, max_pairs: int):
-    """Cut each block's pair list into chunks of at most ``per_chunk`` pairs.
-
-    Returns ``key, start, length [C]`` int32 with ``C`` an upper bound known on the host (no sync),
-    and ``n_chunks [1]`` int32, the real count (the kernel loops only that far).
-    """
-    counts = offsets[1:] - offsets[:-1]  # [B*G*NB]
-    n_keys = counts.numel()
-    per_block = (counts + per_chunk - 1) // per_chunk
-    ends = torch.cumsum(per_block, 0, dtype=torch.int32)
-    cap = triton.cdiv(max_pairs, per_chunk) + n_keys
-    c = torch.arange(cap, device=offsets.device, dtype=torch.int32)
-    key = torch.searchsorted(ends, c, right=True, out_int32=True).clamp_(max=n_keys - 1)
-    index = c - (ends[key] - per_block[key])
-    start = offsets[key] + index * per_chunk
-    length = (counts[key] - index * per_chunk).clamp(0, per_chunk)
-    return key, start, length, ends[-1:].contiguous()
-
-
 def _segment_len(batch, heads, seq_len, slots, head_dim, elem) -> int:
     per_query = batch * heads * slots * head_dim * elem
     return max(1, min(seq_len, _PARTIAL_BYTES // max(per_query, 1)))
@@ -675,7 +609,7 @@ class _Shape:
         self.KS = block_idx.shape[-1]
         self.bs = block_size
         self.NB = triton.cdiv(self.L, block_size)
-        self.BS = _pow2(block_size)
+        self.BSP = _pow2(block_size)
         self.DP = _pow2(self.D)
         self.RP = triton.next_power_of_2(self.R)
         self.KP = triton.next_power_of_2(self.KS)
@@ -697,14 +631,18 @@ def _use_tma(q, sh: _Shape, bn: int) -> bool:
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
-    if sh.D != sh.DP or q.element_size() != 2 or bn < 16 or sh.BS != sh.bs or sh.B * sh.G * sh.L >= 2**31:
+    if sh.D != sh.DP or q.element_size() != 2 or bn < 16 or sh.BSP != sh.bs or sh.B * sh.G * sh.L >= 2**31:
         return False  # (TMA row coordinates are 32-bit)
     triton.set_allocator(_tma_alloc)  # device-side descriptors need a small global scratch
     return True
 
 
 def _union_waste(block_idx, union_count, tq) -> float:
-    """Blocks computed by query_outer per valid (query, block) pair (1.0 = no waste). Syncs."""
+    """Blocks computed by query_outer per valid (query, block) pair (1.0 = no waste).
+
+    One host sync, kept on purpose: the answer decides which kernels are launched. Deciding on the
+    device instead means building both schedules and launching both paths with an early exit; the
+    kv_outer CSR alone costs 0.65-0.76 ms at 128K (H200), far more than the sync's launch bubble."""
     valid = int((block_idx >= 0).sum())
     return float(union_count.sum()) * tq / max(valid, 1)
 
@@ -736,15 +674,15 @@ def _forward(q, k, v, block_idx, q_time, k_time, block_size, scale, variant):
         union, count, bits = sched
         tq = sh.tq(CONFIG["qo_rows"])
         nt = triton.cdiv(sh.L, tq)
-        bn, stages = min(sh.BS, CONFIG["qo_keys"]), CONFIG["qo_stages"]
+        bn, stages = min(sh.BSP, CONFIG["qo_keys"]), CONFIG["qo_stages"]
         tma = _use_tma(q, sh, bn)
-        if not tma:  # pointer loads (fp32, odd shapes, pre-Hopper): 128-key steps spill (notes, run 2)
+        if not tma:  # pointer loads (fp32, odd shapes, pre-Hopper): 128-key steps spill
             bn, stages = min(bn, 64), min(stages, 2)
         _fwd_query_outer_kernel[(nt, sh.B * sh.G)](
-            q, k, v, out, lse, block_idx, union, count, bits, q_time, k_time,
-            sh.L, sh.G, sh.Hq, sh.R, sh.KS, nt, union.shape[-1], qk_scale2, sh.B * sh.G * sh.L,
-            D=sh.D, BSZ=sh.bs, BS=sh.BS, BN=bn, DP=sh.DP, TQ=tq, RP=sh.RP,
-            KP=sh.KP, IEEE=sh.ieee, TMA=tma, MEMBER=_MEMBER[CONFIG["qo_member"]], NW=bits.shape[-1],
+            q, k, v, out, lse, union, count, bits, q_time, k_time,
+            sh.L, sh.G, sh.Hq, sh.R, nt, union.shape[-1], qk_scale2, sh.B * sh.G * sh.L,
+            D=sh.D, BS=sh.bs, BSP=sh.BSP, BN=bn, DP=sh.DP, TQ=tq, RP=sh.RP,
+            IEEE=sh.ieee, TMA=tma, NW=bits.shape[-1],
             num_warps=CONFIG["qo_warps"], num_stages=stages)
         return out, lse
 
@@ -757,12 +695,12 @@ def _forward(q, k, v, block_idx, q_time, k_time, block_size, scale, variant):
     for l0 in range(0, sh.L, seg):
         ls = min(seg, sh.L - l0)
         sel = block_idx[:, :, l0:l0 + ls]
-        pair_entry, offsets = _block_csr(sel, sh.NB)
-        c_key, c_start, c_len, n_chunks = _chunks(offsets, tq, pair_entry.numel())
+        pair_entry, offsets = block_csr(sel, sh.NB)
+        c_key, c_start, c_len, n_chunks, _ = chunks(offsets, tq, pair_entry.numel())
         _fwd_kv_outer_kernel[(triton.cdiv(c_key.numel(), cpp),)](
             q, k, v, part_o, part_lse, q_time, k_time, c_key, c_start, c_len, n_chunks, pair_entry,
             sh.L, l0, seg, sh.G, sh.Hq, sh.R, sh.KS, sh.NB, qk_scale2,
-            D=sh.D, BSZ=sh.bs, BS=sh.BS, DP=sh.DP, TQ=tq, RP=sh.RP, CPP=cpp, IEEE=sh.ieee,
+            D=sh.D, BS=sh.bs, BSP=sh.BSP, DP=sh.DP, TQ=tq, RP=sh.RP, CPP=cpp, IEEE=sh.ieee,
             num_warps=CONFIG["kv_warps"], num_stages=CONFIG["kv_stages"])
         _slot_reduce_kernel[(triton.cdiv(ls, bq), sh.B * sh.Hq)](
             part_o, part_lse, block_idx, out, lse, sh.L, l0, seg, ls, sh.G, sh.Hq, sh.R, sh.KS,
@@ -779,46 +717,54 @@ def _backward(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_si
         delta = delta - dlse.float()
     delta = delta.contiguous()
     variant, sched = _pick_variant(variant, block_idx, sh, "bwd", q_time, k_time)
-    write_dq = variant == "kv_outer"
+    # dq: per-slot partials summed afterwards (kv_outer), atomic fp32 adds from the dk/dv owners
+    # (fused, on shared selections), or a separate query-outer kernel (split).
+    dq_mode = 1 if variant == "kv_outer" else 2 if CONFIG["bwd_fused"] else 0
 
     dq = torch.empty_like(q)
     dk32 = torch.empty(k.shape, device=k.device, dtype=torch.float32)
     dv32 = torch.empty(v.shape, device=v.device, dtype=torch.float32)
-    if write_dq:
+    seg = sh.L
+    if dq_mode == 1:
         seg = _segment_len(sh.B, sh.Hq, sh.L, sh.KS, sh.D, q.element_size())
-        part_dq = torch.empty(sh.B, sh.Hq, seg, sh.KS, sh.D, device=q.device, dtype=q.dtype)
+        dq_out = torch.empty(sh.B, sh.Hq, seg, sh.KS, sh.D, device=q.device, dtype=q.dtype)
+        # Per-slot dq partials need one program per whole block (a key split would write each
+        # partial twice); fewer rows keep that variant's registers in bounds.
+        tq, bn = sh.tq(CONFIG["dkdv_dq_rows"]), sh.BSP
+    elif dq_mode == 2:
+        dq_out = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        tq, bn = sh.tq(CONFIG["fused_rows"]), min(sh.BSP, CONFIG["fused_keys"])
     else:
-        seg, part_dq = sh.L, dq  # placeholder pointer, never written
-    # Per-slot dq partials need one program per whole block (a key split would write each partial
-    # twice); fewer rows keep that variant's registers in bounds.
-    tq = sh.tq(CONFIG["dkdv_dq_rows"] if write_dq else CONFIG["dkdv_rows"])
-    bn = sh.BS if write_dq else min(sh.BS, CONFIG["dkdv_keys"])
+        dq_out = dq  # placeholder pointer, never written
+        tq, bn = sh.tq(CONFIG["dkdv_rows"]), min(sh.BSP, CONFIG["dkdv_keys"])
     for l0 in range(0, sh.L, seg):
         ls = min(seg, sh.L - l0)
-        pair_entry, offsets = _block_csr(block_idx[:, :, l0:l0 + ls], sh.NB)
+        pair_entry, offsets = block_csr(block_idx[:, :, l0:l0 + ls], sh.NB)
         # Heaviest blocks first, so a popular block's long loop starts early (LPT order).
         order = torch.argsort(offsets[1:] - offsets[:-1], descending=True).to(torch.int32)
         _bwd_dkdv_kernel[(order.numel() * triton.cdiv(sh.bs, bn),)](
-            q, k, v, dout, lse, delta, dk32, dv32, part_dq, q_time, k_time, order, offsets, pair_entry,
+            q, k, v, dout, lse, delta, dk32, dv32, dq_out, q_time, k_time, order, offsets, pair_entry,
             sh.L, l0, seg, sh.G, sh.Hq, sh.R, sh.KS, sh.NB, qk_scale2, scale,
-            D=sh.D, BSZ=sh.bs, BN=bn, DP=sh.DP, TQ=tq, RP=sh.RP, WRITE_DQ=write_dq, ACCUM=l0 > 0, IEEE=sh.ieee,
+            D=sh.D, BS=sh.bs, BN=bn, DP=sh.DP, TQ=tq, RP=sh.RP, DQ_MODE=dq_mode, ACCUM=l0 > 0, IEEE=sh.ieee,
             num_warps=CONFIG["dkdv_warps"], num_stages=CONFIG["dkdv_stages"])
-        if write_dq:
+        if dq_mode == 1:
             bq = CONFIG["cb_rows"]
             _slot_reduce_kernel[(triton.cdiv(ls, bq), sh.B * sh.Hq)](
-                part_dq, part_dq, block_idx, dq, lse, sh.L, l0, seg, ls, sh.G, sh.Hq, sh.R, sh.KS,
+                dq_out, dq_out, block_idx, dq, lse, sh.L, l0, seg, ls, sh.G, sh.Hq, sh.R, sh.KS,
                 D=sh.D, BQ=bq, DP=sh.DP, LSE_MERGE=False, num_warps=CONFIG["cb_warps"])
-    if not write_dq:
+    if dq_mode == 2:
+        dq = dq_out.to(q.dtype)
+    if dq_mode == 0:
         tq = sh.tq(CONFIG["dq_rows"])
         if sched is None or sched[0].shape[1] != triton.cdiv(sh.L, tq):  # other tile size
             sched = _build_union(block_idx, tq, q_time, k_time, sh.bs)
         union, count, bits = sched
         nt = triton.cdiv(sh.L, tq)
         _bwd_dq_query_outer_kernel[(nt, sh.B * sh.G)](
-            q, k, v, dout, lse, delta, dq, block_idx, union, count, bits, q_time, k_time,
-            sh.L, sh.G, sh.Hq, sh.R, sh.KS, nt, union.shape[-1], qk_scale2, scale,
-            D=sh.D, BSZ=sh.bs, BS=sh.BS, BN=min(sh.BS, CONFIG["dq_keys"]), DP=sh.DP, TQ=tq, RP=sh.RP,
-            KP=sh.KP, IEEE=sh.ieee, BITS=bool(CONFIG["dq_bits"]), NW=bits.shape[-1],
+            q, k, v, dout, lse, delta, dq, union, count, bits, q_time, k_time,
+            sh.L, sh.G, sh.Hq, sh.R, nt, union.shape[-1], qk_scale2, scale,
+            D=sh.D, BS=sh.bs, BSP=sh.BSP, BN=min(sh.BSP, CONFIG["dq_keys"]), DP=sh.DP, TQ=tq, RP=sh.RP,
+            IEEE=sh.ieee, NW=bits.shape[-1],
             num_warps=CONFIG["dq_warps"], num_stages=CONFIG["dq_stages"])
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
@@ -887,7 +833,8 @@ def sparse_attention_triton(
     variant: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`reference.sparse_attention_reference`: ``(out [B, Hq, L, D], lse
-    [B, Hq, L] float32)``, differentiable in q, k, v (deterministic backward, no atomics).
+    [B, Hq, L] float32)``, differentiable in q, k, v (the backward is deterministic unless
+    ``CONFIG["bwd_fused"]`` adds dq atomically).
 
     ``variant``: ``"query_outer"``, ``"kv_outer"`` or ``"auto"`` (query_outer when the queries of a
     tile mostly share their blocks, measured on ``block_idx``; this check syncs with the host).

@@ -154,24 +154,28 @@ def test_kl_small_blocks_group_major_sensor():
 
 @needs_cpu_interp
 def test_kl_int64_schedule(monkeypatch):
-    """The int64 schedule (entry positions and item bounds past 2^31, here forced by lowering the
-    limit) gives the same loss and gradients; entry positions index block_idx in flat order."""
+    """The int64 work list (entries and chunk bounds past 2^31, here forced by lowering the limit)
+    gives the same loss and gradients; every valid entry of block_idx sits once under its own
+    (b, block, g) chunk."""
     import tsfm_msa.kernels.indexer_kl_triton as klt
+    import tsfm_msa.kernels.worklist as worklist
 
     args = _problem(2, 2, 1, 29, 16, 16, 8, 2, torch.float32, share=2, pad_tail=5, pattern="random", seed=40)
-    block_idx = args[2]
-    items32, rows32, off32 = klt._schedule(block_idx, 29, 8, 16)
-    monkeypatch.setattr(klt, "INDEX32_LIMIT", 1)
-    items, rows, off = klt._schedule(block_idx, 29, 8, 16)
-    assert items.dtype == rows.dtype == torch.int64 and items32.dtype == rows32.dtype == torch.int32
-    assert torch.equal(items, items32.long()) and torch.equal(rows, rows32.long()) and torch.equal(off, off32)
-    # every valid entry appears once, under its own (b, g, block) item
-    flat = block_idx.reshape(-1)
-    assert torch.equal(rows.sort().values, torch.nonzero(flat >= 0).squeeze(1))
-    for b, g, blk, start, end in items.tolist():
-        pos = rows[start:end]
-        assert (flat[pos] == blk).all()
-        assert (pos // (2 * 29 * 2) == b).all() and ((pos // (29 * 2)) % 2 == g).all()
+    block_idx = args[2]  # [2, 2, 29, 2], blocks of 8: 4 blocks
+    work32, rows32, off32 = klt._schedule(block_idx, 29, 8, 16)
+    monkeypatch.setattr(worklist, "INDEX32_LIMIT", 1)
+    work, rows, off = klt._schedule(block_idx, 29, 8, 16)
+    assert rows.dtype == work[1].dtype == torch.int64 and rows32.dtype == work32[1].dtype == torch.int32
+    assert torch.equal(rows, rows32.long()) and torch.equal(off, off32)
+    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(work, work32))
+    flat = block_idx.reshape(4, 29 * 2)
+    seen = []
+    for key, start, length in zip(*(w.tolist() for w in work)):
+        g, blk, b = key % 2, (key // 2) % 4, key // 2 // 4
+        entries = rows[start:start + length]
+        assert (flat[b * 2 + g, entries] == blk).all()
+        seen += [(b * 2 + g) * 58 + e for e in entries.tolist()]
+    assert sorted(seen) == torch.nonzero(block_idx.reshape(-1) >= 0).squeeze(1).tolist()
     _check(_both(args, 8), atol=1e-5, rtol=1e-5, gtol=1e-4)
 
 

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 from tsfm_msa.kernels import INT32_MAX, KernelInputError, sparse_attention_reference  # noqa: E402
 # The package re-exports the dispatcher function under the module's name: fetch the module itself.
 sa = importlib.import_module("tsfm_msa.kernels.sparse_attention_triton")
+worklist = importlib.import_module("tsfm_msa.kernels.worklist")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 cpu_only = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (CPU, TRITON_INTERPRET=1)")
@@ -171,6 +172,23 @@ def test_matches_reference(case, dtype, variant, monkeypatch):
 
 
 @cpu_only
+@pytest.mark.parametrize("case,dtype", [(0, torch.float32), (1, torch.float32), (2, torch.float16),
+                                        (3, torch.float32), (1, torch.float16)])
+def test_fused_backward_matches_reference(case, dtype, monkeypatch):
+    """The fused backward (dq added atomically by the dk/dv owners) on every case: batch padding,
+    several series one after another (group-major times), empty slots, future blocks hidden by time."""
+    batch, heads, groups, seq_len, dim, bs, k, pattern, layout, causal, rows = CASES[case]
+    monkeypatch.setitem(sa.CONFIG, "bwd_fused", True)
+    monkeypatch.setitem(sa.CONFIG, "qo_rows", rows)
+    monkeypatch.setitem(sa.CONFIG, "fused_rows", rows)
+    for name in ("qo_keys", "fused_keys"):  # 32-token blocks run as two 16-key owners
+        monkeypatch.setitem(sa.CONFIG, name, 16)
+    got, ref = run_case(batch, heads, groups, seq_len, dim, bs, k, pattern, layout, dtype, "query_outer",
+                        "cpu", causal=causal, seed=40 + case, lse_grad=case % 2 == 1)
+    check_close(got, ref, 1e-5 if dtype == torch.float32 else 5e-3)
+
+
+@cpu_only
 @pytest.mark.parametrize("case,dtype,variant", [
     (0, torch.float32, "query_outer"), (0, torch.float32, "kv_outer"), (0, torch.float16, "query_outer"),
     (0, torch.float16, "kv_outer"), (1, torch.float32, "query_outer"), (1, torch.float16, "kv_outer"),
@@ -202,9 +220,9 @@ def test_int64_csr(monkeypatch):
     block_idx exactly and run the kv_outer forward and backward unchanged."""
     gen = torch.Generator().manual_seed(9)
     block_idx = make_block_idx(2, 2, 40, 8, 3, "random", gen, empty=0.2)
-    entry32, off32 = sa._block_csr(block_idx, 5)
-    monkeypatch.setattr(sa, "INDEX32_LIMIT", 1)
-    entry, off = sa._block_csr(block_idx, 5)
+    entry32, off32 = worklist.block_csr(block_idx, 5)
+    monkeypatch.setattr(worklist, "INDEX32_LIMIT", 1)
+    entry, off = worklist.block_csr(block_idx, 5)
     assert entry.dtype == off.dtype == torch.int64 and entry32.dtype == off32.dtype == torch.int32
     assert torch.equal(entry, entry32.long()) and torch.equal(off, off32.long())
     flat = block_idx.reshape(4, 40 * 3)
@@ -217,18 +235,15 @@ def test_int64_csr(monkeypatch):
 
 
 @cpu_only
-@pytest.mark.parametrize("member,dq_bits", [("bits", True), ("unrolled", False), ("slots", True)])
-def test_query_outer_wide_tiles_and_members(member, dq_bits, monkeypatch):
-    """One head a group (64-query tiles: two membership words per union entry) through each
-    membership path of the forward and both of the dq kernel."""
-    monkeypatch.setitem(sa.CONFIG, "qo_member", member)
-    monkeypatch.setitem(sa.CONFIG, "dq_bits", dq_bits)
-    for name in ("qo_rows", "dq_rows"):
-        monkeypatch.setitem(sa.CONFIG, name, 64)
-    for name in ("qo_keys", "dq_keys", "dkdv_keys"):
-        monkeypatch.setitem(sa.CONFIG, name, 16)
-    got, ref = run_case(1, 2, 2, 90, 16, 16, 3, "pool", "causal", torch.float32, "query_outer", "cpu",
-                        seed=11)
+def test_query_outer_wide_tiles():
+    """One head a group: 64-query tiles, so two membership words per union entry in the forward and
+    the dq kernel."""
+    cfg = {"qo_rows": 64, "dq_rows": 64, "qo_keys": 16, "dq_keys": 16, "dkdv_keys": 16}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in cfg.items():
+            mp.setitem(sa.CONFIG, name, value)
+        got, ref = run_case(1, 2, 2, 90, 16, 16, 3, "pool", "causal", torch.float32, "query_outer", "cpu",
+                            seed=11)
     check_close(got, ref, 1e-5)
 
 
@@ -313,14 +328,30 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("variant", ["query_outer", "kv_outer"])
+@pytest.mark.parametrize("variant", ["query_outer", "fused", "kv_outer"])
 @pytest.mark.parametrize("case", range(len(GPU_CASES)))
-def test_gpu_bf16_matches_reference(case, variant):
+def test_gpu_bf16_matches_reference(case, variant, monkeypatch):
     heads, groups, dim, bs, k, pattern = GPU_CASES[case]
+    monkeypatch.setitem(sa.CONFIG, "bwd_fused", variant == "fused")
     got, ref = run_case(1, heads, groups, 8192, dim, bs, k, pattern, "causal", torch.bfloat16,
-                        variant, "cuda", seed=case, empty=0.02)
+                        "kv_outer" if variant == "kv_outer" else "query_outer", "cuda", seed=case, empty=0.02)
     errs = check_close(got, ref, 2e-2)
     print(case, variant, errs)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("variant", ["query_outer", "fused", "kv_outer"])
+@pytest.mark.parametrize("pattern", ["tile_shared", "pool", "random"])
+def test_gpu_bf16_series_layout_and_masks(pattern, variant, monkeypatch):
+    """bf16 on group-major times (several series one after another, time restarting) with masked
+    tokens (time -1 / INT32_MAX, as sensor masks produce), empty slots and batch 2."""
+    monkeypatch.setitem(sa.CONFIG, "bwd_fused", variant == "fused")
+    got, ref = run_case(2, 16, 4, 4096, 128, 128, 16, pattern, "series", torch.bfloat16,
+                        "kv_outer" if variant == "kv_outer" else "query_outer", "cuda", causal=False,
+                        seed=60, empty=0.05, lse_grad=True)
+    errs = check_close(got, ref, 2e-2)
+    print(pattern, variant, errs)
 
 
 @pytest.mark.gpu
