@@ -67,8 +67,8 @@ CONFIG = {
     "bwd_fused": False, "fused_rows": 32, "fused_keys": 128,
     "cb_rows": 32, "cb_warps": 4,                       # slot combine / sum
     # auto: query_outer while it computes fewer than this many blocks per needed (query, block) pair.
-    # query_outer's forward costs ~5.5 ms (tsfm) / ~22 ms (paper) per unit of
-    # waste at 128K, kv_outer's a flat ~17.5 / ~67 ms: break-even ~3.0-3.2. Backward: query_outer
+    # query_outer's forward costs ~5.5 ms (tsfm) / ~22 ms (paper) per unit of waste at 128K,
+    # kv_outer's a flat ~17.5 / ~67 ms: break-even ~3.0-3.2. Backward: query_outer
     # 29.8 / 34.6 ms at waste 1 / 1.56 against kv_outer's 34.2-34.5 (tsfm; paper 111 / 128 vs 129).
     "auto_waste_fwd": 3.0, "auto_waste_bwd": 1.5,
 }
@@ -119,7 +119,7 @@ def _needs_mask(kt, k_ok, qt_min):
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _qo_update(s, vb, e, wptr, qsh, j0, m_i, l_i, acc, qt, row_ok, KTime, t_base, L, qk_scale2,
-               BS: tl.constexpr, BSP: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr):
+               BS: tl.constexpr, BSP: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     """Online-softmax step on raw scores ``s [ROWS, BN]`` of keys ``j0 + [0, BN)`` of the block of
     union entry ``e`` (block * 2 + needs_mask); the mask runs only where the union kernel flagged it."""
     blk = e >> 1
@@ -203,7 +203,7 @@ def _fwd_query_outer_kernel(
                 vb = _load_rows(V, kv_row0 + kpos, k_ok, d, D, DP)
             s = _dot(q, tl.trans(kb), IEEE)  # [ROWS, BN], raw logits
             m_i, l_i, acc = _qo_update(s, vb, e, wptr, qsh, sub * BN, m_i, l_i, acc, qt, row_ok,
-                                       KTime, b * L, L, qk_scale2, BS, BSP, BN, ROWS, IEEE)
+                                       KTime, b * L, L, qk_scale2, BS, BSP, BN, IEEE)
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
