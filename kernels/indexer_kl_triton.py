@@ -89,14 +89,11 @@ def _kl_chunk(
 
 
 @triton.jit
-def _kl_fwd_kernel(
-    key_ptr, start_ptr, len_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, part_ptr,
-    L, KS, G, R, NB, NTOT, scale, iscale,
-    s_qib, s_qig, s_qil, s_kib, s_kil, s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_lb, s_lh,
-    BS: tl.constexpr, BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
-    DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
-):
-    w = tl.program_id(0)
+def _work_block(w, key_ptr, start_ptr, len_ptr, ki_ptr, k_ptr, kt_ptr, L, KS, G, NB, s_kib, s_kil, s_kb, s_kh, s_kl,
+                BS: tl.constexpr, BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
+                DIP: tl.constexpr):
+    """Work item ``w`` of the list (one KV block of one group and its chunk of query rows): its
+    indices, the row range and the block's keys, index keys and key times, loaded once."""
     key = tl.load(key_ptr + w)  # (b * NB + blk) * G + g; chunks past the real ones have length 0
     start = tl.load(start_ptr + w)  # int64 once the entries pass 2^31
     end = start + tl.load(len_ptr + w)
@@ -118,6 +115,21 @@ def _kl_fwd_kernel(
     kiv = tl.load(ki_ptr + b.to(tl.int64) * s_kib + offs_n.to(tl.int64)[:, None] * s_kil + offs_di[None, :],
                   mask=nmask[:, None] & (offs_di < DI)[None, :], other=0.0)
     ktime = tl.load(kt_ptr + b.to(tl.int64) * L + offs_n, mask=nmask, other=2147483647)
+    return b, g, blk, start, end, pos_base, jn, kv, kiv, ktime
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    key_ptr, start_ptr, len_ptr, rows_ptr, qi_ptr, ki_ptr, q_ptr, k_ptr, lse_ptr, qt_ptr, kt_ptr, part_ptr,
+    L, KS, G, R, NB, NTOT, scale, iscale,
+    s_qib, s_qig, s_qil, s_kib, s_kil, s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_lb, s_lh,
+    BS: tl.constexpr, BSP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DI: tl.constexpr,
+    DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
+):
+    w = tl.program_id(0)
+    b, g, blk, start, end, pos_base, jn, kv, kiv, ktime = _work_block(
+        w, key_ptr, start_ptr, len_ptr, ki_ptr, k_ptr, kt_ptr, L, KS, G, NB, s_kib, s_kil, s_kb, s_kh, s_kl,
+        BS, BSP, D, DP, DI, DIP)
     for c0 in range(start, end, TQ):
         p, s, pos, valid, sup, qiv = _kl_chunk(
             c0, end, b, g, blk, pos_base, rows_ptr, qi_ptr, q_ptr, lse_ptr, qt_ptr, kv, kiv, ktime,
@@ -148,27 +160,10 @@ def _kl_bwd_kernel(
     DIP: tl.constexpr, TQ: tl.constexpr, IEEE: tl.constexpr,
 ):
     w = tl.program_id(0)
-    key = tl.load(key_ptr + w)  # (b * NB + blk) * G + g; chunks past the real ones have length 0
-    start = tl.load(start_ptr + w)  # int64 once the entries pass 2^31
-    end = start + tl.load(len_ptr + w)
-    g = key % G
-    blk = (key // G) % NB
-    b = key // G // NB
-    pos_base = (b * G + g).to(tl.int64) * L * KS
-    # Blocks under 16 tokens run in a 16-key tile (tl.dot needs 16): the keys past the block load as
-    # padding (time INT32_MAX), so they are off every row's support.
-    jn = tl.arange(0, BSP)
-    offs_n = blk * BS + jn
-    nmask = offs_n < L
-    if BSP != BS:
-        nmask = nmask & (jn < BS)
-    offs_d = tl.arange(0, DP)
+    b, g, blk, start, end, pos_base, jn, kv, kiv, ktime = _work_block(
+        w, key_ptr, start_ptr, len_ptr, ki_ptr, k_ptr, kt_ptr, L, KS, G, NB, s_kib, s_kil, s_kb, s_kh, s_kl,
+        BS, BSP, D, DP, DI, DIP)
     offs_di = tl.arange(0, DIP)
-    kv = tl.load(k_ptr + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh + offs_n.to(tl.int64)[:, None] * s_kl + offs_d[None, :],
-                 mask=nmask[:, None] & (offs_d < D)[None, :], other=0.0)
-    kiv = tl.load(ki_ptr + b.to(tl.int64) * s_kib + offs_n.to(tl.int64)[:, None] * s_kil + offs_di[None, :],
-                  mask=nmask[:, None] & (offs_di < DI)[None, :], other=0.0)
-    ktime = tl.load(kt_ptr + b.to(tl.int64) * L + offs_n, mask=nmask, other=2147483647)
     coef = tl.load(coef_ptr)
     acc = tl.zeros([BSP, DIP], dtype=tl.float32)
     for c0 in range(start, end, TQ):

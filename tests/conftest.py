@@ -27,3 +27,13 @@ def _seed_every_test(request):
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests: on shared CPUs, OpenMP threads spinning against
+    other jobs make tiny models ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

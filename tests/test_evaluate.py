@@ -30,13 +30,7 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPUs are shared: OpenMP threads spinning against other jobs make tiny models ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _frames(seed: int, n_items: int = 2, length: int = 600):

@@ -22,12 +22,7 @@ GROUPS = {"epf": ["FR", "BE"], "vic_elec": ["target", "past_covariate", "future_
           "pedestrian": None}  # pedestrian: the 4 sensors, named after them
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _compose(*overrides: list[str]):
