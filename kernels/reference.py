@@ -207,7 +207,8 @@ def select_blocks_reference(
                 # Keys ordered token-of-block major ([bs, n]): the max-pool then reduces a non-inner
                 # dim, which vectorizes (about 10x faster than reducing runs of bs on the CPU).
                 keys = ki_blocks[bsl][:, blocks].transpose(1, 2).flatten(1, 2)  # [Bc, bs * n, Di]
-                scores = torch.matmul(qi_f[bsl, :, qsl], keys.transpose(1, 2)[:, None])  # [Bc, G, Lc, bs * n]
+                # .float(): under bf16 autocast matmul returns bf16; the scores stay fp32.
+                scores = torch.matmul(qi_f[bsl, :, qsl], keys.transpose(1, 2)[:, None]).float()  # [Bc, G, Lc, bs * n]
                 if masked:
                     times = key_times[bsl][:, blocks].transpose(1, 2).flatten(1)  # [Bc, bs * n]
                     scores.masked_fill_(times[:, None, None, :] > chunk_q_time[:, None, :, None], neg_inf)

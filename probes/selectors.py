@@ -276,7 +276,8 @@ def moba_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
     def scores(start: int, stop: int) -> torch.Tensor:
         t = q_time[start:stop]  # [c]
         qc = qbar[:, :, start:stop]  # [B, G, c, D]
-        out = torch.einsum("bgqd,bgnd->bgqn", qc, key_mean)  # [B, G, c, NB]
+        # .float(): under bf16 autocast einsum returns bf16; the scores stay fp32 throughout.
+        out = torch.einsum("bgqd,bgnd->bgqn", qc, key_mean).float()  # [B, G, c, NB]
         full = last[None, :] <= t[:, None]  # [c, NB]
         part = (first[None, :] <= t[:, None]) & ~full
         width = int(part.sum(-1).max()) if part.numel() else 0
@@ -285,7 +286,7 @@ def moba_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
             slot_ok = slot_val > 0
             vis = (times[slot] <= t[:, None, None]) & slot_ok[..., None]  # [c, P, bs]
             picked = keys[:, :, slot]  # [B, G, c, P, bs, D]
-            logits = torch.einsum("bgqd,bgqpsd->bgqps", qc, picked)
+            logits = torch.einsum("bgqd,bgqpsd->bgqps", qc, picked).float()
             mean = (logits * vis).sum(-1) / vis.sum(-1).clamp(min=1)  # [B, G, c, P]
             current = out.gather(-1, slot.expand(batch, groups, -1, -1))
             out = out.scatter(-1, slot.expand(batch, groups, -1, -1), torch.where(slot_ok, mean, current))

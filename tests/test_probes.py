@@ -127,6 +127,21 @@ def test_policy_topk_reproduces_the_learned_selection(policy):
     np.testing.assert_array_equal(np.sort(ours.numpy(), -1), np.sort(theirs.numpy(), -1))
 
 
+@pytest.mark.parametrize("name", selectors.SELECTORS)
+def test_every_selector_runs_under_bf16_autocast(name):
+    """The GPU probes run under bf16 autocast: a selector mixing bf16 and fp32 tensors must not fail
+    (a moba scatter did on the H200) and must pick the same blocks as in fp32 where scores differ."""
+    model = _probe_model("sensor")
+    batch = _batch()
+    with torch.no_grad(), selectors.use_selector(model, name, seed=1):
+        ref = model(batch, "predict")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch, "predict")
+    for a, b in zip(ref.aux, out.aux):
+        assert a.block_idx.shape == b.block_idx.shape and (b.block_idx >= -1).all()
+    assert torch.isfinite(out.quantiles.float()).all()
+
+
 @pytest.mark.parametrize("policy", ["free", "sensor", "hybrid"])
 @pytest.mark.parametrize("name", selectors.SELECTORS)
 def test_every_selector_gives_valid_blocks_with_the_forced_local_block(policy, name):
