@@ -6,6 +6,8 @@
 #
 #   source benchmarks/gpu_setup.sh && bash benchmarks/evaluate_gpu.sh OUT_DIR [STEPS] [DATASETS] [MODELS]
 #
+# SPLIT_SEEDS="0 1 2" runs one process per (dataset, model, seed) instead, for a short time budget.
+#
 # Writes OUT_DIR/runs/<dataset>-<model>/ (each an evaluate run folder, with its log) and
 # OUT_DIR/results/<date>-evaluation-*.{md,csv} (the committed form).
 set -u
@@ -20,11 +22,15 @@ for dataset in $datasets; do
   eval_cfg=quick
   [ -f "configs/eval/$dataset.yaml" ] && eval_cfg=$dataset  # e.g. eval=pedestrian: its context and patch length
   for model in $models; do
-    dir="$out/runs/$dataset-$model"
-    tsfm-msa evaluate data="$dataset" eval="$eval_cfg" trainer=gpu "eval.models=[$model]" \
-      eval.max_steps="$steps" indexer_warmup.steps="$warmup" eval.plot_series=1 \
-      hydra.run.dir="$dir" > "$out/runs/$dataset-$model.log" 2>&1 &
-    pids+=($!)
+    for seed in ${SPLIT_SEEDS:-all}; do
+      name="$dataset-$model"
+      seeds=()
+      if [ "$seed" != all ]; then name="$name-seed$seed"; seeds=("eval.seeds=[$seed]"); fi
+      tsfm-msa evaluate data="$dataset" eval="$eval_cfg" trainer=gpu "eval.models=[$model]" \
+        eval.max_steps="$steps" indexer_warmup.steps="$warmup" eval.plot_series=1 "${seeds[@]}" \
+        hydra.run.dir="$out/runs/$name" > "$out/runs/$name.log" 2>&1 &
+      pids+=($!)
+    done
   done
 done
 failed=0
