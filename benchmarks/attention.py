@@ -710,9 +710,31 @@ def document(bench: Bench, final: bool) -> dict:
                                "indexer_kl fwd+bwd": "2*L*selected*(2*Hq*D + 4*G*Di)"},
                      "kernel_config": dict(sa.CONFIG)},
         "checks": bench.checks, "results": bench.rows, "targets": targets(bench.rows, st.runs[0][1], st.runs[-1][1]),
-        "errors": bench.errors,
+        "errors": bench.errors, "kernel_resources": getattr(bench, "resources", []),
         "wall_s": round(time.time() - bench.clock.t0, 1),
     }
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, spills, shared memory and warps of every Triton kernel of ours compiled in this run
+    (what limits occupancy: 65,536 registers and 228 KB of shared memory per H200 SM). Read from the
+    JIT caches; a Triton without them gives an empty list."""
+    import triton
+
+    rows = []
+    for module in (sa, sel_mod, kl_mod):
+        for name, fn in vars(module).items():
+            if not isinstance(fn, triton.runtime.jit.JITFunction):
+                continue
+            for caches in getattr(fn, "device_caches", {}).values():
+                kernels = caches[0] if isinstance(caches, tuple) else caches
+                for kernel in getattr(kernels, "values", lambda: [])():
+                    meta = getattr(kernel, "metadata", None)
+                    rows.append({"kernel": f"{module.__name__.rsplit('.', 1)[-1]}.{name}",
+                                 "num_warps": getattr(meta, "num_warps", None), "num_stages": getattr(meta, "num_stages", None),
+                                 "registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
+                                 "shared_bytes": getattr(meta, "shared", None)})
+    return rows
 
 
 def render_markdown(doc: dict) -> str:
@@ -752,6 +774,10 @@ def main(argv=None) -> int:
             bench.errors.append({"shape": shape, "L": seq_len, "error": repr(e)[:400], "trace": traceback.format_exc()[-1500:]})
             print(f"  {shape} L={seq_len} failed: {e!r}", flush=True)
         free()
+    try:
+        bench.resources = kernel_resources()
+    except Exception as e:  # noqa: BLE001 - the Triton internals it reads are not a stable API
+        bench.resources = [{"kernel": f"not read: {e!r}"[:200]}]
     bench.save(final=True)
     print(render_markdown(bench.doc))
     for directory in output_dirs(args):

@@ -49,6 +49,12 @@ def render(doc: dict) -> str:
         out.append(f"| {r['shape']} | {r['L']} | {r['contender']} | {_num(r.get('ms'), '.3f')} | "
                    f"{_num(r.get('tflops'), '.0f')} | {_num(r.get('pct_of_peak'), '.0f')} | {r.get('reps', '-')} | "
                    f"{'; '.join(notes)} |")
+    if doc.get("kernel_resources"):
+        out += ["", "## Kernel resources (what bounds occupancy: 65,536 registers, 228 KB shared memory per SM)", "",
+                "| kernel | warps | stages | registers / thread | spills | shared bytes |", "|---|---:|---:|---:|---:|---:|"]
+        for k in doc["kernel_resources"]:
+            out.append(f"| {k['kernel']} | {k.get('num_warps', '-')} | {k.get('num_stages', '-')} | "
+                       f"{k.get('registers', '-')} | {k.get('spills', '-')} | {k.get('shared_bytes', '-')} |")
     if doc["errors"]:
         out += ["", "## Errors", ""] + [f"- {e.get('shape', '')} {e.get('L', '')} {e.get('contender', '')}: {e['error']}"
                                         for e in doc["errors"]]
