@@ -452,3 +452,27 @@ def test_a_scenario_can_override_model_settings_for_both_models(monkeypatch):
     bad = {**spec, "model": {"heads": 3}}
     with pytest.raises(ProbeConfigError, match=r"sensor_starvation.model: unknown model keys \['heads'\]"):
         command.probe_scenario("sensor_starvation", bad, _tiny_probe_cfg(bad))
+
+
+def test_bf16_probe_forwards_keep_the_forecast_head_in_fp32():
+    """Under bf16 autocast the encoder runs in bf16 but the compared forecasts come out of an fp32 head."""
+    from tsfm_msa.probes.command import eval_autocast
+
+    torch.manual_seed(4)
+    model = PatchTransformer(["target", "past_covariate"], [0, 1], ["t", "c"], patch_len=4, d_model=8, n_layers=1,
+                             n_heads=2, n_kv_heads=2, head_dim=4, attention="dense").eval()
+    g = torch.Generator().manual_seed(5)
+    batch = {"context": torch.randn(2, 16, 2, generator=g), "context_mask": torch.ones(2, 16, 2, dtype=torch.bool),
+             "horizon": torch.randn(2, 4, 2, generator=g), "horizon_mask": torch.ones(2, 4, 2, dtype=torch.bool)}
+    cpu = torch.device("cpu")
+    with torch.no_grad(), eval_autocast("bf16-mixed", cpu, model):
+        hidden, _, _ = model.encode(batch)
+        out = model(batch).quantiles
+        assert hidden.dtype == torch.float32  # the final LayerNorm runs in fp32 under autocast
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        raw = model.head(hidden[:, model.layout(16, 4, cpu).forecast_index.flatten()])  # [B, 1, P * Q]
+    torch.testing.assert_close(out, torch.sort(raw.view(2, 1, 4, -1), -1).values)  # the fp32 head, exactly
+    assert "forward" not in vars(model.head), "the fp32 head is removed after the block"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(batch).quantiles.dtype == torch.bfloat16  # what the plain autocast would have compared
