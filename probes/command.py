@@ -84,11 +84,27 @@ def probe_precision(name: str | None, device: torch.device) -> str:
     return name
 
 
-def eval_autocast(precision: str, device: torch.device):
-    """The training precision for the probe forwards: bf16 autocast on CUDA under bf16-mixed."""
-    if precision == "bf16-mixed":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def eval_autocast(precision: str, device: torch.device, model: torch.nn.Module):
+    """The training precision for the probe forwards (bf16 autocast on CUDA under bf16-mixed), except
+    the forecast head: its output, the compared forecast, stays fp32 (bf16 would round every
+    forecast by ~0.4%, a noise floor under the 1.1 verdict threshold)."""
+    if precision != "bf16-mixed":
+        yield
+        return
+    head = model.head
+    bf16_forward = head.forward
+
+    def fp32_forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, enabled=False):
+            return bf16_forward(x.float())
+
+    head.forward = fp32_forward
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        del head.forward  # back to the class's forward
 
 
 def _sync(device: torch.device) -> None:
@@ -241,7 +257,7 @@ def run_selector(model: torch.nn.Module, data: dict, name: str, seed: int, eval_
     hook = contextlib.nullcontext() if name == "dense" else use_selector(model, name, seed)
     n = data["needed"].shape[0]
     quant, quant_cf, query_sel, path = [], [], None, []
-    with hook, eval_autocast(precision, device):
+    with hook, eval_autocast(precision, device, runner):
         for start in range(0, n, eval_batch):
             rows = slice(start, min(start + eval_batch, n))
             q_orig, block_idx, layout = forecast(runner, _slice_batch(data["orig"], rows, device))
@@ -354,7 +370,12 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
         raise ProbeConfigError(f"unknown selectors {unknown}; choose from {SELECTORS}")
     if "dense" not in selectors:
         raise ProbeConfigError("selectors must include 'dense': it is the reference of every error ratio")
+    unknown_model = sorted(set(spec.get("model") or {}) - set(cfg["model"]))
+    if unknown_model:
+        raise ProbeConfigError(f"probe.scenarios.{name}.model: unknown model keys {unknown_model}; "
+                               f"choose from {sorted(cfg['model'])}")
     result = {"description": scenario.description, "knobs": scenario.knobs, "policies": {},
+              "model": dict(spec.get("model") or {}),
               "train_seconds": {}, "schema": scenario.schema.to_dict(), "data_seconds": round(data_seconds, 1)}
     thresholds = dict(cfg["verdict"])
     device = probe_device(cfg.get("device"))
@@ -395,7 +416,9 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
         # Both continuations (dense reference and MSA) take the same optimizer settings.
         msa_train["optim"] = {**dict(train_cfg.get("optim") or {}), **dict(train_cfg["continue_optim"])}
     policies = list(spec.get("policies") or ["sensor"])
-    dense_config = probe_model_config(cfg["model"], scenario, "dense", policies[0])
+    # A scenario may override model settings (both models alike), e.g. sensor_starvation's heads.
+    model_cfg = {**dict(cfg["model"]), **dict(spec.get("model") or {})}
+    dense_config = probe_model_config(model_cfg, scenario, "dense", policies[0])
     start = time.perf_counter()
     items = list(window_dataset(scenario.train, scenario))  # cut and scaled once for every model
     result["data_seconds"] = round(data_seconds + time.perf_counter() - start, 1)
@@ -413,7 +436,7 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
         result["train_seconds"]["dense_continued"] = round(secs, 1)
     dense_state = dense.state_dict()
     for policy in policies:
-        msa_config = probe_model_config(cfg["model"], scenario, "msa", policy)
+        msa_config = probe_model_config(model_cfg, scenario, "msa", policy)
         msa, secs = train_model(msa_config, scenario, msa_train, seed + 1 if init_mode == "dense" else seed,
                                 init_state=init_state if init_mode == "dense" else None, **fit)
         result["train_seconds"][f"msa_{policy}"] = round(secs, 1)

@@ -268,6 +268,8 @@ def _markdown(summary: dict, figures: list[tuple[str, str]]) -> str:
              *_target_lines(summary), "## Timing", "", timing_table(summary), ""]
     for scenario, res in summary["scenarios"].items():
         lines += [f"## {scenario}", "", f"{res['description']}. Knobs: `{json.dumps(res['knobs'])}`", ""]
+        if res.get("model"):
+            lines += [f"Model settings of this scenario (over the common ones): `{json.dumps(res['model'])}`", ""]
         if res.get("skipped"):
             lines += [f"Skipped: {res['skipped']}", ""]
             continue

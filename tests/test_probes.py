@@ -436,3 +436,58 @@ def test_target_check_names_each_miss():
     missed = report.target_check(_target_summary(0.8, 1.2, 0.6))[0]
     assert not missed["ok"] and missed["why"] == "learned recall, learned ratio, local recall"
     assert report.target_check({"scenarios": {}}) == []
+
+
+def _tiny_probe_cfg(spec: dict) -> dict:
+    return {"seed": 0, "threads": 1, "checkpoint": None, "device": "cpu",
+            "model": {"d_model": 8, "n_layers": 1, "heads_per_group": 1, "head_dim": 4, "block_size": 2, "top_k": 2,
+                      "index_dim": 4, "k_own": None},
+            "train": {"steps": 1, "msa_steps": 1, "indexer_warmup_steps": 0, "batch_size": 2, "kl_weight": 1.0,
+                      "msa_init": "dense", "optim": {"lr": 1e-3, "warmup_steps": 1}},
+            "selectors": ["dense", "learned"], "verdict": dict(report.DEFAULT_THRESHOLDS),
+            "probe": {"scenarios": {"sensor_starvation": spec}}}
+
+
+def test_a_scenario_can_override_model_settings_for_both_models(monkeypatch):
+    from tsfm_msa.probes import command
+
+    seen = []
+    real = command.train_model
+
+    def spy(model_config, *args, **kwargs):
+        seen.append((model_config["attention"], model_config["n_heads"], model_config["n_kv_heads"]))
+        return real(model_config, *args, **kwargs)
+
+    monkeypatch.setattr(command, "train_model", spy)
+    spec = {"policies": ["sensor"], "model": {"heads_per_group": 3}, "knobs": {**TINY, "n_distractors": 1}}
+    cfg = _tiny_probe_cfg(spec)
+    result = command.probe_scenario("sensor_starvation", spec, cfg)
+    assert seen == [("dense", 9, 3), ("dense", 9, 3), ("msa", 9, 3)]  # 3 groups x 3 heads, not x 1
+    assert result["model"] == {"heads_per_group": 3}
+    bad = {**spec, "model": {"heads": 3}}
+    with pytest.raises(ProbeConfigError, match=r"sensor_starvation.model: unknown model keys \['heads'\]"):
+        command.probe_scenario("sensor_starvation", bad, _tiny_probe_cfg(bad))
+
+
+def test_bf16_probe_forwards_keep_the_forecast_head_in_fp32():
+    """Under bf16 autocast the encoder runs in bf16 but the compared forecasts come out of an fp32 head."""
+    from tsfm_msa.probes.command import eval_autocast
+
+    torch.manual_seed(4)
+    model = PatchTransformer(["target", "past_covariate"], [0, 1], ["t", "c"], patch_len=4, d_model=8, n_layers=1,
+                             n_heads=2, n_kv_heads=2, head_dim=4, attention="dense").eval()
+    g = torch.Generator().manual_seed(5)
+    batch = {"context": torch.randn(2, 16, 2, generator=g), "context_mask": torch.ones(2, 16, 2, dtype=torch.bool),
+             "horizon": torch.randn(2, 4, 2, generator=g), "horizon_mask": torch.ones(2, 4, 2, dtype=torch.bool)}
+    cpu = torch.device("cpu")
+    with torch.no_grad(), eval_autocast("bf16-mixed", cpu, model):
+        hidden, _, _ = model.encode(batch)
+        out = model(batch).quantiles
+        assert hidden.dtype == torch.float32  # the final LayerNorm runs in fp32 under autocast
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        raw = model.head(hidden[:, model.layout(16, 4, cpu).forecast_index.flatten()])  # [B, 1, P * Q]
+    torch.testing.assert_close(out, torch.sort(raw.view(2, 1, 4, -1), -1).values)  # the fp32 head, exactly
+    assert "forward" not in vars(model.head), "the fp32 head is removed after the block"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(batch).quantiles.dtype == torch.bfloat16  # what the plain autocast would have compared

@@ -369,3 +369,24 @@ def test_random_selector_draws_on_the_tensors_device(monkeypatch):
     monkeypatch.setattr(torch, "Generator", spy)
     selectors.get_selector("random", 3)(_layer("free", 3, top_k=4), q, k, None, None, layout)
     assert devices == [k.device]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU")
+def test_oracle_on_cuda_takes_the_flex_normaliser_and_matches_the_definition(monkeypatch):
+    """At 4K tokens (past the chunked path's size) the oracle's normaliser comes from Flex on bf16
+    inputs, as in a bf16-autocast probe forward; its block masses match the fp32 definition."""
+    from tsfm_msa.kernels.dispatch import CALLS
+
+    layout = one_variate_per_group_layout(2048, 1, 2, 16).to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(23)
+    q = torch.randn(1, 4, layout.seq_len, 16, generator=g, device="cuda").bfloat16()
+    k = torch.randn(1, 2, layout.seq_len, 16, generator=g, device="cuda").bfloat16()
+    layer = _layer("sensor", 2, top_k=8).cuda()
+    before = CALLS[("dense_attention", "flex")]
+    got = _captured_scores("oracle", layer, q, k, layout, monkeypatch)
+    assert CALLS[("dense_attention", "flex")] == before + 1
+    ref = selectors.block_pool(selectors.dense_attention_mass(q.float(), k.float(), layout), layout, "sum")
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], rtol=2e-2, atol=1e-5)
