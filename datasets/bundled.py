@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 
+import numpy as np
 import pandas as pd
 
 from .errors import DataValidationError
 from .frame import SeriesFrame
+from .schema import SeriesSchema, Variate
 from .tabular import from_pandas
+
+# Calendar features a bundled loader can add as known-future covariates (group "calendar"), each from
+# the local wall-clock time: name -> columns. Cyclic ones are sin/cos pairs, so hour 23 sits next to 0.
+CALENDAR_FEATURES = {
+    "hour": ("hour_sin", "hour_cos"),
+    "weekday": ("weekday_sin", "weekday_cos"),
+    "weekend": ("weekend",),
+}
 
 
 def _read(relpath: str) -> pd.DataFrame:
@@ -46,19 +56,52 @@ def load_epf() -> list[SeriesFrame]:
     )
 
 
-def load_pedestrian() -> list[SeriesFrame]:
+def load_pedestrian(calendar: Sequence[str] = ()) -> list[SeriesFrame]:
     """Melbourne pedestrian counts of 4 sensors, 2015-2016, hourly: one item, 17,544 steps, freq 'h'.
 
     Each sensor is a target and its own sensor group (named after the sensor). Times are UTC
     (naive). The file has gaps (Birrarung Marr misses weeks; Bourke Street Mall starts on
     2015-02-16): they are NaN on the full hourly grid - this is the real missing-values case.
+    calendar: names from CALENDAR_FEATURES ("hour", "weekday", "weekend"), added as known-future
+    covariates of Melbourne local time (group "calendar"; defined on every step, gaps included).
     """
     df = _read("fpp3/pedestrian.csv")
     sensors = list(pd.unique(df["Sensor"]))
-    return from_pandas(
+    frames = from_pandas(
         df, format="long", timestamp="Date_Time", variable_col="Sensor", value_col="Count",
         targets=sensors, groups={s: s for s in sensors}, freq="h", fill_missing_steps=True,
     )
+    return [with_calendar(f, calendar, "Australia/Melbourne") for f in frames]
+
+
+def with_calendar(frame: SeriesFrame, calendar: Sequence[str], timezone: str) -> SeriesFrame:
+    """The frame plus the requested CALENDAR_FEATURES columns (known-future covariates, group
+    "calendar") computed from its naive-UTC timestamps converted to `timezone`."""
+    if isinstance(calendar, str):
+        calendar = [calendar]
+    unknown = [c for c in calendar if c not in CALENDAR_FEATURES]
+    if unknown or len(set(calendar)) != len(calendar):
+        raise DataValidationError(
+            f"data.loader.calendar={list(calendar)}: give distinct names from {list(CALENDAR_FEATURES)}, "
+            f"e.g. data.loader.calendar=[hour,weekday]"
+            + (f" ({unknown} unknown)" if unknown else " (a name repeats)")
+        )
+    if not calendar:
+        return frame
+    local = frame.timestamps.tz_localize("UTC").tz_convert(timezone)
+    hour = 2 * np.pi * local.hour.to_numpy() / 24  # [T]
+    day = 2 * np.pi * local.dayofweek.to_numpy() / 7  # [T], Monday = 0
+    columns = {
+        "hour_sin": np.sin(hour), "hour_cos": np.cos(hour),
+        "weekday_sin": np.sin(day), "weekday_cos": np.cos(day),
+        "weekend": (local.dayofweek.to_numpy() >= 5).astype(np.float64),
+    }
+    names = [n for c in calendar for n in CALENDAR_FEATURES[c]]
+    values = np.concatenate([frame.values, np.stack([columns[n] for n in names], axis=1)], axis=1)  # [T, V + K]
+    variates = frame.schema.variates + tuple(
+        Variate(n, "future_covariate", "calendar", binary=n == "weekend") for n in names)
+    return SeriesFrame(item_id=frame.item_id, timestamps=frame.timestamps, values=values,
+                       schema=SeriesSchema(variates=variates, freq=frame.schema.freq))
 
 
 BUNDLED: dict[str, Callable[[], list[SeriesFrame]]] = {
