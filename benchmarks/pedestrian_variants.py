@@ -27,11 +27,12 @@ from tsfm_msa.evaluate.metrics import gluonts_kwargs, score_forecasts
 from tsfm_msa.evaluate.predictor import predictor_from_module
 
 
-def per_sensor_mase(forecasts: list, test, freq: str) -> dict[str, float]:
+def per_window_mase(forecasts: list, test, freq: str) -> dict[str, list[float]]:
+    """sensor -> GluonTS MASE of each of its windows, in time order."""
     kwargs = {**gluonts_kwargs(freq), "axis": 1}  # one row per window
     df = evaluate_forecasts(forecasts, test_data=test, **kwargs)  # index: (item_id, forecast_start)
     sensor = df.index.get_level_values(0).astype(str).str.split("/").str[-1]
-    return {str(k): float(v) for k, v in df.groupby(sensor)["MASE[0.5]"].mean().items()}
+    return {str(k): [round(float(x), 3) for x in v] for k, v in df.groupby(sensor, sort=False)["MASE[0.5]"]}
 
 
 def main() -> None:
@@ -75,7 +76,10 @@ def main() -> None:
     forecasts = split_targets(forecasts, len(frames), split.windows, targets)
     row = {"label": args.label, "model": args.model, "seed": args.seed, "overrides": args.overrides,
            **score_forecasts(forecasts, split.uni_test, split.freq),
-           "per_sensor_MASE": per_sensor_mase(forecasts, split.uni_test, split.freq), "seconds": round(seconds)}
+           "seconds": round(seconds)}
+    windows = per_window_mase(forecasts, split.uni_test, split.freq)
+    row["per_sensor_MASE"] = {k: float(np.mean(v)) for k, v in windows.items()}
+    row["per_window_MASE"] = windows
     print(json.dumps(row))
     with args.out.open("a") as fh:
         fh.write(json.dumps(row) + "\n")

@@ -36,6 +36,21 @@ def test_calendar_columns_follow_local_time():
     assert with_calendar(frame, [], "Australia/Melbourne") is frame
 
 
+def test_holiday_flag_marks_local_public_holidays():
+    rng = np.random.default_rng(11)
+    frame = _frame(rng, n=24 * 60)
+    local = frame.timestamps.tz_localize("UTC").tz_convert("Australia/Melbourne")
+    picked = local[rng.choice(len(local), size=6, replace=False)]  # holidays on some of the frame's days
+    days = {y: tuple(f"{t.month:02d}-{t.day:02d}" for t in picked if t.year == y) for y in set(local.year)}
+    out = with_calendar(frame, ["holiday"], "Australia/Melbourne", days)
+    expected = [f"{t.month:02d}-{t.day:02d}" in days[t.year] for t in local]
+    np.testing.assert_array_equal(out.column("holiday"), expected)
+    assert 24 <= out.column("holiday").sum() <= 6 * 24  # whole local days
+    assert out.schema.binary[-1]
+    with pytest.raises(DataValidationError, match=r"public holidays of \[1999\] only.*drop 'holiday'"):
+        with_calendar(frame, ["holiday"], "Australia/Melbourne", {1999: ("01-01",)})
+
+
 @pytest.mark.parametrize("calendar, match", [(["month"], r"\['month'\] unknown"), (["hour", "hour"], "a name repeats")])
 def test_calendar_rejects_bad_names(calendar, match):
     frame = _frame(np.random.default_rng(8))
