@@ -83,3 +83,14 @@ def test_min_observed_drops_sparse_targets_from_the_loss():
 def test_min_observed_rejects_bad_values(bad):
     with pytest.raises(DataValidationError, match=r"data\.train_min_observed"):
         WindowDataset([_frame(np.random.default_rng(10))], 24, 8, min_observed=bad)
+
+
+def test_eval_config_sets_our_learning_rate_and_overrides_win():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("tsfm_msa.configs", version_base=None):
+        ped = compose("evaluate", overrides=["data=pedestrian", "eval=pedestrian"])
+        given = compose("evaluate", overrides=["data=pedestrian", "eval=pedestrian", "optim.lr=1e-3"])
+        quick = compose("evaluate", overrides=["data=pedestrian"])
+    assert ped.optim.lr == 8e-3 and ped.data.context_len == 504 and ped.models.dense.patch_len == 24
+    assert given.optim.lr == 1e-3 and quick.optim.lr == 2e-3
