@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 
+import numpy as np
 import pandas as pd
 
 from .errors import DataValidationError
 from .frame import SeriesFrame
+from .schema import SeriesSchema, Variate
 from .tabular import from_pandas
+
+# Calendar features a bundled loader can add as known-future covariates (group "calendar"), each from
+# the local wall-clock time: name -> columns. Cyclic ones are sin/cos pairs, so hour 23 sits next to 0.
+CALENDAR_FEATURES = {
+    "hour": ("hour_sin", "hour_cos"),
+    "weekday": ("weekday_sin", "weekday_cos"),
+    "weekend": ("weekend",),
+    "holiday": ("holiday",),
+}
+# Public holidays of Victoria (AU) over the pedestrian data's years (as listed by the `holidays`
+# package, subdiv VIC, plus Christmas Day 2016 itself, a Sunday), for the "holiday" feature.
+VIC_HOLIDAYS = {
+    2015: ("01-01", "01-26", "03-09", "04-03", "04-04", "04-06", "04-25", "06-08", "10-02", "11-03", "12-25",
+           "12-26", "12-28"),
+    2016: ("01-01", "01-26", "03-14", "03-25", "03-26", "03-27", "03-28", "04-25", "06-13", "09-30", "11-01",
+           "12-25", "12-26", "12-27"),
+}
 
 
 def _read(relpath: str) -> pd.DataFrame:
@@ -63,19 +82,64 @@ def load_epf(countries_as_groups: bool = False) -> list[SeriesFrame]:
     )
 
 
-def load_pedestrian() -> list[SeriesFrame]:
+def load_pedestrian(calendar: Sequence[str] = ()) -> list[SeriesFrame]:
     """Melbourne pedestrian counts of 4 sensors, 2015-2016, hourly: one item, 17,544 steps, freq 'h'.
 
     Each sensor is a target and its own sensor group (named after the sensor). Times are UTC
     (naive). The file has gaps (Birrarung Marr misses weeks; Bourke Street Mall starts on
     2015-02-16): they are NaN on the full hourly grid - this is the real missing-values case.
+    calendar: names from CALENDAR_FEATURES ("hour", "weekday", "weekend", "holiday": Victorian public
+    holidays), added as known-future covariates of Melbourne local time (group "calendar"; defined on
+    every step, gaps included).
     """
     df = _read("fpp3/pedestrian.csv")
     sensors = list(pd.unique(df["Sensor"]))
-    return from_pandas(
+    frames = from_pandas(
         df, format="long", timestamp="Date_Time", variable_col="Sensor", value_col="Count",
         targets=sensors, groups={s: s for s in sensors}, freq="h", fill_missing_steps=True,
     )
+    return [with_calendar(f, calendar, "Australia/Melbourne", VIC_HOLIDAYS) for f in frames]
+
+
+def with_calendar(
+    frame: SeriesFrame, calendar: Sequence[str], timezone: str, holidays: dict[int, Sequence[str]] | None = None,
+) -> SeriesFrame:
+    """The frame plus the requested CALENDAR_FEATURES columns (known-future covariates, group
+    "calendar") computed from its naive-UTC timestamps converted to `timezone`. holidays: year ->
+    "MM-DD" dates of that year's public holidays (needed for "holiday", covering every year of the frame)."""
+    if isinstance(calendar, str):
+        calendar = [calendar]
+    unknown = [c for c in calendar if c not in CALENDAR_FEATURES]
+    if unknown or len(set(calendar)) != len(calendar):
+        raise DataValidationError(
+            f"data.loader.calendar={list(calendar)}: give distinct names from {list(CALENDAR_FEATURES)}, "
+            f"e.g. data.loader.calendar=[hour,weekday]"
+            + (f" ({unknown} unknown)" if unknown else " (a name repeats)")
+        )
+    if not calendar:
+        return frame
+    local = frame.timestamps.tz_localize("UTC").tz_convert(timezone)
+    years = sorted(set(local.year))
+    if "holiday" in calendar and not set(years) <= set(holidays or {}):
+        raise DataValidationError(
+            f"data.loader.calendar: 'holiday' knows the public holidays of {sorted(holidays or {})} only, but the "
+            f"data spans {years[0]}-{years[-1]}; drop 'holiday' from data.loader.calendar")
+    hour = 2 * np.pi * local.hour.to_numpy() / 24  # [T]
+    day = 2 * np.pi * local.dayofweek.to_numpy() / 7  # [T], Monday = 0
+    columns = {
+        "hour_sin": np.sin(hour), "hour_cos": np.cos(hour),
+        "weekday_sin": np.sin(day), "weekday_cos": np.cos(day),
+        "weekend": (local.dayofweek.to_numpy() >= 5).astype(np.float64),
+    }
+    if "holiday" in calendar:
+        days = pd.DatetimeIndex([f"{y}-{d}" for y, dates in holidays.items() for d in dates])
+        columns["holiday"] = local.tz_localize(None).normalize().isin(days).astype(np.float64)
+    names = [n for c in calendar for n in CALENDAR_FEATURES[c]]
+    values = np.concatenate([frame.values, np.stack([columns[n] for n in names], axis=1)], axis=1)  # [T, V + K]
+    variates = frame.schema.variates + tuple(
+        Variate(n, "future_covariate", "calendar", binary=n in ("weekend", "holiday")) for n in names)
+    return SeriesFrame(item_id=frame.item_id, timestamps=frame.timestamps, values=values,
+                       schema=SeriesSchema(variates=variates, freq=frame.schema.freq))
 
 
 BUNDLED: dict[str, Callable[[], list[SeriesFrame]]] = {

@@ -117,6 +117,8 @@ class SeriesDataModule(L.LightningDataModule):
     their split and roll at val_stride / test_stride (default: horizon, i.e. non-overlapping).
     train_samples_per_epoch: windows drawn at random per epoch (seeded by seed and epoch); None rolls
     over every training origin at train_stride, shuffled.
+    train_min_observed: training windows leave a target out of the loss when it is observed on fewer
+    than this fraction of its context steps (see WindowDataset's min_observed); 0 keeps all.
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class SeriesDataModule(L.LightningDataModule):
         val_stride: int | None = None,
         test_stride: int | None = None,
         min_context: int | None = None,
+        train_min_observed: float = 0.0,
         batch_size: int = 32,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -156,6 +159,7 @@ class SeriesDataModule(L.LightningDataModule):
         self.val_stride = val_stride or horizon
         self.test_stride = test_stride or horizon
         self.min_context = min_context
+        self.train_min_observed = train_min_observed
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -180,7 +184,7 @@ class SeriesDataModule(L.LightningDataModule):
             "train": WindowDataset(
                 **common, time_ranges=splits.train, stride=self.train_stride, split="train", seed=self.seed,
                 mode="random" if self.train_samples_per_epoch else "rolling",
-                samples_per_epoch=self.train_samples_per_epoch,
+                samples_per_epoch=self.train_samples_per_epoch, min_observed=self.train_min_observed,
             )
         }
         for name, stride in (("val", self.val_stride), ("test", self.test_stride)):

@@ -100,6 +100,9 @@ class WindowDataset(Dataset):
     Values are scaled with the context's statistics (value = scaled * scale + loc) and missing values
     are 0.0 with mask False. Horizon values of past-only covariates are returned too (for evaluation);
     the model must hide them by role (schema.known_future).
+    min_observed (a fraction in [0, 1]): a target observed on fewer than this share of its context
+    steps gets horizon_mask False (left out of the loss): a scale fitted on a handful of steps turns
+    ordinary horizon values into outliers of 1e3-1e5 that swamp a batch's loss.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class WindowDataset(Dataset):
         seed: int = 0,
         split: str = "data",
         scale: bool = True,
+        min_observed: float = 0.0,
     ) -> None:
         self.frames = list(frames)
         self.schema: SeriesSchema = validate_collection(self.frames)
@@ -131,7 +135,13 @@ class WindowDataset(Dataset):
         self.split = split
         self.seed = int(seed)
         self.scale = scale
+        if isinstance(min_observed, bool) or not isinstance(min_observed, (int, float)) or not 0.0 <= min_observed <= 1.0:
+            raise DataValidationError(
+                f"min_observed must be a fraction of the context in [0, 1] (set data.train_min_observed=0.5, or 0 to "
+                f"keep every window), got {min_observed!r}")
+        self.min_observed = float(min_observed)
         self._binary = np.asarray(self.schema.binary, dtype=bool)  # [V]
+        self._non_target = np.asarray([r != "target" for r in self.schema.roles])  # [V]
 
         need = self.min_context + H
         for f in self.frames:
@@ -242,6 +252,10 @@ class WindowDataset(Dataset):
         C = self.context_len
         raw = self.raw_window(item, origin)  # [C + H, V]
         mask = ~np.isnan(raw)  # [C + H, V]
+        if self.min_observed > 0.0:
+            sparse = mask[:C].mean(axis=0) < self.min_observed  # [V]
+            sparse[self._non_target] = False
+            mask[C:, sparse] = False
         if self.scale:
             loc, scale = fit_scaler(raw[:C], self._binary)  # [V], [V] float32
             x = (raw - loc) / scale  # [C + H, V] new array
