@@ -1,6 +1,6 @@
 """One model of `tsfm-msa evaluate` on pedestrian under given overrides, scored overall and per sensor.
 
-Used for the one-change-at-a-time diagnosis in benchmarks/results/2026-12-01-evaluation-pedestrian.md:
+Used for the one-change-at-a-time diagnosis in benchmarks/results/2026-12-01-evaluation-pedestrian-diagnosis.md:
 the same training (`train_ours` / `_train_baseline`), windows and GluonTS metrics as the evaluate command,
 plus each sensor's MASE (mean over its windows of GluonTS's per-window MASE). Appends one JSON line to
 --out. Example:
