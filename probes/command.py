@@ -486,21 +486,28 @@ def run_probe_in(cfg: dict, out_dir: Path) -> dict:
         raise ProbeConfigError("no probe scenarios configured; use probe=all or probe=<scenario>")
     checkpoint = _load_checkpoint(cfg["checkpoint"]) if cfg.get("checkpoint") else None
     results = {}
+
+    def report() -> dict:
+        summary = {
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "settings": {k: copy.deepcopy(cfg.get(k)) for k in ("overrides", "seed", "threads", "checkpoint", "model",
+                                                                  "train", "selectors", "dense_backbone_selectors",
+                                                                  "eval_batch_size", "verdict")},
+            "precision": probe_precision(cfg.get("precision"), probe_device(cfg.get("device"))),
+            "target": copy.deepcopy(probe.get("target")),
+            "device": _device_text(probe_device(cfg.get("device"))),
+            "scenarios": results,
+            "wall_seconds": round(time.perf_counter() - start, 1),
+        }
+        return write_report(summary, Path(out_dir))
+
     for name, spec in scenarios.items():
         t0 = time.perf_counter()
         print(f"[probe] {name} ...", flush=True)
         results[name] = probe_scenario(name, dict(spec or {}), cfg, checkpoint)
         results[name]["seconds"] = round(time.perf_counter() - t0, 1)
         print(f"[probe] {name} done in {results[name]['seconds']} s", flush=True)
-    summary = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "settings": {k: copy.deepcopy(cfg.get(k)) for k in ("overrides", "seed", "threads", "checkpoint", "model",
-                                                              "train", "selectors", "dense_backbone_selectors",
-                                                              "eval_batch_size", "verdict")},
-        "precision": probe_precision(cfg.get("precision"), probe_device(cfg.get("device"))),
-        "target": copy.deepcopy(probe.get("target")),
-        "device": _device_text(probe_device(cfg.get("device"))),
-        "scenarios": results,
-        "wall_seconds": round(time.perf_counter() - start, 1),
-    }
-    return write_report(summary, Path(out_dir))
+        if len(results) < len(scenarios):
+            # The report after every scenario: a long run stopped early keeps what it finished.
+            report()
+    return report()

@@ -1,6 +1,7 @@
 """Probe selectors and metrics at long context: no [L, L] tensor, chunking changes no result."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -390,3 +391,26 @@ def test_oracle_on_cuda_takes_the_flex_normaliser_and_matches_the_definition(mon
     ref = selectors.block_pool(selectors.dense_attention_mass(q.float(), k.float(), layout), layout, "sum")
     assert torch.equal(torch.isinf(got), torch.isinf(ref))
     torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], rtol=2e-2, atol=1e-5)
+
+
+def test_a_run_stopped_after_a_scenario_keeps_its_report(tmp_path, monkeypatch):
+    """Long probes take minutes per scenario: the report is written after each one, so a run killed
+    by a time limit keeps the scenarios it finished."""
+    from tsfm_msa.probes import command
+
+    real, calls = command.probe_scenario, []
+
+    def stop_at_the_second(name, *args):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stopped by a time limit")
+        return real(name, *args)
+
+    monkeypatch.setattr(command, "probe_scenario", stop_at_the_second)
+    cfg = _compose_probe(["probe=long_ci", "device=cpu"])
+    cfg["probe"]["scenarios"] = {k: cfg["probe"]["scenarios"][k] for k in ("rare_event", "exogenous_delay")}
+    with pytest.raises(KeyboardInterrupt):
+        run_probe_in(cfg, tmp_path)
+    summary = json.loads((tmp_path / "probe_summary.json").read_text())
+    assert list(summary["scenarios"]) == ["rare_event"]
+    assert "rare_event" in (tmp_path / "probe_report.md").read_text()
