@@ -92,5 +92,5 @@ def test_eval_config_sets_our_learning_rate_and_overrides_win():
         ped = compose("evaluate", overrides=["data=pedestrian", "eval=pedestrian"])
         given = compose("evaluate", overrides=["data=pedestrian", "eval=pedestrian", "optim.lr=1e-3"])
         quick = compose("evaluate", overrides=["data=pedestrian"])
-    assert ped.optim.lr == 8e-3 and ped.data.context_len == 504 and ped.models.dense.patch_len == 24
+    assert ped.optim.lr == 4e-3 and ped.data.context_len == 504 and ped.models.dense.patch_len == 24
     assert given.optim.lr == 1e-3 and quick.optim.lr == 2e-3
