@@ -373,9 +373,13 @@ def parse_timestamps(col: pd.Series, name: str, item_id: object) -> pd.DatetimeI
     try:
         ts = pd.to_datetime(col)
     except (ValueError, TypeError) as err:
+        # pandas' own message runs over several lines and names Python arguments: keep its first line.
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first_line = first_line.replace(" You might want to try:", "").rstrip(" .:")
         raise DataValidationError(
-            f"timestamp column {name!r} ({option('timestamp')}) cannot be parsed as dates/times ({err}); "
-            "pass a column of datetimes or ISO-8601 strings"
+            f"timestamp column {name!r} ({option('timestamp')}) cannot be parsed as dates/times ({first_line}); "
+            "pass ISO-8601 strings, or tell pandas the layout when reading the CSV, e.g. day-first dates: "
+            f"'data.loader.read_kwargs={{parse_dates:[{name}],dayfirst:true}}' (or date_format:'%d/%m/%Y %H:%M')"
         ) from err
     return _as_naive_index(pd.DatetimeIndex(ts), f"timestamp column {name!r}")
 

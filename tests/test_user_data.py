@@ -364,3 +364,17 @@ def test_window_and_split_messages_name_data_keys():
         SeriesDataModule(frames=frames, context_len=8, horizon=4, val_fraction=0.5, test_fraction=0.5).setup()
     with pytest.raises(DataValidationError, match=r"'val' has no full window.*larger split \(data.val_fraction\)"):
         SeriesDataModule(frames=frames, context_len=8, horizon=24, val_fraction=0.1).setup()
+
+
+def test_day_first_timestamps_get_a_one_line_hint_that_works(tmp_path):
+    """dd/mm/yyyy dates: one line naming the read_kwargs override, and that override loads the file."""
+    rng = np.random.default_rng()
+    times = pd.date_range("2025-03-01", periods=400, freq="h")
+    path = tmp_path / "dmy.csv"
+    pd.DataFrame({"Zeit": times.strftime("%d/%m/%Y %H:%M"), "flow": rng.normal(size=400)}).to_csv(path, index=False)
+    with pytest.raises(DataValidationError) as err:
+        from_csv(path, timestamp="Zeit", targets=["flow"])
+    message = str(err.value)
+    assert "\n" not in message and "dayfirst:true" in message and "data.loader.read_kwargs" in message
+    (frame,) = from_csv(path, timestamp="Zeit", targets=["flow"], read_kwargs={"parse_dates": ["Zeit"], "dayfirst": True})
+    assert pd.Timestamp(frame.timestamps[0]) == times[0] and pd.Timestamp(frame.timestamps[-1]) == times[-1]
