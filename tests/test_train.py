@@ -231,3 +231,25 @@ def test_lightning_records_reach_the_console_once():
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         assert logger.propagate and not [h for h in logger.handlers if type(h) is logging.StreamHandler], name
+
+
+def test_cli_warnings_print_once_as_log_lines(caplog):
+    """evaluate builds the data once per model: its warnings reach the log once, without file:line."""
+    import logging
+    import warnings
+
+    from tsfm_msa.cli import _warnings_once_through_logging
+
+    format_before = warnings.formatwarning
+    try:
+        _warnings_once_through_logging()
+        with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="py.warnings"):
+            warnings.simplefilter("always")
+            logging.captureWarnings(True)  # catch_warnings restored showwarning: route it again
+            for _ in range(3):
+                warnings.warn("item 'x': 3 of 30 rows were sorted", UserWarning)
+        lines = [r.getMessage() for r in caplog.records if r.name == "py.warnings"]
+        assert lines == ["UserWarning: item 'x': 3 of 30 rows were sorted"]
+    finally:
+        logging.captureWarnings(False)
+        warnings.formatwarning = format_before

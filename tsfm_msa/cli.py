@@ -131,6 +131,34 @@ def _one_console_handler() -> None:
         logger.propagate = True
 
 
+class _OncePerRun:
+    """A logging filter that passes each distinct message once."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def _warnings_once_through_logging() -> None:
+    """Warnings print once per run, as log lines (console and the run's log file) without Python's
+    file:line and source echo: evaluate builds the data once per model and would repeat them, and
+    libraries reset the warning filters often enough that Python's own "once" does not hold."""
+    import logging
+    import warnings
+
+    logging.captureWarnings(True)
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}"
+    logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, _OncePerRun) for f in logger.filters):
+        logger.addFilter(_OncePerRun())
+
+
 def _hydra_app(config_name: str, command):
     @hydra.main(version_base=None, config_path=CONFIGS, config_name=config_name)
     def app(cfg: DictConfig) -> None:
@@ -138,6 +166,7 @@ def _hydra_app(config_name: str, command):
         # line (Hydra has parsed the overrides already).
         hydra_argv, sys.argv = sys.argv, list(_ORIGINAL_ARGV or sys.argv)
         _one_console_handler()
+        _warnings_once_through_logging()
         try:
             command(cfg)
         except _cuda_out_of_memory() as err:
