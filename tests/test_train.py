@@ -245,7 +245,10 @@ def test_cli_warnings_print_once_as_log_lines(caplog):
         _warnings_once_through_logging()
         with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="py.warnings"):
             warnings.simplefilter("always")
-            logging.captureWarnings(True)  # catch_warnings restored showwarning: route it again
+            # Route warnings to logging afresh: an earlier CLI run in this process (or pytest's own
+            # catch_warnings) may have replaced warnings.showwarning since.
+            logging.captureWarnings(False)
+            logging.captureWarnings(True)
             for _ in range(3):
                 warnings.warn("item 'x': 3 of 30 rows were sorted", UserWarning)
         lines = [r.getMessage() for r in caplog.records if r.name == "py.warnings"]
