@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from tsfm_msa.kernels.reference import topk_blocks
 from tsfm_msa.model.attention import MSAAttention
 from tsfm_msa.model.dense_attention import time_masked_attention
 from tsfm_msa.probes.scenarios import ProbeConfigError
@@ -91,21 +92,6 @@ def block_min_key_time(layout: TokenLayout) -> torch.Tensor:
     return k_time.view(nb, bs).amin(-1)
 
 
-def _topk_forced(key: torch.Tensor, forced: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k blocks of ``key [B, G, L, NB]`` (-inf = not selectable) with ``forced [B, G, L, F]`` (-1 =
-    none) always kept first -> int32 ``[B, G, L, k]``, -1 for empty slots."""
-    nb = key.shape[-1]
-    is_forced = torch.zeros(*key.shape[:-1], nb + 1, dtype=torch.bool, device=key.device)
-    is_forced.scatter_(-1, torch.where(forced < 0, nb, forced).long(), True)  # column nb absorbs the -1s
-    key = key.masked_fill(is_forced[..., :nb], float("inf"))
-    width = min(k, nb)
-    top_val, top_idx = torch.topk(key, width, dim=-1)
-    idx = torch.where(top_val == float("-inf"), -1, top_idx).to(torch.int32)
-    if width < k:
-        idx = torch.nn.functional.pad(idx, (0, k - width), value=-1)
-    return idx.contiguous()
-
-
 def policy_topk(scores: torch.Tensor, layer: MSAAttention, layout: TokenLayout, rows: slice | None = None) -> torch.Tensor:
     """Keep the best ``layer.top_k`` blocks of ``scores [B, G, Lq, NB]`` (query rows ``rows``, default
     all) under the layer's group policy, mirroring ``MSAAttention.select``: free = any visible block
@@ -116,16 +102,16 @@ def policy_topk(scores: torch.Tensor, layer: MSAAttention, layout: TokenLayout, 
     k = layer.top_k
     if layer.group_policy == "free":
         forced = layout.own_local_block[rows].view(1, 1, n_rows, 1).expand(batch, groups, n_rows, 1)
-        return _topk_forced(scores, forced, k)
+        return topk_blocks(scores, k, None, forced, return_scores=False)
     own = layout.block_group[None, :] == torch.arange(groups, device=scores.device)[:, None]  # [G, NB]
     own_scores = scores.masked_fill(~own[None, :, None, :], float("-inf"))
     local = layout.group_local_block[None, :, rows, None].expand(batch, groups, n_rows, 1)
     if layer.group_policy == "sensor":
-        return _topk_forced(own_scores, local, k)
-    first = _topk_forced(own_scores, local, layer.k_own)
+        return topk_blocks(own_scores, k, None, local, return_scores=False)
+    first = topk_blocks(own_scores, layer.k_own, None, local, return_scores=False)
     if layer.k_own == k:
         return first
-    return _topk_forced(scores, first, k)
+    return topk_blocks(scores, k, None, first, return_scores=False)
 
 
 def chunked_policy_topk(scores: ChunkScores, layer: MSAAttention, layout: TokenLayout, chunk: int) -> torch.Tensor:
