@@ -216,6 +216,7 @@ def oracle_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
     k_t = kf.reshape(batch * groups, seq_len, dim).transpose(1, 2)  # [BG, D, L]
     neg_lse = (-lse).reshape(batch * groups, rep, seq_len)
     pad = nb * bs - seq_len
+    first_time = block_min_key_time(layout)  # [NB], once for every chunk
 
     def scores(start: int, stop: int) -> torch.Tensor:
         c = stop - start
@@ -228,7 +229,7 @@ def oracle_selector(layer, q, k, qi, ki, layout) -> torch.Tensor:
             mass = torch.nn.functional.pad(mass, (0, pad))
         mass = mass.view(batch * groups, rep, c, nb, bs)
         pooled = mass.sum(-1).mean(1).view(batch, groups, c, nb)  # [B, G, c, NB]
-        visible = block_min_key_time(layout)[None, :] <= layout.q_time[start:stop, None]  # [c, NB]
+        visible = first_time[None, :] <= layout.q_time[start:stop, None]  # [c, NB]
         return pooled.masked_fill(~visible, float("-inf"))
 
     return chunked_policy_topk(scores, layer, layout, query_chunk(seq_len, batch * heads * seq_len, device=q.device))
