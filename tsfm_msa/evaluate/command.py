@@ -175,7 +175,7 @@ def _train_baseline(cfg: DictConfig, kind: str, seed: int, zsplit: EvalSplit, n_
     # Same budget and the same context as ours (DeepAR and TFT would otherwise fall back to the horizon).
     common = dict(max_steps=int(cfg.eval.max_steps), batch_size=int(cfg.data.batch_size), seed=seed,
                   root_dir=run_dir, num_batches_per_epoch=int(cfg.eval.num_batches_per_epoch),
-                  context_length=int(cfg.data.context_len), accelerator=str(cfg.trainer.get("accelerator", "cpu")))
+                  context_length=int(cfg.data.context_len), accelerator=_accelerator(cfg))
     kwargs = OmegaConf.to_container(cfg.eval[kind], resolve=True) or {}
     H = zsplit.prediction_length
     if kind == "patchtst":
@@ -347,9 +347,14 @@ def streamed_forecasts(module, frames: list, split: EvalSplit, context_len: int)
     return out
 
 
+def _accelerator(cfg: DictConfig) -> str:
+    """The run's `trainer.accelerator`: ours and the GluonTS baselines train there."""
+    return str(cfg.trainer.get("accelerator", "cpu"))
+
+
 def _device(cfg: DictConfig) -> str:
     """Where ours train and forecast: CUDA under a GPU trainer, else the CPU."""
-    on_gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda") and torch.cuda.is_available()
+    on_gpu = _accelerator(cfg) in ("gpu", "cuda") and torch.cuda.is_available()
     return "cuda" if on_gpu else "cpu"
 
 
@@ -369,6 +374,6 @@ def _setting(cfg: DictConfig, split: EvalSplit) -> dict[str, Any]:
         "tokens_per_batch": cfg.eval.get("tokens_per_batch"),
         "seeds": list(cfg.eval.seeds), "baseline_seeds": list(cfg.eval.get("baseline_seeds") or cfg.eval.seeds),
         "checkpoint": cfg.get("checkpoint"),
-        "accelerator": str(cfg.trainer.get("accelerator", "cpu")),
+        "accelerator": _accelerator(cfg),
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
