@@ -143,6 +143,20 @@ def test_plan_orders_short_against_long_first_and_never_repeats():
         == ["max", "w1"]
 
 
+def test_run_skips_jobs_finished_in_an_earlier_run(tmp_path, capsys):
+    earlier = tmp_path / "earlier"
+    (earlier / "epf-max-p16-dense-s0").mkdir(parents=True)
+    (earlier / "epf-max-p16-dense-s0" / "evaluation.json").write_text("{}")
+    (earlier / "epf-max-p16-msa-s0").mkdir()  # started, never finished: runs again
+    lc.main(["run", "--dry-run", "--out", str(tmp_path / "x"), "--datasets", "epf", "--patches", "16", "--seeds", "0",
+             "--rungs", "max", "--skip-finished", str(earlier)])
+    printed = capsys.readouterr().out
+    assert "study.model=dense" not in printed
+    assert "study.model=msa " in printed and "study.model=msa_sensor" in printed
+    with pytest.raises(lc.LongContextError, match="--skip-finished: no such folder"):
+        lc.main(["run", "--dry-run", "--out", str(tmp_path / "x"), "--skip-finished", str(tmp_path / "nowhere")])
+
+
 def test_run_pool_runs_in_order_and_stops_at_the_budget(tmp_path):
     py = sys.executable
     commands = {

@@ -376,6 +376,14 @@ def _json_default(x: Any) -> Any:
 # ----------------------------------------------------------------------------------------------- CLI
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     jobs = plan(args.datasets, args.models, args.patches, args.seeds, rungs=args.rungs)
+    earlier = [Path(d) for d in args.skip_finished]
+    missing = [str(d) for d in earlier if not d.is_dir()]
+    if missing:
+        raise LongContextError(f"--skip-finished: no such folder {missing}; give the runs folder of an earlier study run")
+    # A job already finished in an earlier run (same name, evaluation.json written) is not run again; its
+    # folder is collected with the new ones.
+    finished = {job.name for job in jobs if any((d / job.name / "evaluation.json").is_file() for d in earlier)}
+    jobs = [job for job in jobs if job.name not in finished]
     runs_dir = Path(args.runs_dir or f"outputs/long_context/{datetime.now():%Y-%m-%d_%H-%M-%S}")
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     commands = {job.name: [sys.executable, "-m", "tsfm_msa.cli", "evaluate", *job.overrides(),
@@ -398,7 +406,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.budget_minutes} min. CRPS and MASE are ratios to seasonal naive on the same end-aligned test "
             "windows; s / step is the median training step after the indexer warmup; peak MB is the training's "
             "peak allocation.")
-    return collect([runs_dir], args.out, jobs=status, note=note)
+    status.update({name: "finished in an earlier run" for name in sorted(finished)})
+    return collect([runs_dir, *earlier], args.out, jobs=status, note=note)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -419,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
         p.add_argument("--rungs", nargs="+", default=None, help="context rungs to run (default: all of STAGES)")
         p.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for every job")
+        p.add_argument("--skip-finished", nargs="*", default=[], metavar="RUNS_DIR",
+                       help="runs folders of earlier study runs: jobs finished there are not run again, only collected")
         p.add_argument("--dry-run", action="store_true", help="print the jobs in order and stop")
         run_study(p.parse_args(argv[1:]))
         return
