@@ -7,6 +7,7 @@
 #   source benchmarks/gpu_setup.sh && bash benchmarks/evaluate_gpu.sh OUT_DIR [STEPS] [DATASETS] [MODELS]
 #
 # SPLIT_SEEDS="0 1 2" runs one process per (dataset, model, seed) instead, for a short time budget.
+# OVERRIDES="optim.lr=4e-3 ..." adds Hydra overrides to every run (a variant of the protocol).
 #
 # Writes OUT_DIR/runs/<dataset>-<model>/ (each an evaluate run folder, with its log) and
 # OUT_DIR/results/<date>-evaluation-*.{md,csv} (the committed form).
@@ -27,7 +28,7 @@ for dataset in $datasets; do
       seeds=()
       if [ "$seed" != all ]; then name="$name-seed$seed"; seeds=("eval.seeds=[$seed]"); fi
       tsfm-msa evaluate data="$dataset" eval="$eval_cfg" trainer=gpu "eval.models=[$model]" \
-        eval.max_steps="$steps" indexer_warmup.steps="$warmup" eval.plot_series=1 "${seeds[@]}" \
+        eval.max_steps="$steps" indexer_warmup.steps="$warmup" eval.plot_series=1 "${seeds[@]}" ${OVERRIDES:-} \
         hydra.run.dir="$out/runs/$name" > "$out/runs/$name.log" 2>&1 &
       pids+=($!)
     done

@@ -144,7 +144,11 @@ def train_model(model_config: dict, scenario: ScenarioData, train_cfg: dict, see
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     _sync(device)
-    return module.model.to(device).eval(), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    # Progress of long runs (a 64K-token scenario trains for minutes): which model, how long a step took.
+    print(f"[probe]   trained {'MSA' if module.model.has_msa else 'dense'} model: {steps} steps in {seconds:.1f} s",
+          flush=True)
+    return module.model.to(device).eval(), seconds
 
 
 def dense_mix_period(fraction: float | None) -> int:
@@ -422,6 +426,7 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     start = time.perf_counter()
     items = list(window_dataset(scenario.train, scenario))  # cut and scaled once for every model
     result["data_seconds"] = round(data_seconds + time.perf_counter() - start, 1)
+    print(f"[probe]   data ready in {result['data_seconds']} s", flush=True)
     fit = dict(device=device, precision=precision, train_items=items)
     dense, secs = train_model(dense_config, scenario, {**train_cfg, "indexer_warmup_steps": 0, "dense_mix": None}, seed,
                               **fit)
