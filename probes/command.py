@@ -1,6 +1,7 @@
 """`tsfm-msa probe`: build scenarios, train (or load) models, run every selector, write the report.
 
-For each scenario of ``cfg.probe.scenarios`` and each group policy it lists:
+For each scenario of ``cfg.probe.scenarios``, each seed of ``cfg.seeds`` (the scenario's data and the
+models' training) and each group policy it lists:
 
 1. train a dense model and an MSA model (indexer warmup, then sparse) on the scenario's training
    windows with the same step budget (ForecastModule + Lightning; CUDA when available): from scratch
@@ -11,7 +12,8 @@ For each scenario of ``cfg.probe.scenarios`` and each group policy it lists:
    model is converted into an MSA model of the same shape so the selector hook exists; with all
    blocks selected it computes exactly dense attention);
 3. measure recall of the needed blocks at the forecast queries, error ratio against the dense model,
-   counterfactual sensitivity and support size; judge each (scenario, policy, selector).
+   counterfactual sensitivity and support size; judge each (scenario, seed, policy, selector), and
+   each (scenario, policy, selector) on its means over the seeds (report.py).
 """
 from __future__ import annotations
 
@@ -328,6 +330,7 @@ def evaluate_backbones(backbones: dict[str, tuple[torch.nn.Module, list[str]]], 
     ref = next(r for r in rows if r["backbone"] == reference and r["selector"] == "dense")
     own_dense = {r["backbone"]: r for r in rows if r["selector"] == "dense"}
     for row in rows:
+        row["reference_mae"], row["reference_crps"] = ref["mae"], ref["crps"]  # for the ratios over seeds
         row["error_ratio"] = metrics.error_ratio(row["mae"], ref["mae"])
         row["crps_ratio"] = metrics.error_ratio(row["crps"], ref["crps"])
         own = own_dense.get(row["backbone"])
@@ -339,9 +342,33 @@ def evaluate_backbones(backbones: dict[str, tuple[torch.nn.Module, list[str]]], 
 # ---------------------------------------------------------------------------------------------
 # the command
 
-def _scenario_knobs(spec: dict, checkpoint_hp: dict | None, seed: int) -> dict:
+def probe_seeds(cfg: dict) -> list[int]:
+    """The run's seeds: ``seeds`` (a list of integers; one integer is a list of one), or the shorthand
+    ``seed=N`` for ``seeds=[N]``. Each scenario runs once per seed (data and models)."""
+    seeds, seed = cfg.get("seeds", [0]), cfg.get("seed")
+    if seed is not None:
+        if seeds not in (None, [0], [seed]):  # [0]: the default of `seeds`, i.e. not set
+            raise ProbeConfigError(f"set seed or seeds, not both (seed={seed!r}, seeds={seeds!r}); "
+                                   "several seeds: seeds=[0,1,2]")
+        seeds = [seed]
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise ProbeConfigError(f"seeds must be a non-empty list of integers, e.g. seeds=[0,1,2], got {seeds!r}")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**31]
+    if bad:
+        raise ProbeConfigError(f"seeds must be non-negative integers, e.g. seeds=[0,1,2]; bad entries: {bad}")
+    if len(set(seeds)) < len(seeds):
+        raise ProbeConfigError(f"seeds has repeats: {list(seeds)}; list each seed once")
+    return list(seeds)
+
+
+def _scenario_knobs(name: str, spec: dict, checkpoint_hp: dict | None, seed: int) -> dict:
     knobs = dict(spec.get("knobs") or {})
-    knobs.setdefault("seed", seed)
+    if "seed" in knobs:
+        raise ProbeConfigError(f"probe.scenarios.{name}.knobs.seed: the data seed is the run's seed; remove it and "
+                               "set seeds=[...] (or seed=N)")
+    knobs["seed"] = seed
     if checkpoint_hp is not None:
         # Zero-shot: the checkpoint fixes the window and patch lengths.
         knobs["context_len"] = int(checkpoint_hp["context_len"])
@@ -360,12 +387,13 @@ def _load_checkpoint(path: str) -> "ForecastModule":  # noqa: F821 (imported laz
     return module
 
 
-def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule | None" = None) -> dict:  # noqa: F821
-    """Everything for one scenario: data, models, selector rows per policy, figures' raw material."""
-    seed = int(cfg["seed"])
+def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule | None" = None,  # noqa: F821
+                   seed: int = 0) -> dict:
+    """Everything for one scenario at one seed (the data's and the models'): data, models, selector
+    rows per policy, figures' raw material."""
     hp = dict(checkpoint.hparams) if checkpoint is not None else None
     start = time.perf_counter()
-    scenario = make_scenario(name, **_scenario_knobs(spec, hp, seed))
+    scenario = make_scenario(name, **_scenario_knobs(name, spec, hp, seed))
     data = probe_batches(scenario)
     data_seconds = time.perf_counter() - start
     selectors = [s for s in cfg["selectors"] if s in SELECTORS]
@@ -378,7 +406,7 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     if unknown_model:
         raise ProbeConfigError(f"probe.scenarios.{name}.model: unknown model keys {unknown_model}; "
                                f"choose from {sorted(cfg['model'])}")
-    result = {"description": scenario.description, "knobs": scenario.knobs, "policies": {},
+    result = {"seed": seed, "description": scenario.description, "knobs": scenario.knobs, "policies": {},
               "model": dict(spec.get("model") or {}),
               "train_seconds": {}, "schema": scenario.schema.to_dict(), "data_seconds": round(data_seconds, 1)}
     thresholds = dict(cfg["verdict"])
@@ -489,15 +517,16 @@ def run_probe_in(cfg: dict, out_dir: Path) -> dict:
     scenarios = probe.get("scenarios") or {}
     if not scenarios:
         raise ProbeConfigError("no probe scenarios configured; use probe=all or probe=<scenario>")
+    seeds = probe_seeds(cfg)
     checkpoint = _load_checkpoint(cfg["checkpoint"]) if cfg.get("checkpoint") else None
-    results = {}
+    results = {}  # scenario -> {"runs": [one result per seed], "seconds": all seeds}
 
     def report() -> dict:
         summary = {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "settings": {k: copy.deepcopy(cfg.get(k)) for k in ("overrides", "seed", "threads", "checkpoint", "model",
-                                                                  "train", "selectors", "dense_backbone_selectors",
-                                                                  "eval_batch_size", "verdict")},
+            "settings": {"seeds": seeds, **{k: copy.deepcopy(cfg.get(k)) for k in (
+                "overrides", "threads", "checkpoint", "model", "train", "selectors", "dense_backbone_selectors",
+                "eval_batch_size", "verdict")}},
             "precision": probe_precision(cfg.get("precision"), probe_device(cfg.get("device"))),
             "target": copy.deepcopy(probe.get("target")),
             "device": _device_text(probe_device(cfg.get("device"))),
@@ -506,13 +535,18 @@ def run_probe_in(cfg: dict, out_dir: Path) -> dict:
         }
         return write_report(summary, Path(out_dir))
 
+    n_runs = len(scenarios) * len(seeds)
     for name, spec in scenarios.items():
-        t0 = time.perf_counter()
-        print(f"[probe] {name} ...", flush=True)
-        results[name] = probe_scenario(name, dict(spec or {}), cfg, checkpoint)
-        results[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"[probe] {name} done in {results[name]['seconds']} s", flush=True)
-        if len(results) < len(scenarios):
-            # The report after every scenario: a long run stopped early keeps what it finished.
-            report()
+        results[name] = {"runs": [], "seconds": 0.0}
+        for seed in seeds:
+            t0 = time.perf_counter()
+            print(f"[probe] {name}, seed {seed} ...", flush=True)
+            run = probe_scenario(name, dict(spec or {}), cfg, checkpoint, seed)
+            run["seconds"] = round(time.perf_counter() - t0, 1)
+            results[name]["runs"].append(run)
+            results[name]["seconds"] = round(results[name]["seconds"] + run["seconds"], 1)
+            print(f"[probe] {name}, seed {seed} done in {run['seconds']} s", flush=True)
+            if sum(len(r["runs"]) for r in results.values()) < n_runs:
+                # The report after every (scenario, seed): a long run stopped early keeps what it finished.
+                report()
     return report()

@@ -1,5 +1,8 @@
-"""Probe report: verdicts, probe_summary.json, probe_report.md, a self-contained probe_report.html and
-PNG plots (selection heat maps, recall / error-ratio bars, counterfactual scatter)."""
+"""Probe report: verdicts, aggregates over seeds, probe_summary.json, probe_report.md, a self-contained
+probe_report.html and PNG plots (selection heat maps, recall / error-ratio bars, counterfactual scatter).
+
+probe_summary.json: ``scenarios.<name>.runs`` holds one result per seed (``seed``, ``policies.<policy>.rows``:
+the per-seed rows); ``aggregate`` one row per (scenario, policy, backbone, selector) over the seeds."""
 from __future__ import annotations
 
 import base64
@@ -9,6 +12,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+
+from tsfm_msa.probes.metrics import error_ratio
 
 DEFAULT_THRESHOLDS = {"preserved_recall": 0.9, "preserved_ratio": 1.1, "lost_recall": 0.5, "lost_ratio": 1.5}
 # The rows of the headline table: the dense model (the reference), then every selector on the MSA model
@@ -36,15 +41,67 @@ def judge(recall: float, error_ratio: float, thresholds: dict | None = None) -> 
     return "degraded"
 
 
-def headline_rows(summary: dict) -> list[dict]:
-    """Flat rows (scenario, policy, backbone, selector, metrics) of the headline table."""
-    out = []
+def seed_runs(summary: dict):
+    """(scenario, one seed's result) pairs, scenarios in order, seeds in order."""
     for scenario, res in summary["scenarios"].items():
-        for policy, pol in res.get("policies", {}).items():
-            by_key = {(r["backbone"], r["selector"]): r for r in pol["rows"]}
-            for key in HEADLINE:
-                if key in by_key:
-                    out.append({"scenario": scenario, "policy": policy, **by_key[key]})
+        for run in res["runs"]:
+            yield scenario, run
+
+
+# Per-seed metrics averaged over seeds (a NaN left out: no needed block, or no counterfactual change),
+# errors averaged with NaN kept (a failed seed must show), and the min-max over seeds kept for some.
+MEANS = ("recall", "path_recall", "cf_corr", "support_tokens", "support_frac")
+ERRORS = ("mae", "crps", "reference_mae", "reference_crps")
+SPREADS = ("recall", "path_recall", "error_ratio", "crps_ratio")
+
+
+def _mean(values: list) -> float:
+    """Mean of the defined values; NaN if none."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def aggregate_row(rows: list[dict], thresholds: dict | None = None) -> dict:
+    """One (scenario, policy, backbone, selector) over its per-seed ``rows``: means, the min-max over
+    seeds of recall and ratios (``<metric>_range``; min-max, not std: two or three seeds give no
+    usable std), n_seeds, each seed's verdict, and the verdict judged on the means."""
+    out = {k: rows[0][k] for k in ("scenario", "policy", "backbone", "selector")}
+    out.update({"n_seeds": len(rows), "seeds": [r["seed"] for r in rows]})
+    out.update({k: _mean([r[k] for r in rows]) for k in MEANS})
+    out.update({k: float(np.mean([np.nan if r[k] is None else r[k] for r in rows])) for k in ERRORS})
+    # Ratio of mean errors, not mean of per-seed ratios: the dense reference's MAE differs between seeds
+    # (0.113 vs 0.140 on action_history), and a seed with a small reference error would otherwise weigh
+    # most; it is the per-seed ratios' mean weighted by the reference error, so it lies in their range.
+    out["error_ratio"] = error_ratio(out["mae"], out["reference_mae"])
+    out["crps_ratio"] = error_ratio(out["crps"], out["reference_crps"])
+    for k in SPREADS:
+        vals = [r[k] for r in rows if r[k] is not None and not math.isnan(r[k])]
+        out[f"{k}_range"] = [min(vals), max(vals)] if vals else [float("nan")] * 2
+    out["seed_verdicts"] = [r["verdict"] for r in rows]
+    out["verdict"] = judge(out["recall"], out["error_ratio"], thresholds)
+    return out
+
+
+def aggregate_rows(summary: dict) -> list[dict]:
+    """Every per-seed row of the summary grouped by (scenario, policy, backbone, selector), one
+    aggregate row each (order of first appearance)."""
+    groups: dict[tuple, list[dict]] = {}
+    for scenario, run in seed_runs(summary):
+        for policy, pol in run.get("policies", {}).items():
+            for r in pol["rows"]:
+                key = (scenario, policy, r["backbone"], r["selector"])
+                groups.setdefault(key, []).append({**r, "scenario": scenario, "policy": policy, "seed": run["seed"]})
+    thresholds = summary["settings"].get("verdict")
+    return [aggregate_row(rows, thresholds) for rows in groups.values()]
+
+
+def headline_rows(summary: dict) -> list[dict]:
+    """The aggregate rows of the headline table, in HEADLINE order per (scenario, policy)."""
+    rows = summary["aggregate"]
+    out = []
+    for scenario, policy in dict.fromkeys((r["scenario"], r["policy"]) for r in rows):
+        by_key = {(r["backbone"], r["selector"]): r for r in rows if (r["scenario"], r["policy"]) == (scenario, policy)}
+        out += [by_key[key] for key in HEADLINE if key in by_key]
     return out
 
 
@@ -58,18 +115,34 @@ def _fmt(x, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
-TABLE_HEAD = ["scenario", "policy", "selector", "model", "recall", "path recall", "MAE ratio", "CRPS ratio", "cf corr",
-              "support (tok, frac)", "verdict"]
+def _spread(row: dict, key: str) -> str:
+    """The mean, then its min-max over seeds when there are several."""
+    if row["n_seeds"] < 2:
+        return _fmt(row[key])
+    lo, hi = row[f"{key}_range"]
+    return f"{_fmt(row[key])} ({_fmt(lo)}-{_fmt(hi)})"
+
+
+def _verdict_cell(row: dict) -> str:
+    if row["n_seeds"] < 2:
+        return row["verdict"]
+    counts = {v: row["seed_verdicts"].count(v) for v in dict.fromkeys(row["seed_verdicts"])}
+    return f"{row['verdict']} (seeds: {', '.join(f'{n} {v}' for v, n in counts.items())})"
+
+
+TABLE_HEAD = ["scenario", "policy", "selector", "model", "seeds", "recall", "path recall", "MAE ratio", "CRPS ratio",
+              "cf corr", "support (tok, frac)", "verdict"]
 
 
 def table_cells(row: dict) -> list[str]:
-    return [row["scenario"], row["policy"], row["selector"], row["backbone"], _fmt(row["recall"]),
-            _fmt(row["path_recall"]), _fmt(row["error_ratio"]), _fmt(row["crps_ratio"]), _fmt(row["cf_corr"]),
-            f"{_fmt(row['support_tokens'], 1)}, {_fmt(row['support_frac'])}", row["verdict"]]
+    return [row["scenario"], row["policy"], row["selector"], row["backbone"], str(row["n_seeds"]),
+            _spread(row, "recall"), _spread(row, "path_recall"), _spread(row, "error_ratio"),
+            _spread(row, "crps_ratio"), _fmt(row["cf_corr"]), f"{_fmt(row['support_tokens'], 1)}, "
+            f"{_fmt(row['support_frac'])}", _verdict_cell(row)]
 
 
 def summary_table(summary: dict) -> str:
-    """Markdown table of the headline rows."""
+    """Markdown table of the headline rows (aggregates over the seeds)."""
     lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
     for row in headline_rows(summary):
         lines.append("| " + " | ".join(table_cells(row)) + " |")
@@ -101,8 +174,10 @@ def _figures(summary: dict, out_dir: Path) -> list[tuple[str, str]]:
     from matplotlib.patches import Rectangle
 
     made = []
-    for scenario, res in summary["scenarios"].items():
-        for policy, pol in res.get("policies", {}).items():
+    # Heat maps and counterfactual scatters illustrate one test instance: the first seed's run.
+    first = {scenario: res["runs"][0] for scenario, res in summary["scenarios"].items() if res["runs"]}
+    for scenario, run in first.items():
+        for policy, pol in run.get("policies", {}).items():
             rows = [r for r in pol["rows"] if (r["backbone"], r["selector"]) in HEADLINE and r["selector"] != "dense"]
             if not rows:
                 continue
@@ -124,9 +199,9 @@ def _figures(summary: dict, out_dir: Path) -> list[tuple[str, str]]:
             name = f"heatmap_{scenario}_{policy}.png"
             fig.savefig(out_dir / name, dpi=80)
             plt.close(fig)
-            made.append((name, f"{scenario} / {policy}: share of layers in which the forecast query's selection "
-                               "(any GQA group) covers each sensor x patch token, test instance 0; needed tokens "
-                               "outlined in red"))
+            made.append((name, f"{scenario} / {policy}, seed {run['seed']}: share of layers in which the forecast "
+                               "query's selection (any GQA group) covers each sensor x patch token, test instance 0; "
+                               "needed tokens outlined in red"))
 
     rows = headline_rows(summary)
     if rows:
@@ -139,13 +214,16 @@ def _figures(summary: dict, out_dir: Path) -> list[tuple[str, str]]:
             fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 3.8))
             width = 0.8 / max(1, len(selectors))
             for s, sel in enumerate(selectors):
-                vals = []
+                vals, lows, highs = [], [], []
                 for g in groups:
                     hit = [r for r in rows if f"{r['scenario']}\n{r['policy']}" == g
                            and _label(r) == sel]
-                    v = hit[0][metric] if hit else float("nan")
-                    vals.append(np.nan if v is None else v)
-                ax.bar(np.arange(len(groups)) + s * width, vals, width, label=sel)
+                    v, (lo, hi) = (hit[0][metric], hit[0][f"{metric}_range"]) if hit else (np.nan, (np.nan, np.nan))
+                    vals.append(v)
+                    lows.append(max(0.0, v - lo))  # max: rounding may put the mean a hair outside
+                    highs.append(max(0.0, hi - v))
+                ax.bar(np.arange(len(groups)) + s * width, vals, width, label=sel,
+                       yerr=[lows, highs] if any(r["n_seeds"] > 1 for r in rows) else None, capsize=2)
             for y in lines:
                 ax.axhline(y, color="grey", linestyle="--", linewidth=0.8)
             ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, fontsize=8)
@@ -157,13 +235,13 @@ def _figures(summary: dict, out_dir: Path) -> list[tuple[str, str]]:
             fig.savefig(out_dir / fname, dpi=80)
             plt.close(fig)
             made.append((fname, f"{label} per scenario and selector (selectors on the MSA model trained for the "
-                                f"scenario, or on the probed checkpoint); "
+                                f"scenario, or on the probed checkpoint), mean over seeds (whiskers: min-max); "
                                 f"dashed lines: verdict thresholds {lines}"))
 
-        fig_rows = [(s, p) for s, res in summary["scenarios"].items() for p in res.get("policies", {})]
+        fig_rows = [(s, p) for s, run in first.items() for p in run.get("policies", {})]
         fig, axes = plt.subplots(1, len(fig_rows), figsize=(3.2 * len(fig_rows), 3.2), squeeze=False)
         for ax, (scenario, policy) in zip(axes[0], fig_rows):
-            for row in summary["scenarios"][scenario]["policies"][policy]["rows"]:
+            for row in first[scenario]["policies"][policy]["rows"]:
                 if (row["backbone"], row["selector"]) in (("dense", "dense"), ("msa", "local"), ("msa", "oracle"),
                                                           ("msa", "learned"), ("checkpoint", "dense"),
                                                           ("checkpoint", "local"), ("checkpoint", "learned")):
@@ -172,7 +250,7 @@ def _figures(summary: dict, out_dir: Path) -> list[tuple[str, str]]:
                                label=f"{_label(row)} ({_fmt(row['cf_corr'])})")
             lim = ax.get_xlim()
             ax.plot(lim, lim, color="grey", linewidth=0.8)
-            ax.set_title(f"{scenario} / {policy}", fontsize=8)
+            ax.set_title(f"{scenario} / {policy}, seed {first[scenario]['seed']}", fontsize=8)
             ax.set_xlabel("true change", fontsize=8)
             ax.legend(fontsize=6)
         axes[0, 0].set_ylabel("forecast change (median)")
@@ -196,6 +274,10 @@ def _settings_lines(summary: dict) -> list[str]:
         f"- model: {json.dumps(s.get('model'))}",
         f"- training: {json.dumps(s.get('train'))}",
         f"- checkpoint: {s.get('checkpoint')}",
+        f"- seeds: {s.get('seeds')} (each scenario's data and models once per seed). The summary rows are over the "
+        "seeds: mean recall, MAE and CRPS ratios of the mean errors (mean MAE / mean MAE of the dense model), "
+        "in brackets the min-max of the per-seed values; the verdict is judged on the means. The per-seed "
+        "rows follow in the scenario sections.",
         f"- verdict thresholds: **preserved** if recall >= {t['preserved_recall']} and MAE ratio <= "
         f"{t['preserved_ratio']}; **lost** if recall < {t['lost_recall']} or MAE ratio > {t['lost_ratio']}; "
         "**degraded** otherwise.",
@@ -220,8 +302,8 @@ def target_check(summary: dict) -> list[dict]:
         return []
     out = []
     for scenario in target["scenarios"]:
-        pol = summary["scenarios"].get(scenario, {}).get("policies", {}).get(target["policy"])
-        rows = {(r["backbone"], r["selector"]): r for r in (pol or {}).get("rows", [])}
+        rows = {(r["backbone"], r["selector"]): r for r in summary["aggregate"]
+                if (r["scenario"], r["policy"]) == (scenario, target["policy"])}
         learned, local = rows.get(("msa", "learned")), rows.get(("msa", "local"))
         if learned is None or local is None:
             out.append({"scenario": scenario, "ok": False, "why": "not run (needs the learned and local selectors)"})
@@ -229,9 +311,9 @@ def target_check(summary: dict) -> list[dict]:
         checks = {"learned recall": learned["recall"] >= target["learned_recall"],
                   "learned ratio": learned["error_ratio"] <= target["learned_ratio"],
                   "local recall": local["recall"] < target["local_recall"]}
-        out.append({"scenario": scenario, "learned_recall": learned["recall"], "learned_ratio": learned["error_ratio"],
-                    "local_recall": local["recall"], "ok": all(checks.values()),
-                    "why": ", ".join(k for k, ok in checks.items() if not ok) or "met"})
+        out.append({"scenario": scenario, "n_seeds": learned["n_seeds"], "learned_recall": learned["recall"],
+                    "learned_ratio": learned["error_ratio"], "local_recall": local["recall"],
+                    "ok": all(checks.values()), "why": ", ".join(k for k, ok in checks.items() if not ok) or "met"})
     return out
 
 
@@ -241,33 +323,51 @@ def _target_lines(summary: dict) -> list[str]:
         return []
     t = summary["target"]
     lines = [f"## Target: learned recall >= {t['learned_recall']} and MAE ratio <= {t['learned_ratio']} under the "
-             f"`{t['policy']}` policy, local-window recall < {t['local_recall']}", "",
-             "| scenario | learned recall | learned MAE ratio | local recall | met | misses |", "|---|---|---|---|---|---|"]
+             f"`{t['policy']}` policy, local-window recall < {t['local_recall']} (means over the seeds)", "",
+             "| scenario | seeds | learned recall | learned MAE ratio | local recall | met | misses |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['scenario']} | {_fmt(r.get('learned_recall'))} | {_fmt(r.get('learned_ratio'))} | "
+        lines.append(f"| {r['scenario']} | {r.get('n_seeds', 0)} | {_fmt(r.get('learned_recall'))} | "
+                     f"{_fmt(r.get('learned_ratio'))} | "
                      f"{_fmt(r.get('local_recall'))} | {'yes' if r['ok'] else 'no'} | {r['why']} |")
     return lines + [""]
 
 
+def _means_by_key(pairs) -> dict:
+    """(key, value) pairs -> {key: mean of its values}, keys in order of first appearance."""
+    values: dict = {}
+    for key, value in pairs:
+        values.setdefault(key, []).append(value)
+    return {k: _mean(v) for k, v in values.items()}
+
+
 def timing_table(summary: dict) -> str:
-    """Seconds per scenario: total, data (generation, windows), each model's training, each selector's
-    probe forwards (original + counterfactual windows, with its metrics)."""
-    lines = ["| scenario | total s | data s | training s | probing s (backbone/selector) |", "|---|---|---|---|---|"]
+    """Seconds per scenario: total over its seeds, then per seed (mean over seeds): data (generation,
+    windows), each model's training, each selector's probe forwards (original + counterfactual
+    windows, with its metrics)."""
+    lines = ["| scenario | seeds | total s | data s per seed | training s per seed | probing s per seed "
+             "(policy: backbone/selector) |", "|---|---|---|---|---|---|"]
     for scenario, res in summary["scenarios"].items():
-        train = ", ".join(f"{k} {v}" for k, v in res.get("train_seconds", {}).items())
-        probe = "; ".join(f"{policy}: " + ", ".join(f"{r['backbone']}/{r['selector']} {_fmt(r.get('seconds'), 1)}"
-                                                    for r in pol["rows"])
-                          for policy, pol in res.get("policies", {}).items())
-        lines.append(f"| {scenario} | {_fmt(res.get('seconds'), 1)} | {_fmt(res.get('data_seconds'), 1)} | {train} | "
-                     f"{probe} |")
+        runs = res["runs"]
+        train = _means_by_key(kv for run in runs for kv in run.get("train_seconds", {}).items())
+        probe = _means_by_key(((policy, f"{r['backbone']}/{r['selector']}"), r.get("seconds"))
+                              for run in runs for policy, pol in run.get("policies", {}).items() for r in pol["rows"])
+        probe_text = "; ".join(f"{policy}: " + ", ".join(f"{name} {_fmt(v, 1)}" for (p, name), v in probe.items()
+                                                         if p == policy)
+                               for policy in dict.fromkeys(p for p, _ in probe))
+        lines.append(f"| {scenario} | {len(runs)} | {_fmt(res.get('seconds'), 1)} | "
+                     f"{_fmt(_mean([run.get('data_seconds') for run in runs]), 1)} | "
+                     f"{', '.join(f'{k} {_fmt(v, 1)}' for k, v in train.items())} | {probe_text} |")
     return "\n".join(lines)
 
 
 def _markdown(summary: dict, figures: list[tuple[str, str]]) -> str:
     lines = ["# Preservation probes", "", *_settings_lines(summary), "", "## Summary", "", summary_table(summary), "",
              *_target_lines(summary), "## Timing", "", timing_table(summary), ""]
-    for scenario, res in summary["scenarios"].items():
-        lines += [f"## {scenario}", "", f"{res['description']}. Knobs: `{json.dumps(res['knobs'])}`", ""]
+    several = len(summary["settings"].get("seeds") or []) > 1
+    for scenario, res in seed_runs(summary):
+        lines += [f"## {scenario}" + (f", seed {res['seed']}" if several else ""), "",
+                  f"{res['description']}. Knobs: `{json.dumps(res['knobs'])}`", ""]
         if res.get("model"):
             lines += [f"Model settings of this scenario (over the common ones): `{json.dumps(res['model'])}`", ""]
         if res.get("skipped"):
@@ -307,9 +407,9 @@ def _html(summary: dict, figures: list[tuple[str, str]], out_dir: Path) -> str:
         cells = table_cells(row)
         parts.append(f"<tr class='{esc(row['verdict'])}'>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
     parts.append("</table>")
-    for scenario, res in summary["scenarios"].items():
+    for scenario, res in seed_runs(summary):
         if res.get("skipped"):
-            parts.append(f"<h2>{esc(scenario)}</h2><p>Skipped: {esc(res['skipped'])}</p>")
+            parts.append(f"<h2>{esc(scenario)}, seed {res['seed']}</h2><p>Skipped: {esc(res['skipped'])}</p>")
     parts.append("<h2>Plots</h2>")
     for name, caption in figures:
         data = base64.b64encode((out_dir / name).read_bytes()).decode("ascii")
@@ -323,6 +423,7 @@ def write_report(summary: dict, out_dir: Path) -> dict:
     """Write probe_summary.json, the PNGs, probe_report.md and probe_report.html into ``out_dir``; print
     the summary table; return the JSON-safe summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    summary["aggregate"] = aggregate_rows(summary)
     figures = _figures(summary, out_dir)
     if summary.get("target"):
         summary["target_check"] = target_check(summary)

@@ -17,6 +17,7 @@ from tsfm_msa.probes.scenarios import ProbeConfigError
 from tsfm_msa.tokens import build_layout
 
 TINY = dict(n_train=2, n_test=4, context_len=32, horizon=4, patch_len=4, distance=24, seed=3)
+RUN_KNOBS = {k: v for k, v in TINY.items() if k != "seed"}  # in a probe run the run's seeds set the data seed
 
 
 def _vic_like_frames(seed: int = 0) -> list[SeriesFrame]:
@@ -314,7 +315,7 @@ def test_verdict_thresholds():
 
 def test_run_probe_writes_a_parsable_report(tmp_path):
     cfg = {
-        "seed": 0, "threads": 1, "checkpoint": None,
+        "seeds": [0], "threads": 1, "checkpoint": None,
         "model": {"d_model": 16, "n_layers": 2, "heads_per_group": 1, "head_dim": 4, "block_size": 2, "top_k": 3,
                   "index_dim": 4, "k_own": None},
         "train": {"steps": 3, "msa_steps": 2, "indexer_warmup_steps": 1, "batch_size": 4, "kl_weight": 1.0, "msa_init": "dense",
@@ -322,17 +323,19 @@ def test_run_probe_writes_a_parsable_report(tmp_path):
         "selectors": list(selectors.SELECTORS),
         "verdict": dict(report.DEFAULT_THRESHOLDS),
         "probe": {"scenarios": {
-            "rare_event": {"policies": ["sensor"], "knobs": {**TINY, "n_train": 8, "n_distractors": 1}},
-            "sensor_starvation": {"policies": ["free", "hybrid"], "knobs": {**TINY, "n_train": 8, "n_distractors": 2}},
+            "rare_event": {"policies": ["sensor"], "knobs": {**RUN_KNOBS, "n_train": 8, "n_distractors": 1}},
+            "sensor_starvation": {"policies": ["free", "hybrid"],
+                                  "knobs": {**RUN_KNOBS, "n_train": 8, "n_distractors": 2}},
         }},
     }
     summary = run_probe_in(cfg, tmp_path)
     loaded = json.loads((tmp_path / "probe_summary.json").read_text())
     assert loaded == summary
     for name, policies in (("rare_event", ["sensor"]), ("sensor_starvation", ["free", "hybrid"])):
-        assert list(loaded["scenarios"][name]["policies"]) == policies
+        [run] = loaded["scenarios"][name]["runs"]
+        assert list(run["policies"]) == policies and run["seed"] == 0
         for policy in policies:
-            rows = loaded["scenarios"][name]["policies"][policy]["rows"]
+            rows = run["policies"][policy]["rows"]
             learned = [r for r in rows if r["selector"] == "learned"]
             assert len(learned) == 1 and learned[0]["recall"] is not None and learned[0]["error_ratio"] is not None
             local = [r for r in rows if r["selector"] == "local"]
@@ -347,7 +350,12 @@ def test_run_probe_writes_a_parsable_report(tmp_path):
     page = (tmp_path / "probe_report.html").read_text()
     assert len(re.findall(r"src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", page)) == len(pngs)
     md = (tmp_path / "probe_report.md").read_text()
-    assert "| rare_event | sensor | learned | msa |" in md and "**preserved** if recall >= 0.9" in md
+    assert "| rare_event | sensor | learned | msa | 1 |" in md and "**preserved** if recall >= 0.9" in md
+    assert "## rare_event\n" in md and "## rare_event, seed" not in md  # one seed: sections as before
+    assert [(a["selector"], a["recall"], a["error_ratio"], a["verdict"]) for a in loaded["aggregate"]
+            if a["scenario"] == "rare_event"] == [(r["selector"], r["recall"], r["error_ratio"], r["verdict"])
+                                                  for r in loaded["scenarios"]["rare_event"]["runs"][0]["policies"]
+                                                  ["sensor"]["rows"]]
 
 
 def test_zero_shot_probe_of_a_checkpoint(tmp_path):
@@ -368,16 +376,17 @@ def test_zero_shot_probe_of_a_checkpoint(tmp_path):
     trainer.fit(module, DataLoader(window_dataset(data.train, data), batch_size=2))
     ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)
-    cfg = {"seed": 0, "threads": 1, "checkpoint": str(ckpt), "model": model_cfg, "train": {},
+    cfg = {"seed": 3, "threads": 1, "checkpoint": str(ckpt), "model": model_cfg, "train": {},
            "selectors": ["dense", "local", "oracle", "learned"], "verdict": {},
-           "probe": {"scenarios": {"rare_event": {"knobs": {**TINY, "n_distractors": 1}},
-                                   "exogenous_delay": {"knobs": {**TINY, "n_distractors": 1}}}}}
+           "probe": {"scenarios": {"rare_event": {"knobs": {**RUN_KNOBS, "n_distractors": 1}},
+                                   "exogenous_delay": {"knobs": {**RUN_KNOBS, "n_distractors": 1}}}}}
     summary = run_probe_in(cfg, tmp_path / "out")
-    rows = summary["scenarios"]["rare_event"]["policies"]["sensor"]["rows"]
+    assert summary["settings"]["seeds"] == [3]  # seed=3: the shorthand of seeds=[3]
+    rows = summary["scenarios"]["rare_event"]["runs"][0]["policies"]["sensor"]["rows"]
     assert [r["selector"] for r in rows] == ["dense", "local", "oracle", "learned"]
     assert all(r["backbone"] == "checkpoint" for r in rows)
     assert rows[0]["error_ratio"] == 1.0 and rows[0]["recall"] == 1.0 and rows[1]["recall"] == 0.0
-    assert "schema" in summary["scenarios"]["exogenous_delay"]["skipped"]
+    assert "schema" in summary["scenarios"]["exogenous_delay"]["runs"][0]["skipped"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,17 +430,20 @@ def test_precision_follows_the_device():
 
 
 def _target_summary(learned_recall: float, learned_ratio: float, local_recall: float) -> dict:
-    rows = [{"backbone": "msa", "selector": "learned", "recall": learned_recall, "error_ratio": learned_ratio},
-            {"backbone": "msa", "selector": "local", "recall": local_recall, "error_ratio": 2.0}]
+    rows = [{"scenario": "rare_event", "policy": "sensor", "backbone": "msa", "selector": "learned", "n_seeds": 2,
+             "recall": learned_recall, "error_ratio": learned_ratio},
+            {"scenario": "rare_event", "policy": "sensor", "backbone": "msa", "selector": "local", "n_seeds": 2,
+             "recall": local_recall, "error_ratio": 2.0},
+            {"scenario": "rare_event", "policy": "free", "backbone": "msa", "selector": "learned", "n_seeds": 2,
+             "recall": 0.0, "error_ratio": 9.0}]  # another policy: not the target's
     return {"target": {"scenarios": ["rare_event", "action_history"], "policy": "sensor", "learned_recall": 0.9,
-                       "learned_ratio": 1.1, "local_recall": 0.5},
-            "scenarios": {"rare_event": {"policies": {"sensor": {"rows": rows}}}}}
+                       "learned_ratio": 1.1, "local_recall": 0.5}, "aggregate": rows}
 
 
 def test_target_check_names_each_miss():
     met = report.target_check(_target_summary(0.95, 1.05, 0.1))
-    assert met[0] == {"scenario": "rare_event", "learned_recall": 0.95, "learned_ratio": 1.05, "local_recall": 0.1,
-                      "ok": True, "why": "met"}
+    assert met[0] == {"scenario": "rare_event", "n_seeds": 2, "learned_recall": 0.95, "learned_ratio": 1.05,
+                      "local_recall": 0.1, "ok": True, "why": "met"}
     assert met[1]["scenario"] == "action_history" and not met[1]["ok"] and "not run" in met[1]["why"]
     missed = report.target_check(_target_summary(0.8, 1.2, 0.6))[0]
     assert not missed["ok"] and missed["why"] == "learned recall, learned ratio, local recall"
@@ -439,7 +451,7 @@ def test_target_check_names_each_miss():
 
 
 def _tiny_probe_cfg(spec: dict) -> dict:
-    return {"seed": 0, "threads": 1, "checkpoint": None, "device": "cpu",
+    return {"seeds": [0], "threads": 1, "checkpoint": None, "device": "cpu",
             "model": {"d_model": 8, "n_layers": 1, "heads_per_group": 1, "head_dim": 4, "block_size": 2, "top_k": 2,
                       "index_dim": 4, "k_own": None},
             "train": {"steps": 1, "msa_steps": 1, "indexer_warmup_steps": 0, "batch_size": 2, "kl_weight": 1.0,
@@ -459,7 +471,7 @@ def test_a_scenario_can_override_model_settings_for_both_models(monkeypatch):
         return real(model_config, *args, **kwargs)
 
     monkeypatch.setattr(command, "train_model", spy)
-    spec = {"policies": ["sensor"], "model": {"heads_per_group": 3}, "knobs": {**TINY, "n_distractors": 1}}
+    spec = {"policies": ["sensor"], "model": {"heads_per_group": 3}, "knobs": {**RUN_KNOBS, "n_distractors": 1}}
     cfg = _tiny_probe_cfg(spec)
     result = command.probe_scenario("sensor_starvation", spec, cfg)
     assert seen == [("dense", 9, 3), ("dense", 9, 3), ("msa", 9, 3)]  # 3 groups x 3 heads, not x 1
@@ -491,3 +503,98 @@ def test_bf16_probe_forwards_keep_the_forecast_head_in_fp32():
     assert "forward" not in vars(model.head), "the fp32 head is removed after the block"
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(batch).quantiles.dtype == torch.bfloat16  # what the plain autocast would have compared
+
+
+# ---------------------------------------------------------------------------------------------
+# several seeds: per-seed rows, aggregates judged on the means, clear errors
+
+def _seed_row(selector: str, recall: float, mae: float, reference_mae: float, backbone: str = "msa") -> dict:
+    ratio = mae / reference_mae
+    return {"backbone": backbone, "selector": selector, "recall": recall, "path_recall": recall, "cf_corr": 0.5,
+            "support_tokens": 10.0, "support_frac": 0.5, "mae": mae, "crps": mae / 2, "reference_mae": reference_mae,
+            "reference_crps": reference_mae / 2, "error_ratio": ratio, "crps_ratio": ratio,
+            "verdict": report.judge(recall, ratio)}
+
+
+def test_aggregate_rows_judge_the_means_and_keep_the_spread():
+    """Two seeds whose dense references differ: learned MAE 0.2 vs 0.1 (ratio 2.0, lost) and 0.1 vs 0.2
+    (0.5, preserved): the ratio of mean MAEs is 1.0 (preserved), where a mean of the ratios would say 1.25."""
+    runs = [{"seed": seed, "policies": {"sensor": {"rows": rows}}} for seed, rows in (
+        (0, [_seed_row("dense", 1.0, 0.1, 0.1, "dense"), _seed_row("learned", 1.0, 0.2, 0.1),
+             _seed_row("local", 0.0, 0.3, 0.1)]),
+        (1, [_seed_row("dense", 1.0, 0.2, 0.2, "dense"), _seed_row("learned", 0.9, 0.1, 0.2),
+             _seed_row("local", float("nan"), 0.2, 0.2)]))]
+    summary = {"settings": {"seeds": [0, 1], "verdict": dict(report.DEFAULT_THRESHOLDS)},
+               "scenarios": {"rare_event": {"runs": runs}}}
+    summary["aggregate"] = report.aggregate_rows(summary)
+    agg = {r["selector"]: r for r in summary["aggregate"]}
+    learned = agg["learned"]
+    assert learned["n_seeds"] == 2 and learned["seeds"] == [0, 1]
+    assert learned["recall"] == pytest.approx(0.95) and learned["recall_range"] == [0.9, 1.0]
+    assert learned["error_ratio"] == pytest.approx(1.0) and learned["error_ratio_range"] == [0.5, 2.0]
+    assert learned["crps_ratio"] == pytest.approx(1.0) and learned["mae"] == pytest.approx(0.15)
+    assert learned["seed_verdicts"] == ["lost", "preserved"] and learned["verdict"] == "preserved"
+    local = agg["local"]  # a NaN recall (no needed block) is left out of the mean, not propagated
+    assert local["recall"] == 0.0 and local["recall_range"] == [0.0, 0.0] and local["verdict"] == "lost"
+    assert local["error_ratio"] == pytest.approx(0.5 / 0.3)
+    assert [r["selector"] for r in report.headline_rows(summary)] == ["dense", "local", "learned"]  # HEADLINE order
+    table = report.summary_table(summary)
+    assert ("| rare_event | sensor | learned | msa | 2 | 0.95 (0.90-1.00) | 0.95 (0.90-1.00) | 1.00 (0.50-2.00) |"
+            in table)
+    assert "| preserved (seeds: 1 lost, 1 preserved) |" in table
+
+
+def test_seeds_are_checked_with_clear_errors():
+    from tsfm_msa.probes.command import probe_seeds
+
+    assert probe_seeds({"seeds": [0, 1, 2]}) == [0, 1, 2]
+    assert probe_seeds({"seeds": [0], "seed": 3}) == [3] and probe_seeds({"seeds": 4}) == [4]
+    for bad, match in (([], "non-empty list of integers"), (["a"], r"bad entries: \['a'\]"),
+                       ([0.5, 1], r"bad entries: \[0.5\]"), ([-1], "non-negative"), ([True], "bad entries"),
+                       ([1, 1], "repeats"), ("0,1", "non-empty list of integers")):
+        with pytest.raises(ProbeConfigError, match=match):
+            probe_seeds({"seeds": bad})
+    with pytest.raises(ProbeConfigError, match="set seed or seeds, not both"):
+        probe_seeds({"seeds": [0, 1], "seed": 3})
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("tsfm_msa.configs", version_base=None):
+        for overrides, seeds in ((["seeds=[0,1,2]"], [0, 1, 2]), (["seed=3"], [3]), ([], [0])):
+            assert probe_seeds(OmegaConf.to_container(compose("probe", overrides=overrides))) == seeds
+    cfg = {"seeds": [0], "probe": {"scenarios": {"rare_event": {"knobs": TINY}}}}
+    with pytest.raises(ProbeConfigError, match="probe.scenarios.rare_event.knobs.seed"):
+        run_probe_in(cfg, None)
+
+
+def test_two_seeds_end_to_end_keep_every_seed_and_write_after_each(tmp_path, monkeypatch):
+    from tsfm_msa.probes import command
+
+    written = []
+    real = command.write_report
+    monkeypatch.setattr(command, "write_report",
+                        lambda summary, out: written.append(len(summary["scenarios"]["rare_event"]["runs"]))
+                        or real(summary, out))
+    spec = {"policies": ["sensor"], "knobs": {**RUN_KNOBS, "n_train": 4, "n_distractors": 1}}
+    cfg = {**_tiny_probe_cfg(spec), "seeds": [0, 1], "selectors": ["dense", "local", "learned"],
+           "probe": {"scenarios": {"rare_event": spec}}}
+    summary = run_probe_in(cfg, tmp_path)
+    assert written == [1, 2], "a report after each (scenario, seed)"
+    loaded = json.loads((tmp_path / "probe_summary.json").read_text())
+    runs = loaded["scenarios"]["rare_event"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    per_seed = [{(r["backbone"], r["selector"]): r for r in run["policies"]["sensor"]["rows"]} for run in runs]
+    assert per_seed[0][("dense", "dense")]["mae"] != per_seed[1][("dense", "dense")]["mae"], "seeds must differ"
+    agg = {(r["backbone"], r["selector"]): r for r in loaded["aggregate"]}
+    assert set(agg) == set(per_seed[0]) and all(r["n_seeds"] == 2 for r in agg.values())
+    learned = agg[("msa", "learned")]
+    maes = [s[("msa", "learned")]["mae"] for s in per_seed]
+    refs = [s[("dense", "dense")]["mae"] for s in per_seed]
+    assert learned["error_ratio"] == pytest.approx(sum(maes) / sum(refs))
+    assert learned["verdict"] == report.judge(learned["recall"], learned["error_ratio"])
+    assert agg[("msa", "local")]["recall_range"] == [0.0, 0.0]
+    md = (tmp_path / "probe_report.md").read_text()
+    assert "| rare_event | sensor | learned | msa | 2 |" in md
+    assert "## rare_event, seed 0" in md and "## rare_event, seed 1" in md
+    assert "| rare_event | 2 |" in md.split("## Timing")[1]
+    assert loaded == summary

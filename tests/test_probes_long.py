@@ -242,7 +242,8 @@ def test_long_context_ci_setting_runs_end_to_end_on_the_cpu(tmp_path):
     summary = run_probe_in(cfg, tmp_path)
     assert set(summary["scenarios"]) == {"rare_event", "exogenous_delay", "action_history"}
     for res in summary["scenarios"].values():
-        pol = res["policies"]["sensor"]
+        [run] = res["runs"]  # the default: one seed
+        pol = run["policies"]["sensor"]
         assert pol["block_size"] == 16
         msa_rows = {r["selector"] for r in pol["rows"] if r["backbone"] == "msa"}
         assert msa_rows == set(selectors.SELECTORS)
@@ -250,7 +251,7 @@ def test_long_context_ci_setting_runs_end_to_end_on_the_cpu(tmp_path):
         assert local["recall"] == 0.0  # the cause is 60 patches back, the local window two blocks of 16
         # Long-context probes run only the dense selector on the dense model's weights.
         assert [r["selector"] for r in pol["rows"] if r["backbone"] == "dense"] == ["dense"]
-        assert res["data_seconds"] >= 0 and all(r["seconds"] > 0 for r in pol["rows"])
+        assert run["data_seconds"] >= 0 and all(r["seconds"] > 0 for r in pol["rows"])
     assert [r["scenario"] for r in summary["target_check"]] == ["rare_event", "exogenous_delay", "action_history"]
     md = (tmp_path / "probe_report.md").read_text()
     assert "## Target: learned recall >= 0.9" in md and "## Timing" in md
