@@ -145,9 +145,11 @@ def test_plan_orders_short_against_long_first_and_never_repeats():
 
 def test_run_skips_jobs_finished_in_an_earlier_run(tmp_path, capsys):
     earlier = tmp_path / "earlier"
-    (earlier / "epf-max-p16-dense-s0").mkdir(parents=True)
-    (earlier / "epf-max-p16-dense-s0" / "evaluation.json").write_text("{}")
-    (earlier / "epf-max-p16-msa-s0").mkdir()  # started, never finished: runs again
+    naive = {"model": "Seasonal naive (GluonTS)", "CRPS": 0.1}
+    ours = {"dataset": "epf", "model": "dense", "seed": 0, "context_tokens": 6564, "CRPS": 0.08, "CRPS_rel": 0.8}
+    for name, rows in {"epf-max-p16-dense-s0": [naive, ours], "epf-max-p16-msa-s0": [naive]}.items():
+        (earlier / name).mkdir(parents=True)  # msa: stopped after the naive row was written, runs again
+        (earlier / name / "evaluation.json").write_text(json.dumps({"setting": {}, "rows": rows}))
     lc.main(["run", "--dry-run", "--out", str(tmp_path / "x"), "--datasets", "epf", "--patches", "16", "--seeds", "0",
              "--rungs", "max", "--skip-finished", str(earlier)])
     printed = capsys.readouterr().out

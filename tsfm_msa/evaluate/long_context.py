@@ -182,6 +182,14 @@ def load_rows(paths: list[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _has_model_row(run: Path) -> bool:
+    """Whether the run folder holds a finished evaluation of one of our models."""
+    try:
+        return not load_rows([run]).empty
+    except LongContextError:
+        return False
+
+
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, patch, context): mean and sample std over seeds."""
     out = []
@@ -380,9 +388,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     missing = [str(d) for d in earlier if not d.is_dir()]
     if missing:
         raise LongContextError(f"--skip-finished: no such folder {missing}; give the runs folder of an earlier study run")
-    # A job already finished in an earlier run (same name, evaluation.json written) is not run again; its
-    # folder is collected with the new ones.
-    finished = {job.name for job in jobs if any((d / job.name / "evaluation.json").is_file() for d in earlier)}
+    # A job already finished in an earlier run (same name, a scored row of our model) is not run again; its
+    # folder is collected with the new ones. evaluation.json alone is not enough: the evaluate command
+    # writes it with the seasonal-naive row before our model has trained.
+    finished = {job.name for job in jobs if any(_has_model_row(d / job.name) for d in earlier)}
     jobs = [job for job in jobs if job.name not in finished]
     runs_dir = Path(args.runs_dir or f"outputs/long_context/{datetime.now():%Y-%m-%d_%H-%M-%S}")
     threads = max(1, (os.cpu_count() or 1) // args.workers)
