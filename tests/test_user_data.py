@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tsfm_msa.cli import main
+from tsfm_msa.train.lightning_module import ForecastModule
 from tsfm_msa.datasets import DataValidationError, SeriesDataModule, SeriesFrame, from_csv, from_pandas
 from tsfm_msa.train.run import seasonal_naive_reference, summary_markdown, write_summary
 
@@ -317,7 +319,7 @@ def _readme_examples() -> list[tuple[str, list[str]]]:
     pairs = re.findall(r"```csv\n(.*?)```\s*```bash\n(.*?)```", section, flags=re.S)
     out = []
     for csv_text, command in pairs:
-        words = shlex.split(command.replace("\\\n", " "))
+        words = shlex.split(command.replace("\\\n", " "), comments=True)
         assert words[:2] == ["tsfm-msa", "train"], words
         out.append((csv_text, words[2:]))
     return out
@@ -340,6 +342,11 @@ def test_readme_examples_compose_and_load(tmp_path):
         layouts.append((loader.format, loader.item_id, len(frames)))
         if "Température" in names:  # the wide example shows a space and NA as missing values
             assert np.isnan(frames[0].column("Température")[[1, 3]]).all()
+        # The model the command trains accepts the window (e.g. enough KV blocks for model.top_k).
+        module = ForecastModule(model_config=OmegaConf.to_container(cfg.model, resolve=True),
+                                schema=frames[0].schema.to_dict(), context_len=cfg.data.context_len,
+                                horizon=cfg.data.horizon)
+        module.model.layout(cfg.data.context_len, cfg.data.horizon, torch.device("cpu"))
     assert layouts == [("wide", None, 1), ("wide", "store", 2), ("long", "site", 1)]
 
 

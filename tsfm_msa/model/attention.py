@@ -126,8 +126,9 @@ class MSAAttention(_QKV):
     def check_layout(self, layout: TokenLayout) -> None:
         if self.top_k > layout.n_blocks:
             raise ModelConfigError(
-                f"top_k={self.top_k} is larger than the number of KV blocks ({layout.n_blocks}) of this layout; "
-                f"lower model.top_k or model.block_size")
+                f"top_k={self.top_k} is larger than the number of KV blocks ({layout.n_blocks}) of this layout "
+                f"({layout.seq_len} tokens in blocks of {layout.block_size}); lower model.top_k, or give the window "
+                f"more blocks: a longer data.context_len, a shorter model.patch_len or a smaller model.block_size")
         if self.group_policy in ("sensor", "hybrid") and layout.n_groups != self.n_kv_heads:
             groups = layout.n_groups
             fix = (f"set model.n_kv_heads={groups} model.n_heads={groups * max(1, self.n_heads // self.n_kv_heads)} "
