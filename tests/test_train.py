@@ -163,6 +163,16 @@ def _cli_error(args: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
+def test_cli_names_unknown_and_missing_options(tmp_path, capsys):
+    err = _cli_error(["data.context_length=168"], capsys)
+    assert "unknown option data.context_length; did you mean data.context_len" in err and "+data" not in err
+    err = _cli_error(["model.topk=3"], capsys)
+    assert "did you mean model.top_k?" in err
+    err = _cli_error(["data=csv", "data.loader.timestamp=ts", "data.loader.targets=[x]",
+                      f"hydra.run.dir={tmp_path / 'm'}"], capsys)
+    assert "missing required setting(s) data.loader.path" in err and "Traceback" not in err
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     err = _cli_error([*FAST, "model.top_k=500", f"hydra.run.dir={tmp_path / 'a'}"], capsys)
     assert "top_k=500 is larger than the number of KV blocks" in err and "Traceback" not in err

@@ -167,6 +167,12 @@ def _hydra_app(config_name: str, command):
         hydra_argv, sys.argv = sys.argv, list(_ORIGINAL_ARGV or sys.argv)
         _one_console_handler()
         _warnings_once_through_logging()
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            # Hydra would only fail deep inside instantiate with "missing positional argument".
+            print(f"tsfm-msa: error: missing required setting(s) {', '.join(missing)}; give each on the command line, "
+                  f"e.g. {missing[0]}=<value> (configs/ describes every option)", file=sys.stderr)
+            sys.exit(2)
         try:
             command(cfg)
         except _cuda_out_of_memory() as err:
@@ -220,6 +226,44 @@ COMMANDS = {
 }
 
 
+def unknown_override_message(config_name: str, overrides: list[str]) -> str | None:
+    """A one-line message for an override of a key the config does not have (a typo), with the closest
+    existing keys; None when the overrides compose. Hydra's own message suggests adding the key with
+    '+', which for our configs only moves the failure into the constructor."""
+    import difflib
+
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
+
+    if any(o.startswith("-") for o in overrides):  # --multirun, --cfg, ...: Hydra's own handling
+        return None
+    try:
+        with initialize_config_module("tsfm_msa.configs", version_base=None):
+            compose(config_name, overrides=overrides)
+    except ConfigCompositionException as err:
+        text = f"{err} {err.__cause__ or ''}"
+        if "not in struct" not in text:
+            return None
+        bad = next((o.split("=", 1)[0] for o in overrides if f"'{o.split('=', 1)[0]}'" in text), None)
+        if bad is None:
+            return None
+        parent, _, leaf = bad.rpartition(".")
+        try:
+            with initialize_config_module("tsfm_msa.configs", version_base=None):
+                node = compose(config_name, overrides=[o for o in overrides if not o.startswith(bad + "=")])
+            keys = [k for k in (OmegaConf.select(node, parent) if parent else node) if not str(k).startswith("_")]
+        except Exception:  # noqa: BLE001 - a suggestion is a nicety; the message stands without it
+            keys = []
+        close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=3, cutoff=0.5)
+        prefix = f"{parent}." if parent else ""
+        hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+        where = f" (options of {parent}: {', '.join(map(str, keys))})" if keys and not close else ""
+        return f"unknown option {bad}{hint}{where}"
+    except Exception:  # noqa: BLE001 - anything else: let Hydra report it as usual
+        return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -234,6 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tsfm-msa: unknown command {name!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
     config_name, command, _ = COMMANDS[name]
+    unknown = unknown_override_message(config_name, argv[1:])
+    if unknown:
+        print(f"tsfm-msa: error: {unknown}", file=sys.stderr)
+        sys.exit(2)
     _ORIGINAL_ARGV[:] = [sys.argv[0], *argv]
     sys.argv = [f"tsfm-msa {name}"] + argv[1:]
     _hydra_app(config_name, command)()
