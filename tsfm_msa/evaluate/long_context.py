@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -401,7 +402,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
                 for job in jobs}
     if args.dry_run:
         for name, argv in commands.items():
-            print(" ".join(argv[1:]))
+            print(shlex.join(["python", *argv[1:]]))  # a line that runs as pasted
         return {"jobs": {name: "not started" for name in commands}}
     print(f"{len(jobs)} jobs, {args.workers} at a time, {args.budget_minutes} min; runs in {runs_dir}", flush=True)
     # Each job compiles its own FlexAttention / Triton kernels: its share of the cores, not a pool of all.
