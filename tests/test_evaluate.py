@@ -214,6 +214,9 @@ def test_evaluate_existing_checkpoint_only(tmp_path, checkpoint):
     out = evaluate(_compose(base), tmp_path / "ok", "synthetic")
     assert [r["model"] for r in out["rows"]] == ["seasonal_naive", "checkpoint"]
     assert np.isfinite(out["rows"][1]["CRPS"]) and out["rows"][1]["params"] > 0
+    text = (tmp_path / "ok" / "evaluation.md").read_text()
+    assert f"is scored as it was trained (no refit; its own context of {C} steps)" in text
+    assert "Every learned model fits" not in text  # the refit protocol is not what ran
     with pytest.raises(CheckpointMismatchError, match="past_cov_1"):
         evaluate(_compose(base + ["data.loader.n_past_covariates=2", "data.loader.covariate_lag=0"]),
                  tmp_path / "bad", "synthetic")

@@ -29,7 +29,7 @@ from tsfm_msa.evaluate import baselines, report
 from tsfm_msa.evaluate.gluonts_data import (EvalSplit, gift_eval_windows, make_eval_split, split_targets,
                                             standardize_covariates)
 from tsfm_msa.evaluate.metrics import relative_to, score_forecasts
-from tsfm_msa.evaluate.predictor import check_schema, load_predictor, predictor_from_module
+from tsfm_msa.evaluate.predictor import TSFMPredictor, check_schema, load_predictor, predictor_from_module
 from tsfm_msa.evaluate.run_measures import StepTimer, batch_for_tokens, cap_top_k, window_facts, window_layout
 
 GLUONTS_LEARNED = ("patchtst", "deepar", "tft")
@@ -246,8 +246,10 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     # each job, so a run stopped early still holds a complete comparison of the seeds it finished.
     seeds = {m: _seeds(cfg, m) for m in models}
     jobs = [(m, seeds[m][i]) for i in range(max(map(len, seeds.values()))) for m in models if i < len(seeds[m])]
+    fitting = (f"the checkpoint as trained (context {predictor_ckpt.prediction_net.context_len}), no refit"
+               if predictor_ckpt is not None else f"budget {cfg.eval.max_steps} steps x batch {cfg.data.batch_size}")
     print(f"evaluate {dataset}: {split.windows} test windows x {len(frames)} series, horizon {H}, "
-          f"budget {cfg.eval.max_steps} steps x batch {cfg.data.batch_size}; {len(jobs)} model fits/evaluations")
+          f"{fitting}; {len(jobs)} model fits/evaluations")
 
     rows: list[dict[str, Any]] = []
     plot_forecasts: dict[str, list] = {}
@@ -299,9 +301,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
             plot_forecasts[model] = forecasts
         tqdm.write(f"  {model} seed {seed}: MASE {scores['MASE']:.3f} CRPS {scores['CRPS']:.4f} "
                    f"(x{row['MASE_rel']:.3f} / x{row['CRPS_rel']:.3f} naive), {info['train_seconds']:.0f} s")
-        report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split))
+        report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split, predictor_ckpt))
 
-    table = report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split))
+    table = report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split, predictor_ckpt))
     plots = report.plot_forecasts(split.uni_test, plot_forecasts, run_dir / "plots",
                                   n_series=int(cfg.eval.plot_series), n_windows=int(cfg.eval.plot_windows),
                                   history=int(cfg.eval.plot_history) * H)
@@ -365,8 +367,9 @@ def _autocast(cfg: DictConfig, device: str):
     return nullcontext()
 
 
-def _setting(cfg: DictConfig, split: EvalSplit) -> dict[str, Any]:
+def _setting(cfg: DictConfig, split: EvalSplit, checkpoint: TSFMPredictor | None = None) -> dict[str, Any]:
     return {
+        "checkpoint_context_len": None if checkpoint is None else int(checkpoint.prediction_net.context_len),
         "windows": split.windows, "distance": split.distance, "test_length": split.test_length, "prediction_length": split.prediction_length,
         "season": split.season, "freq": split.freq, "max_steps": int(cfg.eval.max_steps),
         "batch_size": int(cfg.data.batch_size), "context_len": int(cfg.data.context_len),

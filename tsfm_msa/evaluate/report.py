@@ -115,15 +115,20 @@ def report_markdown(table: pd.DataFrame, rows: list[dict[str, Any]], dataset: st
 
 def protocol_text(setting: dict[str, Any]) -> str:
     """The evaluation protocol in one paragraph (windows, fitting part, checkpoints, metrics)."""
+    if setting.get("checkpoint"):
+        fitting = (f"The checkpoint `{setting['checkpoint']}` is scored as it was trained (no refit; its own context "
+                   f"of {setting.get('checkpoint_context_len')} steps), one run. ")
+    else:
+        fitting = (f"Every learned model fits on everything before the first test window (no validation period) for "
+                   f"{setting['max_steps']} steps x batch {setting['batch_size']} with context {setting['context_len']} "
+                   f"(DeepAR adds its lags), and is scored with its final weights (no checkpoint selection, for ours "
+                   f"and the GluonTS models alike). Seeds {setting['seeds']} (ours), {setting['baseline_seeds']} "
+                   f"(GluonTS models), run seed-major (every model's first seed before any second); the seeds column "
+                   f"counts the runs that finished; values are mean ± sample std over them. ")
     return (
         f"Test windows: the last {setting['windows']} windows of {setting['prediction_length']} steps of every series "
         f"(every {setting['distance']} steps), the last one ending at the series' last step (GIFT-Eval's layout; "
-        f"the last {setting['test_length']} steps). Every learned model fits on everything before the first test "
-        f"window (no validation period) for {setting['max_steps']} steps x batch {setting['batch_size']} with "
-        f"context {setting['context_len']} (DeepAR adds its lags), and is scored with its final weights (no "
-        f"checkpoint selection, for ours and the GluonTS models alike). Seeds {setting['seeds']} (ours), "
-        f"{setting['baseline_seeds']} (GluonTS models), run seed-major (every model's first seed before any "
-        f"second); the seeds column counts the runs that finished; values are mean ± sample std over them. GluonTS metrics "
+        f"the last {setting['test_length']} steps). {fitting}GluonTS metrics "
         f"with axis=None, mask_invalid_label=True, allow_nan_forecast=False, seasonality {setting['season']} "
         f"({setting['freq']}). CRPS = mean weighted quantile loss over 0.1..0.9; MASE and MAE score the median; "
         "RMSE scores the forecast's `.mean`: the sample mean of sample forecasts (PatchTST, DeepAR), the "
