@@ -458,9 +458,11 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     fit = dict(device=device, precision=precision, train_items=items)
     dense_train = {**train_cfg, "indexer_warmup_steps": 0, "dense_mix": None}
     curriculum_state = None
-    for stage, (short, short_train) in enumerate(curriculum_stages(name, spec, train_cfg, scenario, seed, init_mode)):
-        # Each stage continues from the previous one; the long-window training from the last.
+    for stage, (short_knobs, short_train) in enumerate(curriculum_stages(spec, train_cfg, scenario, seed, init_mode)):
+        # Each stage continues from the previous one; the long-window training from the last. Its data
+        # is drawn only now, so one stage's windows are in memory at a time.
         start = time.perf_counter()
+        short = make_scenario(name, **short_knobs)
         short_items = list(window_dataset(short.train, short))
         result["data_seconds"] = round(result["data_seconds"] + time.perf_counter() - start, 1)
         short_model, secs = train_model(dense_config, short, short_train, seed, init_state=curriculum_state,
@@ -494,16 +496,17 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
 CURRICULUM_KEYS = ("context_len", "distance", "steps", "n_train", "batch_size")
 
 
-def curriculum_stages(name: str, spec: dict, train_cfg: dict, scenario: ScenarioData, seed: int,
-                      init_mode: str) -> list[tuple[ScenarioData, dict]]:
-    """``train.curriculum``: the dense phases that run before the dense model's long-window training,
-    in order, as (short-window scenario, training settings). One stage is a mapping {context_len,
+def curriculum_stages(spec: dict, train_cfg: dict, scenario: ScenarioData, seed: int,
+                      init_mode: str) -> list[tuple[dict, dict]]:
+    """``train.curriculum``, checked: the dense phases that run before the dense model's long-window
+    training, in order, as (scenario knobs, training settings). One stage is a mapping {context_len,
     distance, steps, n_train (optional), batch_size (optional)}; several are a list of them with
-    growing windows. Each is the same generator and knobs at a shorter ``context_len`` / ``distance``:
-    a dense model learns the far cause at a short window within a few hundred steps, and its weights
-    carry to a longer one (positions are RoPE on the patch index; nothing in the model depends on the
-    window length). Long windows trained from scratch learn nothing, not even the local pattern, and
-    one jump of 8x in length loses the far cause (benchmarks/results/2026-12-02-probes-long-learning.md)."""
+    growing windows. Each is the same generator and knobs at a shorter ``context_len`` / ``distance``,
+    where a dense model learns within a few hundred steps; the weights carry to the next window
+    (positions are RoPE on the patch index; nothing in the model depends on the window length), which
+    then relearns the longer distance in far fewer steps than from scratch. Why: 300 steps at a long
+    window from scratch learn nothing, not even the local pattern, and one 8x jump lost the far cause
+    (benchmarks/results/2026-12-02-probes-long-learning.md)."""
     raw = train_cfg.get("curriculum")
     if not raw:
         return []
@@ -524,7 +527,8 @@ def curriculum_stages(name: str, spec: dict, train_cfg: dict, scenario: Scenario
         context_len = int(cur["context_len"])
         if not previous < context_len < scenario.context_len:
             raise ProbeConfigError(f"{where}.context_len ({context_len}) must be shorter than the scenario's "
-                                   f"context_len ({scenario.context_len}) and longer than the stage before ({previous})")
+                                   f"context_len ({scenario.context_len}) and longer than the stage before "
+                                   f"({previous})")
         previous = context_len
         knobs = {**dict(spec.get("knobs") or {}), "seed": seed, "context_len": context_len,
                  "distance": int(cur["distance"]), "n_test": 1}
@@ -532,7 +536,7 @@ def curriculum_stages(name: str, spec: dict, train_cfg: dict, scenario: Scenario
             knobs["n_train"] = int(cur["n_train"])
         short_train = {**train_cfg, "steps": int(cur["steps"]), "indexer_warmup_steps": 0, "dense_mix": None,
                        "batch_size": int(cur.get("batch_size") or train_cfg["batch_size"])}
-        out.append((make_scenario(name, **knobs), short_train))
+        out.append((knobs, short_train))
     return out
 
 
