@@ -456,8 +456,21 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     result["data_seconds"] = round(data_seconds + time.perf_counter() - start, 1)
     print(f"[probe]   data ready in {result['data_seconds']} s", flush=True)
     fit = dict(device=device, precision=precision, train_items=items)
-    dense, secs = train_model(dense_config, scenario, {**train_cfg, "indexer_warmup_steps": 0, "dense_mix": None}, seed,
-                              **fit)
+    dense_train = {**train_cfg, "indexer_warmup_steps": 0, "dense_mix": None}
+    curriculum_state = None
+    for stage, (short_knobs, short_train) in enumerate(curriculum_stages(spec, train_cfg, scenario, seed, init_mode)):
+        # Each stage continues from the previous one; the long-window training from the last. Its data
+        # is drawn only now, so one stage's windows are in memory at a time.
+        start = time.perf_counter()
+        short = make_scenario(name, **short_knobs)
+        short_items = list(window_dataset(short.train, short))
+        result["data_seconds"] = round(result["data_seconds"] + time.perf_counter() - start, 1)
+        short_model, secs = train_model(dense_config, short, short_train, seed, init_state=curriculum_state,
+                                        device=device, precision=precision, train_items=short_items)
+        result["train_seconds"][f"dense_curriculum_{stage}"] = round(secs, 1)
+        curriculum_state = {k: v.clone() for k, v in short_model.state_dict().items()}
+        del short_model, short_items
+    dense, secs = train_model(dense_config, scenario, dense_train, seed, init_state=curriculum_state, **fit)
     result["train_seconds"]["dense"] = round(secs, 1)
     init_state = {k: v.clone() for k, v in dense.state_dict().items()}
     if init_mode == "dense":
@@ -478,6 +491,53 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
         rows = evaluate_backbones(backbones, data, "dense", seed, thresholds, eval_batch, precision)
         result["policies"][policy] = _finish(rows, msa, scenario)
     return result
+
+
+CURRICULUM_KEYS = ("context_len", "distance", "steps", "n_train", "batch_size")
+
+
+def curriculum_stages(spec: dict, train_cfg: dict, scenario: ScenarioData, seed: int,
+                      init_mode: str) -> list[tuple[dict, dict]]:
+    """``train.curriculum``, checked: the dense phases that run before the dense model's long-window
+    training, in order, as (scenario knobs, training settings). One stage is a mapping {context_len,
+    distance, steps, n_train (optional), batch_size (optional)}; several are a list of them with
+    growing windows. Each is the same generator and knobs at a shorter ``context_len`` / ``distance``,
+    where a dense model learns within a few hundred steps; the weights carry to the next window
+    (positions are RoPE on the patch index; nothing in the model depends on the window length), which
+    then relearns the longer distance in far fewer steps than from scratch. Why: 300 steps at a long
+    window from scratch learn nothing, not even the local pattern, and one 8x jump lost the far cause
+    (benchmarks/results/2026-12-02-probes-long-learning.md)."""
+    raw = train_cfg.get("curriculum")
+    if not raw:
+        return []
+    if init_mode != "dense":
+        raise ProbeConfigError("train.curriculum pretrains the dense model that the MSA model continues from; "
+                               "it needs train.msa_init=dense (or set train.curriculum=null)")
+    stages = [raw] if isinstance(raw, dict) else list(raw)
+    out, previous = [], 0
+    for i, cur in enumerate(stages):
+        where = "train.curriculum" if isinstance(raw, dict) else f"train.curriculum[{i}]"
+        if not isinstance(cur, dict):
+            raise ProbeConfigError(f"{where} must be a mapping {{context_len, distance, steps}}, got {cur!r}")
+        unknown = sorted(set(cur) - set(CURRICULUM_KEYS))
+        missing = [k for k in ("context_len", "distance", "steps") if k not in cur]
+        if unknown or missing:
+            raise ProbeConfigError(f"{where}: unknown keys {unknown}, missing keys {missing}; "
+                                   f"it takes {list(CURRICULUM_KEYS)} (context_len, distance and steps required)")
+        context_len = int(cur["context_len"])
+        if not previous < context_len < scenario.context_len:
+            raise ProbeConfigError(f"{where}.context_len ({context_len}) must be shorter than the scenario's "
+                                   f"context_len ({scenario.context_len}) and longer than the stage before "
+                                   f"({previous})")
+        previous = context_len
+        knobs = {**dict(spec.get("knobs") or {}), "seed": seed, "context_len": context_len,
+                 "distance": int(cur["distance"]), "n_test": 1}
+        if "n_train" in cur:
+            knobs["n_train"] = int(cur["n_train"])
+        short_train = {**train_cfg, "steps": int(cur["steps"]), "indexer_warmup_steps": 0, "dense_mix": None,
+                       "batch_size": int(cur.get("batch_size") or train_cfg["batch_size"])}
+        out.append((knobs, short_train))
+    return out
 
 
 def _finish(rows: list[dict], model: torch.nn.Module, scenario: ScenarioData) -> dict:

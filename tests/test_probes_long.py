@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 from tsfm_msa.model.transformer import PatchTransformer
 from tsfm_msa.probes import metrics, selectors
 from tsfm_msa.probes.command import run_probe_in
+from tsfm_msa.probes.scenarios import ProbeConfigError
 from tsfm_msa.tokens import INT32_MAX, ROLES, TokenLayout, build_layout
 
 
@@ -236,6 +238,21 @@ def test_long_context_configs_reach_their_length_with_kernel_block_sizes(length,
             "beyond any local window of the budget"
 
 
+@pytest.mark.parametrize("length", ["16k", "64k", "128k"])
+def test_long_context_configs_grow_the_window_by_at_most_4x_per_curriculum_stage(length):
+    """From scratch at the long window the dense model learned nothing, and one 8x jump lost the far
+    cause at CPU scale (benchmarks/results/2026-12-02-probes-long-learning.md): every long config
+    starts short and grows by at most 4x per stage, the cause 3/4 back at every stage."""
+    cfg = _compose_probe([f"probe=long_{length}"])
+    stages = cfg["train"]["curriculum"]
+    assert stages and stages[0]["context_len"] <= 1024
+    for spec in cfg["probe"]["scenarios"].values():
+        lengths = [s["context_len"] for s in stages] + [spec["knobs"]["context_len"]]
+        assert all(b <= 4 * a for a, b in zip(lengths, lengths[1:])), lengths
+    for stage in stages:
+        assert stage["distance"] * 4 == stage["context_len"] * 3 and stage["steps"] >= 300
+
+
 def test_long_context_ci_setting_runs_end_to_end_on_the_cpu(tmp_path):
     """probe=long_ci: the long-context scenarios, block size and all six selectors at small L."""
     cfg = _compose_probe(["probe=long_ci", "device=cpu"])
@@ -415,3 +432,64 @@ def test_a_run_stopped_after_a_scenario_keeps_its_report(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "probe_summary.json").read_text())
     assert list(summary["scenarios"]) == ["rare_event"]
     assert "rare_event" in (tmp_path / "probe_report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# the context curriculum (train.curriculum)
+
+def test_curriculum_trains_dense_at_short_windows_then_continues_at_the_long_one(tmp_path, monkeypatch):
+    """train.curriculum: the dense model first trains on the same scenario at short windows (each stage
+    from the weights of the one before), and the long-window training starts from exactly the last
+    stage's weights; the MSA model continues from the long-window dense model as before."""
+    from tsfm_msa.probes import command
+
+    real, calls = command.train_model, []
+
+    def spy(model_config, scenario, train_cfg, seed, init_state=None, **kw):
+        model, secs = real(model_config, scenario, train_cfg, seed, init_state=init_state, **kw)
+        calls.append({"context_len": scenario.context_len, "distance": scenario.knobs["distance"],
+                      "n_train": len(scenario.train), "steps": train_cfg["steps"],
+                      "batch_size": train_cfg["batch_size"], "init": init_state,
+                      "state": {k: v.detach().clone() for k, v in model.state_dict().items()}})
+        return model, secs
+
+    monkeypatch.setattr(command, "train_model", spy)
+    cfg = _compose_probe(["probe=long_ci", "device=cpu", "selectors=[dense,local]",
+                          "train.curriculum=[{context_len:64,distance:48,steps:3},"
+                          "{context_len:128,distance:96,steps:5,n_train:12,batch_size:6}]"])
+    cfg["probe"]["scenarios"] = {"rare_event": cfg["probe"]["scenarios"]["rare_event"]}
+    summary = run_probe_in(cfg, tmp_path)
+    long_c = cfg["probe"]["scenarios"]["rare_event"]["knobs"]["context_len"]
+    # two curriculum stages, dense, dense continued, MSA
+    assert [c["context_len"] for c in calls] == [64, 128, long_c, long_c, long_c]
+    first, second = calls[0], calls[1]
+    assert (first["distance"], first["n_train"], first["steps"], first["batch_size"]) == \
+        (48, 8, 3, cfg["train"]["batch_size"])
+    assert (second["distance"], second["n_train"], second["steps"], second["batch_size"]) == (96, 12, 5, 6)
+    assert first["init"] is None
+    for before, after in ((first, second), (second, calls[2])):  # each phase starts from the one before
+        for key, value in before["state"].items():
+            assert torch.equal(after["init"][key].cpu(), value.cpu()), key
+        assert not torch.equal(after["state"]["head.weight"], before["state"]["head.weight"])  # and trains on
+    assert calls[2]["steps"] == cfg["train"]["steps"]
+    [run] = summary["scenarios"]["rare_event"]["runs"]
+    assert set(run["train_seconds"]) == {"dense_curriculum_0", "dense_curriculum_1", "dense", "dense_continued",
+                                         "msa_sensor"}
+
+
+@pytest.mark.parametrize("curriculum,msa_init,message", [
+    ({"context_len": 128, "distance": 96}, "dense", "missing keys ['steps']"),
+    ({"context_len": 128, "distance": 96, "steps": 5, "lr": 1.0}, "dense", "unknown keys ['lr']"),
+    ({"context_len": 128, "distance": 96, "steps": 5}, "scratch", "needs train.msa_init=dense"),
+    ({"context_len": 4096, "distance": 96, "steps": 5}, "dense", "must be shorter than the scenario's context_len"),
+    ([{"context_len": 128, "distance": 96, "steps": 5}, {"context_len": 64, "distance": 48, "steps": 5}], "dense",
+     "train.curriculum[1].context_len (64) must be shorter than the scenario's context_len (512) and longer than "
+     "the stage before (128)"),
+    ({"context_len": 128, "distance": 200, "steps": 5}, "dense", "distance (200) must lie in"),
+])
+def test_curriculum_refuses_bad_settings_with_a_clear_message(tmp_path, curriculum, msa_init, message):
+    cfg = _compose_probe(["probe=long_ci", "device=cpu", f"train.msa_init={msa_init}"])
+    cfg["train"]["curriculum"] = curriculum
+    cfg["probe"]["scenarios"] = {"rare_event": cfg["probe"]["scenarios"]["rare_event"]}
+    with pytest.raises(ProbeConfigError, match=re.escape(message)):
+        run_probe_in(cfg, tmp_path)
