@@ -55,9 +55,14 @@ ERRORS = ("mae", "crps", "reference_mae", "reference_crps")
 SPREADS = ("recall", "path_recall", "error_ratio", "crps_ratio")
 
 
+def _defined(values) -> list[float]:
+    """The values that are neither None nor NaN."""
+    return [float(v) for v in values if v is not None and not math.isnan(v)]
+
+
 def _mean(values: list) -> float:
     """Mean of the defined values; NaN if none."""
-    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    vals = _defined(values)
     return float(np.mean(vals)) if vals else float("nan")
 
 
@@ -75,7 +80,7 @@ def aggregate_row(rows: list[dict], thresholds: dict | None = None) -> dict:
     out["error_ratio"] = error_ratio(out["mae"], out["reference_mae"])
     out["crps_ratio"] = error_ratio(out["crps"], out["reference_crps"])
     for k in SPREADS:
-        vals = [r[k] for r in rows if r[k] is not None and not math.isnan(r[k])]
+        vals = _defined(r[k] for r in rows)
         out[f"{k}_range"] = [min(vals), max(vals)] if vals else [float("nan")] * 2
     out["seed_verdicts"] = [r["verdict"] for r in rows]
     out["verdict"] = judge(out["recall"], out["error_ratio"], thresholds)
