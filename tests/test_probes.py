@@ -430,11 +430,11 @@ def test_precision_follows_the_device():
 
 
 def _target_summary(learned_recall: float, learned_ratio: float, local_recall: float,
-                    reference_cf_corr: float = 0.9) -> dict:
+                    reference_cf_corr: float = 0.9, learned_cf_corr: float = 0.85) -> dict:
     rows = [{"scenario": "rare_event", "policy": "sensor", "backbone": "dense", "selector": "dense", "n_seeds": 2,
              "recall": 1.0, "error_ratio": 1.0, "cf_corr": reference_cf_corr},
             {"scenario": "rare_event", "policy": "sensor", "backbone": "msa", "selector": "learned", "n_seeds": 2,
-             "recall": learned_recall, "error_ratio": learned_ratio},
+             "recall": learned_recall, "error_ratio": learned_ratio, "cf_corr": learned_cf_corr},
             {"scenario": "rare_event", "policy": "sensor", "backbone": "msa", "selector": "local", "n_seeds": 2,
              "recall": local_recall, "error_ratio": 2.0},
             {"scenario": "rare_event", "policy": "free", "backbone": "msa", "selector": "learned", "n_seeds": 2,
@@ -446,14 +446,20 @@ def _target_summary(learned_recall: float, learned_ratio: float, local_recall: f
 def test_target_check_names_each_miss():
     met = report.target_check(_target_summary(0.95, 1.05, 0.1))
     assert met[0] == {"scenario": "rare_event", "n_seeds": 2, "learned_recall": 0.95, "learned_ratio": 1.05,
-                      "local_recall": 0.1, "reference_cf_corr": 0.9, "ok": True, "why": "met"}
+                      "local_recall": 0.1, "reference_cf_corr": 0.9, "learned_cf_corr": 0.85, "ok": True,
+                      "why": "met"}
     assert met[1]["scenario"] == "action_history" and not met[1]["ok"] and "not run" in met[1]["why"]
     missed = report.target_check(_target_summary(0.8, 1.2, 0.6))[0]
     assert not missed["ok"] and missed["why"] == "learned recall, learned ratio, local recall"
     assert report.target_check({"scenarios": {}}) == []
     # A dense reference that ignores the cause cannot judge preservation, however good the numbers look.
-    blind = report.target_check(_target_summary(0.95, 1.0, 0.1, reference_cf_corr=-0.05))[0]
-    assert not blind["ok"] and blind["why"].startswith("inconclusive: the dense reference does not use the cause")
+    blind = report.target_check(_target_summary(0.95, 1.0, 0.1, reference_cf_corr=-0.05, learned_cf_corr=0.2))[0]
+    assert not blind["ok"] and blind["why"].startswith("inconclusive: neither the dense reference nor the learned")
+    # Only the MSA model learned the cause: the checks apply and the row names the situation.
+    beyond = report.target_check(_target_summary(0.95, 0.4, 0.0, reference_cf_corr=0.1, learned_cf_corr=0.9))[0]
+    assert beyond["ok"] and beyond["why"].startswith("met (beyond the reference: only the MSA model uses the cause")
+    beyond_missed = report.target_check(_target_summary(0.6, 0.4, 0.0, reference_cf_corr=0.1, learned_cf_corr=0.9))[0]
+    assert not beyond_missed["ok"] and beyond_missed["why"].startswith("learned recall (beyond the reference")
 
 
 def _tiny_probe_cfg(spec: dict) -> dict:

@@ -272,6 +272,33 @@ def test_long_context_ci_setting_runs_end_to_end_on_the_cpu(tmp_path):
     assert [r["scenario"] for r in summary["target_check"]] == ["rare_event", "exogenous_delay", "action_history"]
     md = (tmp_path / "probe_report.md").read_text()
     assert "## Target: learned recall >= 0.9" in md and "## Timing" in md
+    _check_merge_of_per_scenario_runs(tmp_path)
+
+
+def _check_merge_of_per_scenario_runs(run_dir):
+    """The GPU script runs one process per scenario and merges their reports: split this run into one
+    summary per scenario, merge them back, and get the same rows and target check."""
+    import json
+
+    from tsfm_msa.probes import merge
+
+    whole = json.loads((run_dir / "probe_summary.json").read_text())
+    parts = []
+    for name in whole["scenarios"]:
+        part = run_dir / f"part_{name}"
+        part.mkdir()
+        (part / "probe_summary.json").write_text(json.dumps({**whole, "scenarios": {name: whole["scenarios"][name]}}))
+        parts.append(part)
+    merged = merge.main([str(run_dir / "merged"), *map(str, parts)])
+    assert merged["aggregate"] == whole["aggregate"] and merged["target_check"] == whole["target_check"]
+    assert "merged:" in (run_dir / "merged" / "probe_report.md").read_text()
+    with pytest.raises(merge.ProbeMergeError, match="repeats rare_event at seed 0"):
+        merge.merge_summaries([whole, whole], ["a", "b"])
+    other = {**whole, "settings": {**whole["settings"], "train": {**whole["settings"]["train"], "steps": 1}}}
+    with pytest.raises(merge.ProbeMergeError, match="has other `train` settings"):
+        merge.merge_summaries([whole, other], ["a", "b"])
+    with pytest.raises(merge.ProbeMergeError, match="does not exist"):
+        merge.load_summary(run_dir / "nowhere")
 
 
 @pytest.mark.gpu
