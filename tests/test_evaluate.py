@@ -473,3 +473,43 @@ def _two_target_frames(rng: np.random.Generator, T: int = 400) -> list:
                        "b": np.cos(2 * np.pi * t / 24) + rng.normal(0, 0.1, T) - 3,
                        "x": rng.normal(size=T)})
     return from_pandas(df, timestamp="ts", targets=["a", "b"], future_covariates=["x"], freq="h")
+
+
+def test_context_curriculum_trains_short_windows_first_within_the_budget(tmp_path):
+    """eval.context_curriculum: the stages' steps count in eval.max_steps, a short stage with fewer KV
+    blocks than top_k attends to all of them, and the model's top_k and LR horizon come back."""
+    import hydra
+
+    from tsfm_msa.evaluate.command import train_ours
+    from tsfm_msa.evaluate.run_measures import window_layout
+
+    context = 256
+    cfg = _compose(["data=synthetic", "eval=quick", f"data.context_len={context}", f"data.horizon={H}",
+                    "data.loader.length=900", "eval.max_steps=5", "indexer_warmup.steps=1", "models.msa.top_k=6",
+                    "eval.context_curriculum=[{context_len:64,steps:2}]"])
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    model_cfg = dict(cfg.models.msa)
+    short, full = (window_layout(dm.schema, model_cfg, n, H) for n in (64, context))
+    assert short.n_blocks < 6 <= full.n_blocks  # the short stage needs the cap, the full context does not
+    module, facts = train_ours(cfg, "msa", 0, make_eval_split(dm.frames, H, W), tmp_path, dm.schema)
+    assert facts["steps"] == 5 and facts["context_curriculum"] == [{"context_len": 64, "steps": 2},
+                                                                     {"context_len": context, "steps": 3}]
+    assert all(layer.attention.top_k == 6 for layer in module.model.layers)
+    assert module.hparams.max_steps == 5 and module.hparams.context_len == context
+
+
+@pytest.mark.parametrize("curriculum, message", [
+    ([{"context_len": 32}], "give each stage as"),
+    ([{"context_len": 32, "steps": 0}], "positive integers"),
+    ([{"context_len": 64, "steps": 2}], "stay below data.context_len"),
+    ([{"context_len": 32, "steps": 2}, {"context_len": 16, "steps": 2}], "must grow"),
+    ([{"context_len": 32, "steps": 10}], "leave steps for the full context"),
+])
+def test_context_curriculum_refuses_bad_stages(curriculum, message):
+    from tsfm_msa.evaluate.command import EvaluateConfigError, context_stages
+
+    assert context_stages(None, 64, 10) == [(64, 10)]
+    assert context_stages({"context_len": 16, "steps": 4}, 64, 10) == [(16, 4), (64, 6)]
+    with pytest.raises(EvaluateConfigError, match=message):
+        context_stages(curriculum, 64, 10)

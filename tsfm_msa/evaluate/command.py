@@ -30,7 +30,8 @@ from tsfm_msa.evaluate.gluonts_data import (EvalSplit, gift_eval_windows, make_e
                                             standardize_covariates)
 from tsfm_msa.evaluate.metrics import relative_to, score_forecasts
 from tsfm_msa.evaluate.predictor import TSFMPredictor, check_schema, load_predictor, predictor_from_module
-from tsfm_msa.evaluate.run_measures import StepTimer, batch_for_tokens, cap_top_k, window_facts, window_layout
+from tsfm_msa.evaluate.run_measures import (StepTimer, batch_for_tokens, cap_top_k, top_k_at_most, window_facts,
+                                             window_layout)
 
 GLUONTS_LEARNED = ("patchtst", "deepar", "tft")
 
@@ -122,9 +123,13 @@ def _seeds(cfg: DictConfig, model: str) -> list[int]:
     return seeds
 
 
-def _trainer_cfg(cfg: DictConfig, steps: int) -> DictConfig:
-    """The `train` command's trainer config with the evaluation's budget, no validation and a quiet console."""
+def _trainer_cfg(cfg: DictConfig, steps: int, bare: bool = False) -> DictConfig:
+    """The `train` command's trainer config with the evaluation's budget, no validation and a quiet console;
+    ``bare``: no callbacks and no checkpoints either (a context-curriculum stage)."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if bare:
+        trainer.pop("callbacks", None)
+        trainer["enable_checkpointing"] = False
     for key in ("val_check_interval", "check_val_every_n_epoch"):
         trainer.pop(key, None)
     trainer.update(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
@@ -140,6 +145,46 @@ def fitting_datamodule(cfg: DictConfig, split: EvalSplit, seed: int, batch_size:
                                          _convert_="all")
     datamodule.setup("fit")
     return datamodule
+
+
+def context_stages(curriculum: Any, context_len: int, max_steps: int) -> list[tuple[int, int]]:
+    """``(context_len, steps)`` of each training stage: ``eval.context_curriculum``'s stages, then the full
+    context with the rest of ``max_steps``; one stage without a curriculum."""
+    if not curriculum:
+        return [(context_len, max_steps)]
+    if isinstance(curriculum, (dict, DictConfig)):
+        curriculum = [curriculum]
+    stages = []
+    for i, stage in enumerate(curriculum):
+        stage = OmegaConf.to_container(stage, resolve=True) if isinstance(stage, DictConfig) else stage
+        if not isinstance(stage, dict) or set(stage) != {"context_len", "steps"}:
+            raise EvaluateConfigError(f"eval.context_curriculum[{i}] = {stage!r}: give each stage as "
+                                      "{context_len: <steps of history>, steps: <optimizer steps>}")
+        length, steps = stage["context_len"], stage["steps"]
+        if not (isinstance(length, int) and isinstance(steps, int) and length > 0 and steps > 0):
+            raise EvaluateConfigError(f"eval.context_curriculum[{i}]: context_len and steps must be positive "
+                                      f"integers, got {stage!r}")
+        if length >= context_len or (stages and length <= stages[-1][0]):
+            raise EvaluateConfigError(f"eval.context_curriculum[{i}]: context_len {length} must grow from stage to "
+                                      f"stage and stay below data.context_len ({context_len})")
+        stages.append((length, steps))
+    rest = max_steps - sum(steps for _, steps in stages)
+    if rest <= 0:
+        raise EvaluateConfigError(f"eval.context_curriculum's stages take {max_steps - rest} steps of eval.max_steps "
+                                  f"({max_steps}); leave steps for the full context (data.context_len={context_len})")
+    return stages + [(context_len, rest)]
+
+
+@contextmanager
+def _stage_hparams(module, **values):
+    """The module's hyper-parameters during one curriculum stage (max_steps: its LR schedule's span);
+    the run's own values come back afterwards."""
+    saved = {key: module.hparams[key] for key in values}
+    module.hparams.update(values)
+    try:
+        yield
+    finally:
+        module.hparams.update(saved)
 
 
 def train_ours(cfg: DictConfig, kind: str, seed: int, split: EvalSplit, run_dir: Path, schema):
@@ -158,15 +203,33 @@ def train_ours(cfg: DictConfig, kind: str, seed: int, split: EvalSplit, run_dir:
     batch_size = batch_for_tokens(layout.seq_len, cfg.eval.get("tokens_per_batch"), int(cfg.data.batch_size))
     datamodule = fitting_datamodule(cfg, split, seed, batch_size)
     steps = int(cfg.eval.max_steps)
+    stages = context_stages(cfg.eval.get("context_curriculum"), int(cfg.data.context_len), steps)
     module = build_module(cfg, OmegaConf.create(model_cfg), datamodule, steps)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(_trainer_cfg(cfg, steps), run_dir)
+    done = 0
+    # Curriculum stages first: the same module on shorter windows (the model is not tied to a window
+    # length); each stage is its own fit, so its LR warmup and cosine span its steps.
+    for i, (stage_len, stage_steps) in enumerate(stages[:-1]):
+        stage_cfg = OmegaConf.merge(cfg, {"data": {"context_len": stage_len}})
+        stage_layout = window_layout(schema, model_cfg, stage_len, cfg.data.horizon)
+        stage_batch = batch_for_tokens(stage_layout.seq_len, cfg.eval.get("tokens_per_batch"), int(cfg.data.batch_size))
+        stage_trainer = build_trainer(_trainer_cfg(cfg, stage_steps, bare=True), run_dir / f"context_stage_{i}")
+        # No logger: Lightning would refuse the module's and the stage data's differing context_len
+        # hyper-parameters, and the evaluation reads only the last stage's measurements.
+        stage_trainer.loggers = []
+        with top_k_at_most(module.model, stage_layout.n_blocks), _stage_hparams(module, max_steps=stage_steps):
+            stage_trainer.fit(module, datamodule=fitting_datamodule(stage_cfg, split, seed, stage_batch))
+        done += int(stage_trainer.global_step)
+    trainer = build_trainer(_trainer_cfg(cfg, stages[-1][1]), run_dir)
     timer = StepTimer()
     trainer.callbacks.append(timer)
-    trainer.fit(module, datamodule=datamodule)
-    facts = {"steps": int(trainer.global_step), "batch_size": batch_size, **window_facts(layout),
+    with _stage_hparams(module, max_steps=stages[-1][1]):
+        trainer.fit(module, datamodule=datamodule)
+    facts = {"steps": done + int(trainer.global_step), "batch_size": batch_size, **window_facts(layout),
              "attention": model_cfg.get("attention"), "top_k": model_cfg.get("top_k"),
              "step_seconds": timer.median_seconds()}
+    if len(stages) > 1:
+        facts["context_curriculum"] = [{"context_len": n, "steps": s} for n, s in stages]
     return module.eval(), facts
 
 
@@ -373,6 +436,8 @@ def _setting(cfg: DictConfig, split: EvalSplit, checkpoint: TSFMPredictor | None
         "windows": split.windows, "distance": split.distance, "test_length": split.test_length, "prediction_length": split.prediction_length,
         "season": split.season, "freq": split.freq, "max_steps": int(cfg.eval.max_steps),
         "batch_size": int(cfg.data.batch_size), "context_len": int(cfg.data.context_len),
+        "context_curriculum": [{"context_len": n, "steps": s} for n, s in context_stages(
+            cfg.eval.get("context_curriculum"), int(cfg.data.context_len), int(cfg.eval.max_steps))][:-1] or None,
         "patch_len": {k: int(cfg.models[k].patch_len) for k in our_models(cfg)},
         "tokens_per_batch": cfg.eval.get("tokens_per_batch"),
         "seeds": list(cfg.eval.seeds), "baseline_seeds": list(cfg.eval.get("baseline_seeds") or cfg.eval.seeds),

@@ -113,6 +113,15 @@ def report_markdown(table: pd.DataFrame, rows: list[dict[str, Any]], dataset: st
     return "\n".join(md)
 
 
+def _curriculum_text(setting: dict) -> str:
+    """How ours reached the full context when eval.context_curriculum was set ('' otherwise)."""
+    stages = setting.get("context_curriculum")
+    if not stages:
+        return ""
+    steps = ", then ".join(f"{s['steps']} steps at context {s['context_len']}" for s in stages)
+    return f"; ours first train {steps}, the rest of the steps at the full context (a context curriculum)"
+
+
 def protocol_text(setting: dict[str, Any]) -> str:
     """The evaluation protocol in one paragraph (windows, fitting part, checkpoints, metrics)."""
     if setting.get("checkpoint"):
@@ -121,7 +130,8 @@ def protocol_text(setting: dict[str, Any]) -> str:
     else:
         fitting = (f"Every learned model fits on everything before the first test window (no validation period) for "
                    f"{setting['max_steps']} steps x batch {setting['batch_size']} with context {setting['context_len']} "
-                   f"(DeepAR adds its lags), and is scored with its final weights (no checkpoint selection, for ours "
+                   f"(DeepAR adds its lags){_curriculum_text(setting)}, and is scored with its final weights (no "
+                   f"checkpoint selection, for ours "
                    f"and the GluonTS models alike). Seeds {setting['seeds']} (ours), {setting['baseline_seeds']} "
                    f"(GluonTS models), run seed-major (every model's first seed before any second); the seeds column "
                    f"counts the runs that finished; values are mean ± sample std over them. ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -39,6 +40,23 @@ def cap_top_k(model_cfg: dict[str, Any], layout: TokenLayout) -> dict[str, Any]:
     if capped.get("k_own") is not None:
         capped["k_own"] = min(int(capped["k_own"]), layout.n_blocks)
     return capped
+
+
+@contextmanager
+def top_k_at_most(model: torch.nn.Module, n_blocks: int):
+    """Within the block, every MSA layer of ``model`` keeps at most ``n_blocks`` blocks (the rule of
+    :func:`cap_top_k` for a shorter window of a context curriculum: MSA then attends densely there);
+    the layers' top_k and k_own come back afterwards."""
+    layers = [m for m in model.modules() if hasattr(m, "top_k") and hasattr(m, "k_own")]
+    saved = [(m.top_k, m.k_own) for m in layers]
+    for m in layers:
+        m.top_k = min(m.top_k, n_blocks)
+        m.k_own = None if m.k_own is None else min(m.k_own, n_blocks)
+    try:
+        yield
+    finally:
+        for m, (top_k, k_own) in zip(layers, saved):
+            m.top_k, m.k_own = top_k, k_own
 
 
 def batch_for_tokens(tokens_per_window: int, tokens_per_batch: int | None, max_batch: int) -> int:
