@@ -198,7 +198,7 @@ def dense_twin(model: torch.nn.Module) -> torch.nn.Module:
     for layer in twin.layers:
         if isinstance(layer.attention, MSAAttention):
             old = layer.attention
-            dense = DenseGQA(old.q_proj.in_features, old.n_heads, old.n_kv_heads, old.head_dim)
+            dense = DenseGQA(old.q_proj.in_features, old.n_heads, old.n_kv_heads, old.head_dim, old.rope_base)
             dense.load_state_dict({k: v for k, v in old.state_dict().items() if not k.startswith("index_")})
             layer.attention = dense.to(old.q_proj.weight.device)
     return twin.eval()
