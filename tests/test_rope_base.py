@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import ROLES3, random_batch, small_model
 
-from probes.command import dense_twin
+from tsfm_msa.probes.command import dense_twin
 from tsfm_msa import StreamingForecaster
 from tsfm_msa.datasets.schema import SeriesSchema, Variate
 from tsfm_msa.model.attention import ModelConfigError
