@@ -52,3 +52,20 @@ def test_an_unknown_scenario_train_key_is_a_one_line_error():
     spec = {"policies": ["sensor"], "knobs": KNOBS, "train": {"stepz": 3}}
     with pytest.raises(ProbeConfigError, match=r"sensor_starvation.train: unknown train keys \['stepz'\]"):
         command.probe_scenario("sensor_starvation", spec, _cfg(spec))
+
+
+@pytest.mark.parametrize("length", ["16k", "64k"])
+def test_long_configs_train_the_positional_cause_from_scratch_long_enough(length):
+    """exogenous_delay's cause is found by position: the curriculum relearns the lag at every stage, and
+    from scratch 300 dense steps never sufficed on the CPU, 600 did at every window tried
+    (benchmarks/results/2026-12-02-probes-long-positional.md)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("tsfm_msa.configs", version_base=None):
+        cfg = OmegaConf.to_container(compose("probe", overrides=[f"probe=long_{length}"]), resolve=True)
+    for name, spec in cfg["probe"]["scenarios"].items():
+        assert set(spec.get("train") or {}) <= set(cfg["train"]), name
+    exo = {**cfg["train"], **cfg["probe"]["scenarios"]["exogenous_delay"]["train"]}
+    assert exo["curriculum"] is None and exo["steps"] >= 600
+    assert cfg["train"]["curriculum"], "rare_event keeps the curriculum (its cause is found by content)"
