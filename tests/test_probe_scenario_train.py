@@ -57,7 +57,7 @@ def test_an_unknown_scenario_train_key_is_a_one_line_error():
 @pytest.mark.parametrize("length", ["16k", "64k"])
 def test_long_configs_train_the_positional_cause_from_scratch_long_enough(length):
     """exogenous_delay's cause is found by position: the curriculum relearns the lag at every stage, and
-    from scratch 300 dense steps never sufficed on the CPU, 600 did at every window tried
+    from scratch 300 dense steps never sufficed on the CPU, 600 did up to 512 tokens
     (benchmarks/results/2026-12-02-probes-long-positional.md)."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
