@@ -198,7 +198,7 @@ def dense_twin(model: torch.nn.Module) -> torch.nn.Module:
     for layer in twin.layers:
         if isinstance(layer.attention, MSAAttention):
             old = layer.attention
-            dense = DenseGQA(old.q_proj.in_features, old.n_heads, old.n_kv_heads, old.head_dim)
+            dense = DenseGQA(old.q_proj.in_features, old.n_heads, old.n_kv_heads, old.head_dim, old.rope_base)
             dense.load_state_dict({k: v for k, v in old.state_dict().items() if not k.startswith("index_")})
             layer.attention = dense.to(old.q_proj.weight.device)
     return twin.eval()
@@ -406,8 +406,12 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     if unknown_model:
         raise ProbeConfigError(f"probe.scenarios.{name}.model: unknown model keys {unknown_model}; "
                                f"choose from {sorted(cfg['model'])}")
+    unknown_train = sorted(set(spec.get("train") or {}) - set(cfg["train"]))
+    if unknown_train:
+        raise ProbeConfigError(f"probe.scenarios.{name}.train: unknown train keys {unknown_train}; "
+                               f"choose from {sorted(cfg['train'])}")
     result = {"seed": seed, "description": scenario.description, "knobs": scenario.knobs, "policies": {},
-              "model": dict(spec.get("model") or {}),
+              "model": dict(spec.get("model") or {}), "train": dict(spec.get("train") or {}),
               "train_seconds": {}, "schema": scenario.schema.to_dict(), "data_seconds": round(data_seconds, 1)}
     thresholds = dict(cfg["verdict"])
     device = probe_device(cfg.get("device"))
@@ -439,7 +443,9 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
             result["policies"][policy] = _finish(rows, model, scenario)
         return result
 
-    train_cfg = dict(cfg["train"])
+    # A scenario may override training settings, e.g. its own step budget or no context curriculum
+    # (a cause found by position relearns the lag at every stage: 2026-12-02-probes-long-positional.md).
+    train_cfg = {**dict(cfg["train"]), **dict(spec.get("train") or {})}
     init_mode = train_cfg.get("msa_init", "scratch")
     if init_mode not in ("scratch", "dense"):
         raise ProbeConfigError(f"train.msa_init must be scratch or dense, got {init_mode!r}")

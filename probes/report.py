@@ -398,6 +398,8 @@ def _markdown(summary: dict, figures: list[tuple[str, str]]) -> str:
                   f"{res['description']}. Knobs: `{json.dumps(res['knobs'])}`", ""]
         if res.get("model"):
             lines += [f"Model settings of this scenario (over the common ones): `{json.dumps(res['model'])}`", ""]
+        if res.get("train"):
+            lines += [f"Training settings of this scenario (over the common ones): `{json.dumps(res['train'])}`", ""]
         if res.get("skipped"):
             lines += [f"Skipped: {res['skipped']}", ""]
             continue

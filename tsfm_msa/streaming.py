@@ -485,7 +485,7 @@ class StreamingForecaster:
             attn = layer.attention
             h = layer.norm1(x)
             n = h.shape[1]
-            cos, sin = rope_angles(tokens.patch, attn.head_dim)
+            cos, sin = rope_angles(tokens.patch, attn.head_dim, attn.rope_base)
             q = apply_rope(attn.q_proj(h).view(1, n, attn.n_heads, attn.head_dim).transpose(1, 2), cos, sin)
             k = apply_rope(attn.k_proj(h).view(1, n, attn.n_kv_heads, attn.head_dim).transpose(1, 2), cos, sin)
             v = attn.v_proj(h).view(1, n, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
@@ -493,7 +493,7 @@ class StreamingForecaster:
             self._v[li][:, :, slots] = v
             k_cache, v_cache = self._k[li][:, :, :n_active], self._v[li][:, :, :n_active]
             if isinstance(attn, MSAAttention):
-                cos_i, sin_i = rope_angles(tokens.patch, attn.index_dim)
+                cos_i, sin_i = rope_angles(tokens.patch, attn.index_dim, attn.rope_base)
                 qi = apply_rope(attn.index_q(h).view(1, n, attn.n_kv_heads, attn.index_dim).transpose(1, 2), cos_i, sin_i)
                 self._ki[li][:, slots] = apply_rope(attn.index_k(h), cos_i, sin_i)
                 block_idx = self._select(attn, qi, self._ki[li][:, :n_active], q_time, k_time, forced, n_active)

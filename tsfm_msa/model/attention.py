@@ -14,7 +14,7 @@ from torch import nn
 
 from tsfm_msa import kernels
 from tsfm_msa.model.dense_attention import time_masked_attention
-from tsfm_msa.model.rope import apply_rope, rope_angles
+from tsfm_msa.model.rope import DEFAULT_ROPE_BASE, apply_rope, rope_angles
 from tsfm_msa.tokens import TokenLayout
 
 GROUP_POLICIES = ("free", "sensor", "hybrid")
@@ -43,11 +43,16 @@ class AttentionAux:
 
 
 class _QKV(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 rope_base: float = DEFAULT_ROPE_BASE) -> None:
         super().__init__()
         if n_kv_heads <= 0 or n_heads % n_kv_heads:
             raise ModelConfigError(f"n_heads ({n_heads}) must be a positive multiple of n_kv_heads ({n_kv_heads})")
+        if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 1:
+            raise ModelConfigError(f"model.rope_base must be a number > 1 (the longest RoPE wavelength grows with it), "
+                                   f"got {rope_base!r}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rope_base = float(rope_base)
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
@@ -58,7 +63,7 @@ class _QKV(nn.Module):
         q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, L, D]
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, L, D]
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = layout_rope(layout, self.head_dim)
+        cos, sin = layout_rope(layout, self.head_dim, self.rope_base)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def merge(self, out: torch.Tensor) -> torch.Tensor:
@@ -99,8 +104,9 @@ class MSAAttention(_QKV):
         k_own: int | None = None,
         collect_stats: bool = True,
         kl_row_stride: int | None = None,
+        rope_base: float = DEFAULT_ROPE_BASE,
     ) -> None:
-        super().__init__(d_model, n_heads, n_kv_heads, head_dim)
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, rope_base)
         if group_policy not in GROUP_POLICIES:
             raise ModelConfigError(f"group_policy must be one of {GROUP_POLICIES}, got {group_policy!r}")
         if not isinstance(top_k, int) or top_k <= 0:
@@ -143,7 +149,7 @@ class MSAAttention(_QKV):
         xd = x.detach()  # the KL loss must not reach the backbone
         qi = self.index_q(xd).view(batch, seq_len, self.n_kv_heads, self.index_dim).transpose(1, 2)
         ki = self.index_k(xd)  # [B, L, Di]
-        cos, sin = layout_rope(layout, self.index_dim)
+        cos, sin = layout_rope(layout, self.index_dim, self.rope_base)
         return apply_rope(qi, cos, sin), apply_rope(ki, cos, sin)
 
     def select(self, qi: torch.Tensor, ki: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -252,9 +258,9 @@ class MSAAttention(_QKV):
         return per_row.sum() / (valid.sum() * batch * groups).clamp(min=1)
 
 
-def layout_rope(layout: TokenLayout, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE angles of the layout's patch times, computed once per layout and head dim."""
-    return layout.cached(("rope", dim), lambda: rope_angles(layout.token_patch.clamp(min=0), dim))
+def layout_rope(layout: TokenLayout, dim: int, base: float = DEFAULT_ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE angles of the layout's patch times, computed once per layout, head dim and base."""
+    return layout.cached(("rope", dim, base), lambda: rope_angles(layout.token_patch.clamp(min=0), dim, base))
 
 
 def batch_times(layout: TokenLayout, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

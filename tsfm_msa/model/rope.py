@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
+# The usual base; the longest wavelength is about 2 pi * base ** (1 - 2 / dim) patches (model.rope_base).
+DEFAULT_ROPE_BASE = 10000.0
 
-def rope_angles(time_id: torch.Tensor, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+
+def rope_angles(time_id: torch.Tensor, dim: int, base: float = DEFAULT_ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``[L, dim/2]`` for integer positions ``time_id [L]``."""
     if dim % 2:
         raise ValueError(f"rotary embedding needs an even head dim, got {dim}")

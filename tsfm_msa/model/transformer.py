@@ -9,6 +9,7 @@ from torch import nn
 
 from tsfm_msa.kernels.validation import KernelInputError, check_kernel_config
 from tsfm_msa.model.attention import PHASES, AttentionAux, DenseGQA, ModelConfigError, MSAAttention
+from tsfm_msa.model.rope import DEFAULT_ROPE_BASE
 from tsfm_msa.tokens import ROLES, TokenLayout, build_layout, patch_tokens
 
 DEFAULT_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -71,6 +72,7 @@ class PatchTransformer(nn.Module):
         max_variates: int = 64,
         activation_checkpointing: bool = False,
         kl_row_stride: int | None = None,
+        rope_base: float = DEFAULT_ROPE_BASE,
     ) -> None:
         super().__init__()
         kinds = [attention] * n_layers if isinstance(attention, str) else list(attention)
@@ -105,10 +107,10 @@ class PatchTransformer(nn.Module):
         layers = []
         for kind in kinds:
             if kind == "dense":
-                attn = DenseGQA(d_model, n_heads, n_kv_heads, head_dim)
+                attn = DenseGQA(d_model, n_heads, n_kv_heads, head_dim, rope_base)
             else:
                 attn = MSAAttention(d_model, n_heads, n_kv_heads, head_dim, index_dim, top_k, group_policy, k_own,
-                                    kl_row_stride=kl_row_stride)
+                                    kl_row_stride=kl_row_stride, rope_base=rope_base)
             layers.append(Block(attn, d_model, mlp_ratio, dropout))
         self.layers = nn.ModuleList(layers)
         if "msa" in kinds and group_policy in ("sensor", "hybrid") and len(group_names) != n_kv_heads:
