@@ -240,7 +240,8 @@ def test_long_context_configs_reach_their_length_with_kernel_block_sizes(length,
 
 @pytest.mark.parametrize("length", ["16k", "64k", "128k"])
 def test_long_context_configs_grow_the_window_by_at_most_4x_per_curriculum_stage(length):
-    """From scratch at the long window the dense model learned nothing, and one 8x jump lost the far
+    """From scratch at the long window the dense model learned nothing in 300 steps (and rare_event's cause
+    needed the curriculum), and one 8x jump lost the far
     cause at CPU scale (benchmarks/results/2026-12-02-probes-long-learning.md): every long config
     starts short and grows by at most 4x per stage, the cause 3/4 back at every stage."""
     cfg = _compose_probe([f"probe=long_{length}"])
