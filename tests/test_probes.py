@@ -610,3 +610,47 @@ def test_two_seeds_end_to_end_keep_every_seed_and_write_after_each(tmp_path, mon
     assert "## rare_event, seed 0" in md and "## rare_event, seed 1" in md
     assert "| rare_event | 2 |" in md.split("## Timing")[1]
     assert loaded == summary
+
+
+def _first_step_grads(dense_teacher_kl: float) -> dict[str, torch.Tensor]:
+    """Gradients of one sparse training step of a tiny MSA probe model (same data, same weights)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from tsfm_msa.probes.command import _mixed_module_class, probe_model_config, window_dataset
+
+    scenario = _make("rare_event", n_train=4, n_distractors=1)
+    config = probe_model_config({"d_model": 8, "n_layers": 2, "heads_per_group": 2, "head_dim": 4, "block_size": 2,
+                                 "top_k": 2, "index_dim": 4, "k_own": None}, scenario, "msa", "sensor")
+    torch.manual_seed(0)
+    module = _mixed_module_class()(model_config=config, schema=scenario.schema.to_dict(),
+                                   context_len=scenario.context_len, horizon=scenario.horizon,
+                                   indexer_warmup={"steps": 0}, max_steps=1)
+    module.dense_teacher_kl = dense_teacher_kl
+    grads = {}
+
+    class Grab(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    loader = DataLoader(list(window_dataset(scenario.train, scenario)), batch_size=4)
+    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+              callbacks=[Grab()]).fit(module, train_dataloaders=loader)
+    return grads
+
+
+def test_dense_teacher_kl_trains_only_the_indexer_in_the_sparse_phase():
+    from tsfm_msa.probes.command import dense_teacher_weight
+
+    assert dense_teacher_weight(None) == 0.0 and dense_teacher_weight(3) == 3.0
+    for bad in (-1.0, float("nan"), "3", True):
+        with pytest.raises(ProbeConfigError, match="train.dense_teacher_kl"):
+            dense_teacher_weight(bad)
+    without, with_teacher = _first_step_grads(0.0), _first_step_grads(5.0)
+    assert without.keys() == with_teacher.keys()
+    index = [n for n in without if ".index_" in n]
+    assert index and len(index) < len(without)
+    # The dense teacher's loss moves the index projections and nothing else.
+    assert all(torch.equal(without[n], with_teacher[n]) for n in without if n not in index)
+    assert any(not torch.allclose(without[n], with_teacher[n]) for n in index)
