@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 # Where the loader options live in the Hydra config (configs/data/csv.yaml): `data.loader.<option>`.
@@ -24,7 +25,16 @@ def option(name: str, example: object = ...) -> str:
     """
     if example is ...:
         return f"{LOADER_KEY}.{name}"
-    return f"{LOADER_KEY}.{name}={_as_override(example)} (Python: {name}={example!r})"
+    override = f"{LOADER_KEY}.{name}={_as_override(example)}"
+    if any(c in override for c in SHELL_SPECIAL):  # e.g. {sep:";"}: the shell would eat the quotes
+        override = f"'{override}'"
+    return f"{override} (Python: {name}={example!r})"
+
+
+# Characters that a shell would interpret in an unquoted command-line word.
+SHELL_SPECIAL = set("\"'; $*?()<>|&!`")
+# Strings that Hydra's override grammar reads as themselves without quotes.
+_PLAIN = re.compile(r"^[A-Za-z0-9_./+%-]+$")
 
 
 def _as_override(value: object) -> str:
@@ -37,4 +47,6 @@ def _as_override(value: object) -> str:
         return "{" + ",".join(f"{k}:{_as_override(v)}" for k, v in value.items()) + "}"
     if isinstance(value, Sequence) and not isinstance(value, str):
         return "[" + ",".join(_as_override(v) for v in value) + "]"
+    if isinstance(value, str) and not _PLAIN.match(value):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'  # ';' or ',' must be quoted
     return str(value)

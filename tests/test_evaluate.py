@@ -11,7 +11,7 @@ import torch
 from gluonts.ev.metrics import MAE, MASE, RMSE, MeanWeightedSumQuantileLoss
 from gluonts.model import evaluate_forecasts
 
-from tsfm_msa.datasets import WindowDataset, make_synthetic, split_by_time
+from tsfm_msa.datasets import SeriesFrame, WindowDataset, make_synthetic, split_by_time
 from tsfm_msa.evaluate import baselines
 from tsfm_msa.evaluate.gluonts_data import (EvaluationSplitError, frames_to_gluonts, gift_eval_windows,
                                             make_eval_split, standardize_covariates)
@@ -230,6 +230,13 @@ def test_seasonal_naive_and_zscore(data):
         cov = fz.values[:stop, 1:]
         np.testing.assert_allclose(cov.mean(0), 0, atol=1e-4)
         np.testing.assert_allclose(cov.std(0), 1, atol=1e-3)
+    # Missing covariate values (the GluonTS models take none) become the fitting part's mean; targets keep theirs.
+    values = frames[0].values.copy()
+    values[[3, 50], 1] = np.nan
+    values[7, 0] = np.nan
+    holes = [SeriesFrame(frames[0].item_id, frames[0].timestamps, values, frames[0].schema)]
+    zh = standardize_covariates(holes, split.train_stops[:1])[0].values
+    assert not np.isnan(zh[:, 1:]).any() and zh[3, 1] == zh[50, 1] == 0.0 and np.isnan(zh[7, 0])
     forecasts = list(baselines.seasonal_naive(H, 24).predict(split.test.input))
     e = next(iter(split.test.input))
     np.testing.assert_allclose(forecasts[0].quantile(0.5), np.asarray(e["target"])[-24:])

@@ -119,7 +119,9 @@ def test_cli_trains_one_season_of_minute_data_and_writes_the_summary(tmp_path, c
     assert summary["seasonal_naive_val_mae"] is None and "one season" in summary["seasonal_naive_note"]
     assert summary["val_mae"] > 0
     assert "no seasonal-naive reference" in (run_dir / "summary.md").read_text()
-    assert "no seasonal-naive reference" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no seasonal-naive reference" in out
+    assert "never routes sparsely" not in out  # 1 warmup step of 2: the run does route sparsely
 
 
 # ----------------------------------------------------------------------------- 3. missing values
@@ -159,11 +161,11 @@ def test_missing_values_option_is_configurable():
 def test_decimal_comma_and_separator_hints(tmp_path):
     df = _wide(10).astype({"temp": object})
     df.loc[2, "temp"] = "3,5"
-    with pytest.raises(DataValidationError, match=r"decimal comma: set data.loader.read_kwargs=\{decimal:,\}"):
+    with pytest.raises(DataValidationError, match=r"""decimal comma: set 'data.loader.read_kwargs=\{decimal:","\}'"""):
         _load(df)
     path = tmp_path / "semicolon.csv"
     _wide(10).to_csv(path, index=False, sep=";")
-    with pytest.raises(DataValidationError, match=r"separate columns with ';': set data.loader.read_kwargs=\{sep:;\}"):
+    with pytest.raises(DataValidationError, match=r"""separate columns with ';': set 'data.loader.read_kwargs=\{sep:";"\}'"""):
         from_csv(path, timestamp="date", targets=["load"])
     [frame] = from_csv(path, timestamp="date", targets=["load"], read_kwargs={"sep": ";"})
     assert frame.length == 10
@@ -385,3 +387,28 @@ def test_day_first_timestamps_get_a_one_line_hint_that_works(tmp_path):
     assert "\n" not in message and "dayfirst:true" in message and "data.loader.read_kwargs" in message
     (frame,) = from_csv(path, timestamp="Zeit", targets=["flow"], read_kwargs={"parse_dates": ["Zeit"], "dayfirst": True})
     assert pd.Timestamp(frame.timestamps[0]) == times[0] and pd.Timestamp(frame.timestamps[-1]) == times[-1]
+
+
+@pytest.mark.parametrize("example", [{"sep": ";"}, {"decimal": ","}, "%Y-%m-%d %H:%M", ["a", "b"], "h"])
+def test_option_hints_run_as_pasted(example):
+    """A hint's override, pasted into a shell, reaches Hydra as the value it names."""
+    import shlex
+
+    from hydra import compose, initialize_config_module
+
+    from tsfm_msa.datasets.errors import option
+
+    [override] = shlex.split(option("read_kwargs", example).split(" (Python:")[0])
+    with initialize_config_module("tsfm_msa.configs", version_base=None):
+        cfg = compose("train", overrides=["data=csv", override])
+    value = cfg.data.loader.read_kwargs
+    assert (list(value) if isinstance(example, list) else dict(value) if isinstance(example, dict) else value) == example
+
+
+def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):
+    """indexer_warmup.steps >= trainer.max_steps: the MSA model never routes sparsely; the console says so."""
+    main(["train", "data=csv", f"data.loader.path={_one_minute_day(tmp_path)}", "data.loader.timestamp=date",
+          "data.loader.targets=[load]", "data.context_len=64", "data.horizon=16", *TINY,
+          "trainer.max_steps=2", "trainer.val_check_interval=2", "indexer_warmup.steps=2",
+          f"hydra.run.dir={tmp_path / 'run'}"])
+    assert "indexer_warmup.steps=2 >= trainer.max_steps=2: this MSA model never routes sparsely" in capsys.readouterr().out

@@ -96,6 +96,12 @@ def train_command(cfg: DictConfig) -> dict:
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     module = build_module(cfg, cfg.model, datamodule, int(cfg.trainer.max_steps))
+    warmup = (cfg.get("indexer_warmup") or {}).get("steps")
+    if module.model.has_msa and warmup is not None and int(warmup) >= int(cfg.trainer.max_steps) and _is_global_zero():
+        # Not an error (a dense-only warmup run is legitimate), but easy to miss in the summary.
+        print(f"tsfm-msa: note: indexer_warmup.steps={warmup} >= trainer.max_steps={cfg.trainer.max_steps}: this "
+              f"MSA model never routes sparsely in this run (dense attention throughout); lower "
+              f"indexer_warmup.steps or raise trainer.max_steps", flush=True)
     if cfg.get("init_from"):
         load_backbone(module, str(cfg.init_from))
     ckpt_path = resume_checkpoint(str(cfg.resume)) if cfg.get("resume") else None

@@ -281,6 +281,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     if int(cfg.eval.max_steps) <= 0:
         raise EvaluateConfigError(f"eval.max_steps must be a positive integer, got {cfg.eval.max_steps}")
     models = _models(cfg)
+    # A bad curriculum stops here, before any model (or the data) takes time.
+    context_stages(cfg.eval.get("context_curriculum"), int(cfg.data.context_len), int(cfg.eval.max_steps))
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     frames, schema = datamodule.frames, datamodule.schema

@@ -76,7 +76,9 @@ def standardize_covariates(frames: list[SeriesFrame], train_stops: list[int]) ->
     """Z-score the non-binary covariates of every item with statistics of its steps [0, train_stop) only.
 
     GluonTS's PatchTST, DeepAR and TFT feed covariates unscaled; EPF's gen_forecast (~58,000)
-    would swamp their inputs. Targets are left as they are (metrics are on the original scale).
+    would swamp their inputs. Targets are left as they are (metrics are on the original scale). A
+    missing covariate value becomes 0, the fitting part's mean (binary ones: off): the GluonTS models
+    take no missing covariates (TFT forecasts NaN from one), while ours mask them.
     """
     out = []
     for frame, stop in zip(frames, train_stops):
@@ -85,6 +87,7 @@ def standardize_covariates(frames: list[SeriesFrame], train_stops: list[int]) ->
         keep = ~covariate | np.asarray(schema.binary, dtype=bool)
         loc, scale = fit_scaler(frame.values[:stop], keep)  # [V]; keep -> loc 0, scale 1
         values = (frame.values - loc) / scale  # [T, V]
+        values[:, covariate] = np.nan_to_num(values[:, covariate], nan=0.0)
         out.append(SeriesFrame(frame.item_id, frame.timestamps, values, schema))
     return out
 
