@@ -520,3 +520,15 @@ def test_context_curriculum_refuses_bad_stages(curriculum, message):
     assert context_stages({"context_len": 16, "steps": 4}, 64, 10) == [(16, 4), (64, 6)]
     with pytest.raises(EvaluateConfigError, match=message):
         context_stages(curriculum, 64, 10)
+
+
+def test_an_msa_row_that_never_routes_sparsely_is_named(tmp_path, capsys):
+    """eval.max_steps at or under indexer_warmup.steps: the MSA row is dense attention; the console says so."""
+    from tsfm_msa.evaluate.command import evaluate
+
+    cfg = _compose(["data=synthetic", "eval=quick", "eval.models=[msa]", "eval.seeds=[0]", "eval.max_steps=2",
+                    "indexer_warmup.steps=100", "eval.plot_series=0", "eval.plot_windows=0", f"data.context_len={C}",
+                    f"data.horizon={H}", "data.loader.length=600", "models.msa.top_k=2"])
+    evaluate(cfg, tmp_path, "synthetic")
+    assert "indexer_warmup.steps=100 >= the 2 training steps at the full context: ['msa'] never route" in \
+        capsys.readouterr().out
