@@ -35,7 +35,7 @@ from tsfm_msa.datasets import SeriesSchema, WindowDataset
 from tsfm_msa.probes import metrics
 from tsfm_msa.probes.report import judge, write_report
 from tsfm_msa.probes.scenarios import ProbeConfigError, ScenarioData, make_scenario
-from tsfm_msa.probes.selectors import SELECTORS, TRAINING_FREE, msa_layers, use_selector
+from tsfm_msa.probes.selectors import SELECTORS, TRAINING_FREE, installed_selectors, msa_layers, use_selector
 from tsfm_msa.model.attention import DenseGQA, MSAAttention
 from tsfm_msa.tokens import TokenLayout
 from tsfm_msa.train.lightning_module import build_model
@@ -155,6 +155,10 @@ def train_model(model_config: dict, scenario: ScenarioData, train_cfg: dict, see
     return module.model.to(device).eval(), seconds
 
 
+# The training settings of a dense model (reference, curriculum stage): none of the MSA-only options.
+DENSE_TRAINING = {"indexer_warmup_steps": 0, "dense_mix": None, "dense_teacher_kl": None}
+
+
 def dense_mix_period(fraction: float | None) -> int:
     """``train.dense_mix`` (share of the sparse-phase steps run with dense attention) as "every n-th
     step" (0: none)."""
@@ -210,13 +214,8 @@ def _mixed_module_class():
                 return layer.select(qi, ki, layout)
 
             layers = msa_layers(self.model)
-            for layer in layers:
-                layer.selector = select_and_teach
-            try:
+            with installed_selectors(layers, [select_and_teach] * len(layers)):
                 loss = super().training_step(batch, batch_idx)
-            finally:
-                for layer in layers:
-                    layer.selector = None
             dense_kl = torch.stack(losses).mean()  # mean over layers, as the model's own KL
             self.log("train/dense_teacher_kl", dense_kl, batch_size=batch["context"].shape[0])
             return loss + self.dense_teacher_kl * dense_kl
@@ -506,7 +505,7 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     result["data_seconds"] = round(data_seconds + time.perf_counter() - start, 1)
     print(f"[probe]   data ready in {result['data_seconds']} s", flush=True)
     fit = dict(device=device, precision=precision, train_items=items)
-    dense_train = {**train_cfg, "indexer_warmup_steps": 0, "dense_mix": None, "dense_teacher_kl": None}
+    dense_train = {**train_cfg, **DENSE_TRAINING}
     curriculum_state = None
     for stage, (short_knobs, short_train) in enumerate(curriculum_stages(spec, train_cfg, scenario, seed, init_mode)):
         # Each stage continues from the previous one; the long-window training from the last. Its data
@@ -527,7 +526,7 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
         # Dense -> sparse adaptation: the MSA model continues from this dense model for msa_steps
         # (indexer warmup, then sparse). The dense reference continues just as long with dense
         # attention, so both models end with the same number of steps on the same data.
-        dense, secs = train_model(dense_config, scenario, {**msa_train, "indexer_warmup_steps": 0, "dense_mix": None, "dense_teacher_kl": None},
+        dense, secs = train_model(dense_config, scenario, {**msa_train, **DENSE_TRAINING},
                                   seed + 1, init_state=init_state, **fit)
         result["train_seconds"]["dense_continued"] = round(secs, 1)
     dense_state = dense.state_dict()
@@ -584,7 +583,7 @@ def curriculum_stages(spec: dict, train_cfg: dict, scenario: ScenarioData, seed:
                  "distance": int(cur["distance"]), "n_test": 1}
         if "n_train" in cur:
             knobs["n_train"] = int(cur["n_train"])
-        short_train = {**train_cfg, "steps": int(cur["steps"]), "indexer_warmup_steps": 0, "dense_mix": None, "dense_teacher_kl": None,
+        short_train = {**train_cfg, **DENSE_TRAINING, "steps": int(cur["steps"]),
                        "batch_size": int(cur.get("batch_size") or train_cfg["batch_size"])}
         out.append((knobs, short_train))
     return out

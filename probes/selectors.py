@@ -322,10 +322,18 @@ def use_selector(model: torch.nn.Module, name: str, seed: int = 0) -> Iterator[N
     if not layers:
         raise ProbeConfigError("the model has no MSA layer to put a selector on; convert it with "
                                "tsfm_msa.probes.command.as_msa first")
+    # random-k: its own stream per layer
+    with installed_selectors(layers, [get_selector(name, seed + 1009 * i) for i in range(len(layers))]):
+        yield
+
+
+@contextlib.contextmanager
+def installed_selectors(layers: list[MSAAttention], selectors: list) -> Iterator[None]:
+    """``layers[i].selector = selectors[i]`` for the duration of the block; the previous ones come back."""
     previous = [layer.selector for layer in layers]
     try:
-        for i, layer in enumerate(layers):
-            layer.selector = get_selector(name, seed + 1009 * i)  # random-k: its own stream per layer
+        for layer, selector in zip(layers, selectors):
+            layer.selector = selector
         yield
     finally:
         for layer, prev in zip(layers, previous):

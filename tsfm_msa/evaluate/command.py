@@ -284,9 +284,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     # A bad curriculum stops here, before any model (or the data) takes time.
     stages = context_stages(cfg.eval.get("context_curriculum"), int(cfg.data.context_len), int(cfg.eval.max_steps))
     warmup = (cfg.get("indexer_warmup") or {}).get("steps")
-    dense_only = [m for m in models if m in our_models(cfg) and cfg.models[m].get("attention") == "msa"
-                  and warmup is not None and int(warmup) >= stages[-1][1]]
-    if dense_only:
+    never_sparse = warmup is not None and int(warmup) >= stages[-1][1]
+    dense_only = [m for m in models if m in our_models(cfg) and cfg.models[m].get("attention") == "msa"]
+    if never_sparse and dense_only:
         print(f"tsfm-msa: note: indexer_warmup.steps={warmup} >= the {stages[-1][1]} training steps at the full "
               f"context: {dense_only} never route sparsely in this run (their rows are dense attention); lower "
               f"indexer_warmup.steps or raise eval.max_steps", flush=True)

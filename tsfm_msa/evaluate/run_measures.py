@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from tsfm_msa.model.attention import MSAAttention
 from tsfm_msa.tokens import TokenLayout, build_layout
 
 # A phase's first steps compile kernels (Triton, FlexAttention) and warm caches: not the step cost.
@@ -47,7 +48,7 @@ def top_k_at_most(model: torch.nn.Module, n_blocks: int):
     """Within the block, every MSA layer of ``model`` keeps at most ``n_blocks`` blocks (the rule of
     :func:`cap_top_k` for a shorter window of a context curriculum: MSA then attends densely there);
     the layers' top_k and k_own come back afterwards."""
-    layers = [m for m in model.modules() if hasattr(m, "top_k") and hasattr(m, "k_own")]
+    layers = [m for m in model.modules() if isinstance(m, MSAAttention)]
     saved = [(m.top_k, m.k_own) for m in layers]
     for m in layers:
         m.top_k = min(m.top_k, n_blocks)
