@@ -25,30 +25,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step as ts  # noqa: E402  (the same model, batch and step)
 
-from tsfm_msa.model.transformer import PatchTransformer, pinball_loss  # noqa: E402
-
-
-def make_step(kind: str, context: int, device: torch.device):
-    torch.manual_seed(0)
-    model = PatchTransformer(ts.ROLES, ts.GROUPS, ts.NAMES, attention=kind, **ts.MODEL).to(device).train()
-    for layer in model.layers:
-        if hasattr(layer.attention, "collect_stats"):
-            layer.attention.collect_stats = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch = ts.random_batch(context, device)
-    targets = model.target_index
-    truth = batch["horizon"][..., targets].transpose(1, 2)
-    observed = batch["horizon_mask"][..., targets].transpose(1, 2)
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(batch, "sparse")
-            loss = pinball_loss(out.quantiles.float(), truth, observed, model.quantile_levels) + out.kl
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
 
 def gpu_kernels(prof, steps: int) -> dict:
     """GPU busy ms per step, launches per step and the top kernels (ms per step) from the trace."""
@@ -77,7 +53,7 @@ def main() -> None:
     results = {}
     for tokens in map(ts.parse_length, args.lengths.split(",")):
         for kind in ("msa", "dense"):
-            step = make_step(kind, ts.context_for(tokens), device)
+            step, _ = ts.build_step(kind, "sparse", ts.context_for(tokens), device)
             for _ in range(3):  # compile and allocator warm-up
                 step()
             torch.cuda.synchronize()

@@ -67,7 +67,9 @@ def random_batch(context: int, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def time_steps(kind: str, phase: str, context: int, reps: int, device: torch.device) -> dict:
+def build_step(kind: str, phase: str, context: int, device: torch.device):
+    """``(step, layout)``: one training step (forward in ``phase``, backward, AdamW) of the benchmark
+    model on a fixed random batch; ``step()`` returns the loss."""
     torch.manual_seed(0)
     model = PatchTransformer(ROLES, GROUPS, NAMES, attention=kind, **MODEL).to(device).train()
     for layer in model.layers:  # statistics are a logging concern, off in a timed step
@@ -89,6 +91,11 @@ def time_steps(kind: str, phase: str, context: int, reps: int, device: torch.dev
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    return step, layout
+
+
+def time_steps(kind: str, phase: str, context: int, reps: int, device: torch.device) -> dict:
+    step, layout = build_step(kind, phase, context, device)
     for _ in range(2):  # compile (Flex, Triton) and allocator warm-up
         loss = step()
     if not torch.isfinite(loss):
