@@ -131,8 +131,7 @@ def protocol_text(setting: dict[str, Any]) -> str:
         fitting = (f"Every learned model fits on everything before the first test window (no validation period) for "
                    f"{setting['max_steps']} steps x batch {setting['batch_size']} with context {setting['context_len']} "
                    f"(DeepAR adds its lags){_curriculum_text(setting)}, and is scored with its final weights (no "
-                   f"checkpoint selection, for ours "
-                   f"and the GluonTS models alike). Seeds {setting['seeds']} (ours), {setting['baseline_seeds']} "
+                   f"checkpoint selection, for ours and the GluonTS models alike). Seeds {setting['seeds']} (ours), {setting['baseline_seeds']} "
                    f"(GluonTS models), run seed-major (every model's first seed before any second); the seeds column "
                    f"counts the runs that finished; values are mean ± sample std over them. ")
     return (
