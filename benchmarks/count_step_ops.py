@@ -9,7 +9,10 @@ outermost ``aten::`` calls of a torch.profiler (CPU) trace, grouped by the enclo
 op (``model`` for everything outside the wrappers); the ``aten::`` work done by the interpreter
 inside a Triton launch is left out.
 
-    TRITON_INTERPRET=1 python benchmarks/count_step_ops.py [--json out.json]
+    python benchmarks/count_step_ops.py [--skip-kernels] [--detail] [--json out.json]
+
+(as a script it sets TRITON_INTERPRET=1; imported, e.g. by tests/test_step_op_count.py, it needs the
+interpreter already on.)
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import collections
 import json
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-os.environ.setdefault("TSFM_MSA_BACKEND", "triton")
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
@@ -98,6 +101,17 @@ def make_step(seed: int = 0):
     return step
 
 
+# Leaf aten ops that launch no kernel (allocation, views, metadata, no-op casts): left out of the
+# launch estimate, which counts the other leaves (the kernels' ops, copies, fills, D2H reads).
+NO_KERNEL = {
+    "aten::" + name for name in (
+        "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "reshape", "_reshape_alias",
+        "_unsafe_view", "as_strided", "transpose", "t", "permute", "unsqueeze", "squeeze", "expand", "expand_as",
+        "slice", "select", "narrow", "detach", "alias", "unbind", "split", "chunk", "resolve_conj", "resolve_neg",
+        "lift_fresh", "to", "contiguous", "view_as", "set_", "result_type", "flatten", "unflatten", "lift_fresh_copy")
+}
+
+
 def _owner(event) -> tuple[str | None, bool]:
     """The innermost enclosing ``tsfm_msa::`` op of an event, and whether it runs inside a Triton
     launch or inside another aten op (then it is not one of the ops the Python code issued)."""
@@ -116,13 +130,18 @@ def count_ops(path: str = "kv_outer", run_kernels: bool = True) -> dict:
     """``{"ops": {wrapper: n}, "triton": {wrapper: n}, "top": {wrapper: {op: n}}}`` for one step
     (after a warm-up step that builds the layout caches, as every step after the first) with the
     attention's loop order forced to ``path`` (``kv_outer``, ``query_outer`` or ``auto``)."""
+    from tsfm_msa import kernels
+    from tsfm_msa.kernels import dispatch
     from tsfm_msa.kernels import sparse_attention_triton as sa
 
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("count_ops runs the Triton wrappers on the CPU: set TRITON_INTERPRET=1 before importing triton")
     if path == "auto" and not run_kernels:
         raise ValueError("path='auto' decides on the kernels' results: run the kernels")
-    saved = dict(sa.CONFIG)
+    saved, backend = dict(sa.CONFIG), dispatch._backend
     if path != "auto":
         sa.CONFIG["auto_waste_fwd"] = sa.CONFIG["auto_waste_bwd"] = PATHS[path]
+    kernels.set_backend("triton")
     try:
         with _TaggedLaunches(run_kernels):
             step = make_step()
@@ -131,7 +150,9 @@ def count_ops(path: str = "kv_outer", run_kernels: bool = True) -> dict:
                 step()
     finally:
         sa.CONFIG.update(saved)
+        dispatch._backend = backend
     ops: collections.Counter = collections.Counter()
+    leaves: collections.Counter = collections.Counter()
     launches: collections.Counter = collections.Counter()
     names: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for event in prof.events():
@@ -139,10 +160,23 @@ def count_ops(path: str = "kv_outer", run_kernels: bool = True) -> dict:
         owner = owner or "model"
         if event.name.startswith("triton::") and not nested:
             launches[owner] += 1
-        elif event.name.startswith("aten::") and not nested:
-            ops[owner] += 1
-            names[owner][event.name] += 1
-    return {"ops": dict(ops), "triton": dict(launches), "top": {k: dict(v.most_common()) for k, v in names.items()}}
+        elif event.name.startswith("aten::"):
+            if not nested:
+                ops[owner] += 1
+                names[owner][event.name] += 1
+            inside_triton = any(p.name.startswith("triton::") for p in _parents(event))
+            is_leaf = not any(child.name.startswith("aten::") for child in event.cpu_children)
+            if is_leaf and not inside_triton and event.name not in NO_KERNEL:
+                leaves[owner] += 1
+    return {"ops": dict(ops), "launches": dict(leaves), "triton": dict(launches),
+            "top": {k: dict(v.most_common()) for k, v in names.items()}}
+
+
+def _parents(event):
+    parent = event.cpu_parent
+    while parent is not None:
+        yield parent
+        parent = parent.cpu_parent
 
 
 def main() -> None:
@@ -157,12 +191,16 @@ def main() -> None:
     torch.set_num_threads(1)
     result = count_ops(args.path, run_kernels=not args.skip_kernels)
     owners = sorted(set(result["ops"]) | set(result["triton"]), key=lambda k: (k == "model", k))
-    print(f"{'wrapper':40s} {'torch ops':>9s} {'triton':>7s}")
+    # torch ops: outermost aten calls; torch launches: leaf aten ops that run a kernel (an estimate of
+    # the CUDA launches besides Triton's); triton: Triton kernel launches.
+    print(f"{'wrapper':32s} {'torch ops':>9s} {'torch launches':>14s} {'triton':>7s}")
     for name in owners:
-        print(f"{name:40s} {result['ops'].get(name, 0):9d} {result['triton'].get(name, 0):7d}")
-    wrappers = sum(v for k, v in result["ops"].items() if k != "model")
-    print(f"{'all wrappers':40s} {wrappers:9d} {sum(result['triton'].values()):7d}")
-    print(f"{'whole step':40s} {sum(result['ops'].values()):9d}")
+        print(f"{name:32s} {result['ops'].get(name, 0):9d} {result['launches'].get(name, 0):14d} "
+              f"{result['triton'].get(name, 0):7d}")
+    def total(key, wrappers_only):
+        return sum(v for k, v in result[key].items() if k != "model" or not wrappers_only)
+    print(f"{'all wrappers':32s} {total('ops', True):9d} {total('launches', True):14d} {total('triton', True):7d}")
+    print(f"{'whole step':32s} {total('ops', False):9d} {total('launches', False):14d} {total('triton', False):7d}")
     if args.detail:
         for name in owners:
             print(f"\n{name}: " + ", ".join(f"{op[6:]} {n}" for op, n in result["top"].get(name, {}).items()))
