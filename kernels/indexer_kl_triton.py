@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .reference import num_blocks
 from .validation import check_kernel_block_size, check_kl_inputs
-from .worklist import block_csr, chunks
+from .worklist import block_csr, cached_on, chunks
 
 CONFIG_OVERRIDE: dict = {}
 _CHUNKS_PER_ITEM = 8
@@ -225,6 +225,12 @@ def _config(rep: int):
     return int(CONFIG_OVERRIDE.get("tq", default))
 
 
+def _schedule_of(block_idx: torch.Tensor, seq_len: int, block_size: int, tq: int):
+    """:func:`_schedule` built once per selection: the forward's serves the backward."""
+    return cached_on(block_idx, ("kl_schedule", seq_len, block_size, tq), (),
+                     lambda: _schedule(block_idx, seq_len, block_size, tq))
+
+
 def _schedule(block_idx: torch.Tensor, seq_len: int, block_size: int, tq: int):
     """Work list of the KL kernels (shared with the attention kernels, :mod:`.worklist`): keys
     ``(b * NB + blk) * G + g`` so that the chunks of one KV block are adjacent for the dki reduction.
@@ -269,7 +275,7 @@ def _kl_forward(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale,
     batch, groups, seq_len, kslots = block_idx.shape
     rep, scale, index_scale, (qi, ki, q, k, lse, q_time, k_time) = _common(qi, ki, q, k, lse, q_time, k_time, scale, index_scale)
     tq = _config(rep)
-    work, rows, _ = _schedule(block_idx, seq_len, block_size, tq)
+    work, rows, _ = _schedule_of(block_idx, seq_len, block_size, tq)
     ntot = block_idx.numel()
     part = torch.zeros(5, ntot, dtype=torch.float32, device=qi.device)
     part[0].fill_(float("-inf"))
@@ -281,13 +287,14 @@ def _kl_forward(qi, ki, block_idx, q, k, lse, q_time, k_time, block_size, scale,
     m, lsum, plogp, ps, psum = (x.view(batch, groups, seq_len, kslots) for x in part)
     mmax = m.amax(-1)
     row_valid = mmax > float("-inf")
-    mref = torch.where(row_valid, mmax, torch.zeros_like(mmax))
+    # (scalar fill values: no zeros_like / full_like launches)
+    mref = torch.where(row_valid, mmax, 0.0)
     lse_s = mref + torch.log((lsum * torch.exp(m - mref[..., None])).sum(-1))
-    lse_s = torch.where(row_valid, lse_s, torch.full_like(lse_s, float("-inf")))
+    lse_s = torch.where(row_valid, lse_s, float("-inf"))
     psum_r = psum.sum(-1)
-    kl = plogp.sum(-1) - ps.sum(-1) + torch.where(row_valid, lse_s, torch.zeros_like(lse_s)) * psum_r
+    kl = plogp.sum(-1) - ps.sum(-1) + torch.where(row_valid, lse_s, 0.0) * psum_r
     n_rows = row_valid.sum().to(torch.float32)
-    loss = torch.where(row_valid, kl, torch.zeros_like(kl)).sum() / n_rows.clamp_min(1.0)
+    loss = torch.where(row_valid, kl, 0.0).sum() / n_rows.clamp_min(1.0)
     return loss, lse_s.contiguous(), psum_r.contiguous(), n_rows
 
 
@@ -296,7 +303,7 @@ def _kl_backward(grad, qi, ki, block_idx, q, k, lse, q_time, k_time, lse_s, psum
     index_dim = qi.shape[-1]
     rep, scale, index_scale, (qi, ki, q, k, lse, q_time, k_time) = _common(qi, ki, q, k, lse, q_time, k_time, scale, index_scale)
     tq = _config(rep)
-    work, rows, chunk_off = _schedule(block_idx, seq_len, block_size, tq)
+    work, rows, chunk_off = _schedule_of(block_idx, seq_len, block_size, tq)
     nb = num_blocks(seq_len, block_size)
     coef = (grad.float() * index_scale / n_rows.clamp_min(1.0)).reshape(1).contiguous()
     dqi_part = torch.zeros(batch, groups, seq_len, kslots, index_dim, dtype=torch.float32, device=qi.device)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .reference import INT32_MAX, num_blocks
+from .worklist import cached_on
 from .validation import check_kernel_block_size, check_select_inputs
 
 # Benchmarks may override the launch configuration: {"rows": M, "num_warps": w, "num_stages": s}.
@@ -309,8 +310,13 @@ def _launch(qi, ki, q_time, k_time, block_size, k, allowed, forced, write_scores
             step_allowed = torch.nn.functional.pad(allowed, (0, n_steps * sub - nb)).view(batch, groups, n_steps, sub).any(-1)
         if forced is not None:
             step_forced = torch.where(forced < 0, -1, torch.div(forced, sub, rounding_mode="floor"))
-    lists, counts, nql = _build_lists(q_time, k_time, sub * block_size, list_q, nsets, gp, groups, step_allowed,
-                                      step_forced)
+    if allowed is None:  # the lists then depend on the times and sizes only (forced is not read)
+        lists, counts, nql = cached_on(q_time, ("select_lists", sub * block_size, list_q, nsets, groups), (k_time,),
+                                       lambda: _build_lists(q_time, k_time, sub * block_size, list_q, nsets, gp,
+                                                            groups, None, None))
+    else:
+        lists, counts, nql = _build_lists(q_time, k_time, sub * block_size, list_q, nsets, gp, groups, step_allowed,
+                                          step_forced)
 
     out_idx = torch.empty((batch, groups, seq_len, k), dtype=torch.int32, device=device)
     out_sc = torch.empty((batch, groups, seq_len, k), dtype=torch.float32, device=device)

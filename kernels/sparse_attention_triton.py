@@ -42,7 +42,7 @@ import triton.language as tl
 from .triton_common import dot as _dot
 
 from .validation import check_attention_inputs
-from .worklist import block_csr, chunks
+from .worklist import block_csr, cached_on, chunks
 
 INT32_MAX = 2**31 - 1
 _I32_MAX = tl.constexpr(INT32_MAX)  # jit code may only read constexpr globals
@@ -581,10 +581,7 @@ def _build_union(block_idx, tq, q_time=None, k_time=None, block_size=None):
     flags = q_time is not None and block_size is not None and block_size == _pow2(block_size)
     if flags:
         nbk = triton.cdiv(seq_len, block_size)
-        kt = k_time
-        if nbk * block_size != seq_len:
-            kt = torch.nn.functional.pad(kt, (0, nbk * block_size - seq_len), value=INT32_MAX)
-        kt_max = kt.reshape(batch, nbk, block_size).amax(-1).to(torch.int32).contiguous()
+        kt_max = cached_on(k_time, ("block_kt_max", block_size), (), lambda: _block_kt_max(k_time, block_size))
     else:
         nbk, q_time, kt_max = 1, count, count  # placeholders, never read
     _tile_union_kernel[(nt, batch * groups)](
@@ -592,6 +589,31 @@ def _build_union(block_idx, tq, q_time=None, k_time=None, block_size=None):
         TQ=tq, KP=triton.next_power_of_2(slots), FLAGS=flags, NW=nw,
         KEY64=seq_len * tq >= INT32_MAX, num_warps=4)  # block ids are < L
     return union, count, bits
+
+
+def _block_kt_max(k_time: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Latest key time of each KV block ``[B, NB]`` int32 (padding keys INT32_MAX)."""
+    batch, seq_len = k_time.shape
+    nbk = triton.cdiv(seq_len, block_size)
+    kt = k_time
+    if nbk * block_size != seq_len:
+        kt = torch.nn.functional.pad(kt, (0, nbk * block_size - seq_len), value=INT32_MAX)
+    return kt.reshape(batch, nbk, block_size).amax(-1).to(torch.int32).contiguous()
+
+
+def _union_of(block_idx, tq, q_time=None, k_time=None, block_size=None):
+    """:func:`_build_union` built once per selection (the forward's is reused by the backward)."""
+    deps = () if q_time is None else (q_time, k_time)
+    return cached_on(block_idx, ("tile_union", tq, block_size, q_time is None), deps,
+                     lambda: _build_union(block_idx, tq, q_time, k_time, block_size))
+
+
+def _csr_of(block_idx, l0: int, ls: int, nb: int):
+    """``block_csr`` of the query segment ``[l0, l0 + ls)``; a whole-sequence one is built once per
+    selection (the forward's is reused by the backward; segments of long inputs are not kept)."""
+    if ls != block_idx.shape[2]:
+        return block_csr(block_idx[:, :, l0:l0 + ls], nb)
+    return cached_on(block_idx, ("block_csr", nb), (), lambda: block_csr(block_idx, nb))
 
 
 def _segment_len(batch, heads, seq_len, slots, head_dim, elem) -> int:
@@ -643,8 +665,8 @@ def _union_waste(block_idx, union_count, tq) -> float:
     One host sync, kept on purpose: the answer decides which kernels are launched. Deciding on the
     device instead means building both schedules and launching both paths with an early exit; the
     kv_outer CSR alone costs 0.65-0.76 ms at 128K (H200), far more than the sync's launch bubble."""
-    valid = int((block_idx >= 0).sum())
-    return float(union_count.sum()) * tq / max(valid, 1)
+    entries, valid = torch.stack((union_count.sum(dtype=torch.int64), (block_idx >= 0).sum())).tolist()
+    return float(entries) * tq / max(valid, 1)
 
 
 def _pick_variant(variant, block_idx, sh: _Shape, phase: str = "fwd", q_time=None, k_time=None):
@@ -655,9 +677,14 @@ def _pick_variant(variant, block_idx, sh: _Shape, phase: str = "fwd", q_time=Non
     if variant == "kv_outer":
         return variant, None
     tq = sh.tq(CONFIG["qo_rows"])
-    sched = _build_union(block_idx, tq, q_time, k_time, sh.bs)
-    if variant == "auto" and _union_waste(block_idx, sched[1], tq) > CONFIG["auto_waste_" + phase]:
-        return "kv_outer", None
+    sched = _union_of(block_idx, tq, q_time, k_time, sh.bs)
+    if variant == "auto":
+        # The forward's measurement (and its host sync) serves the backward too.
+        deps = () if q_time is None else (q_time, k_time)
+        waste = cached_on(block_idx, ("union_waste", tq, sh.bs, q_time is None), deps,
+                          lambda: _union_waste(block_idx, sched[1], tq))
+        if waste > CONFIG["auto_waste_" + phase]:
+            return "kv_outer", None
     return "query_outer", sched
 
 
@@ -694,8 +721,7 @@ def _forward(q, k, v, block_idx, q_time, k_time, block_size, scale, variant):
     bq = CONFIG["cb_rows"]
     for l0 in range(0, sh.L, seg):
         ls = min(seg, sh.L - l0)
-        sel = block_idx[:, :, l0:l0 + ls]
-        pair_entry, offsets = block_csr(sel, sh.NB)
+        pair_entry, offsets = _csr_of(block_idx, l0, ls, sh.NB)
         c_key, c_start, c_len, n_chunks, _ = chunks(offsets, tq, pair_entry.numel())
         _fwd_kv_outer_kernel[(triton.cdiv(c_key.numel(), cpp),)](
             q, k, v, part_o, part_lse, q_time, k_time, c_key, c_start, c_len, n_chunks, pair_entry,
@@ -739,7 +765,7 @@ def _backward(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_si
         tq, bn = sh.tq(CONFIG["dkdv_rows"]), min(sh.BSP, CONFIG["dkdv_keys"])
     for l0 in range(0, sh.L, seg):
         ls = min(seg, sh.L - l0)
-        pair_entry, offsets = block_csr(block_idx[:, :, l0:l0 + ls], sh.NB)
+        pair_entry, offsets = _csr_of(block_idx, l0, ls, sh.NB)
         # Heaviest blocks first, so a popular block's long loop starts early (LPT order).
         order = torch.argsort(offsets[1:] - offsets[:-1], descending=True).to(torch.int32)
         _bwd_dkdv_kernel[(order.numel() * triton.cdiv(sh.bs, bn),)](
@@ -757,7 +783,7 @@ def _backward(q, k, v, block_idx, q_time, k_time, out, lse, dout, dlse, block_si
     if dq_mode == 0:
         tq = sh.tq(CONFIG["dq_rows"])
         if sched is None or sched[0].shape[1] != triton.cdiv(sh.L, tq):  # other tile size
-            sched = _build_union(block_idx, tq, q_time, k_time, sh.bs)
+            sched = _union_of(block_idx, tq, q_time, k_time, sh.bs)
         union, count, bits = sched
         nt = triton.cdiv(sh.L, tq)
         _bwd_dq_query_outer_kernel[(nt, sh.B * sh.G)](
@@ -841,4 +867,7 @@ def sparse_attention_triton(
     """
     check_attention_inputs(q, k, v, block_idx, q_time, k_time, block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # Contiguous before the op, so that the tensors saved for the backward are the copies (a
+    # transposed v would otherwise be copied again by the backward).
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _sparse_attention_fwd(q, k, v, block_idx, q_time, k_time, block_size, scale, variant)

@@ -14,7 +14,7 @@ from torch import nn
 
 from tsfm_msa import kernels
 from tsfm_msa.model.dense_attention import time_masked_attention
-from tsfm_msa.model.rope import DEFAULT_ROPE_BASE, apply_rope, rope_angles
+from tsfm_msa.model.rope import DEFAULT_ROPE_BASE, apply_rope_tables, rope_angles, rope_tables
 from tsfm_msa.tokens import TokenLayout
 
 GROUP_POLICIES = ("free", "sensor", "hybrid")
@@ -63,8 +63,8 @@ class _QKV(nn.Module):
         q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, L, D]
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, L, D]
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = layout_rope(layout, self.head_dim, self.rope_base)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        cos2, sin2 = layout_rope(layout, self.head_dim, q.dtype, self.rope_base)
+        return apply_rope_tables(q, cos2, sin2), apply_rope_tables(k, cos2, sin2), v
 
     def merge(self, out: torch.Tensor) -> torch.Tensor:
         batch, _, seq_len, _ = out.shape
@@ -149,8 +149,8 @@ class MSAAttention(_QKV):
         xd = x.detach()  # the KL loss must not reach the backbone
         qi = self.index_q(xd).view(batch, seq_len, self.n_kv_heads, self.index_dim).transpose(1, 2)
         ki = self.index_k(xd)  # [B, L, Di]
-        cos, sin = layout_rope(layout, self.index_dim, self.rope_base)
-        return apply_rope(qi, cos, sin), apply_rope(ki, cos, sin)
+        cos2, sin2 = layout_rope(layout, self.index_dim, qi.dtype, self.rope_base)
+        return apply_rope_tables(qi, cos2, sin2), apply_rope_tables(ki, cos2, sin2)
 
     def select(self, qi: torch.Tensor, ki: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Selected blocks ``[B, G, L, K]`` under the group policy."""
@@ -258,9 +258,12 @@ class MSAAttention(_QKV):
         return per_row.sum() / (valid.sum() * batch * groups).clamp(min=1)
 
 
-def layout_rope(layout: TokenLayout, dim: int, base: float = DEFAULT_ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE angles of the layout's patch times, computed once per layout, head dim and base."""
-    return layout.cached(("rope", dim, base), lambda: rope_angles(layout.token_patch.clamp(min=0), dim, base))
+def layout_rope(layout: TokenLayout, dim: int, dtype: torch.dtype,
+                base: float = DEFAULT_ROPE_BASE) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables (:func:`rope_tables`) of the layout's patch times, computed once per layout, head
+    dim, dtype and base (autocast's bf16 projections would otherwise cast them on every call)."""
+    return layout.cached(("rope_tables", dim, dtype, base), lambda: rope_tables(
+        *rope_angles(layout.token_patch.clamp(min=0), dim, base), dtype))
 
 
 def batch_times(layout: TokenLayout, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
