@@ -55,19 +55,42 @@ def context_for(tokens: int) -> int:
     return max(PATCH, (tokens - horizon_tokens) // n_var * PATCH)
 
 
-def random_batch(context: int, device: torch.device) -> dict[str, torch.Tensor]:
+INPUTS = ("noise", "seasonal")
+
+
+def seasonal_series(steps: int, n_var: int, g: torch.Generator) -> torch.Tensor:
+    """``[steps, n_var]``: a daily and a weekly cycle (96 and 672 steps, 15-minute data) with a random
+    amplitude and phase per variate, plus noise at a tenth of the cycles' size: sensor-like input whose
+    neighbouring patches look alike, as on real series (white noise makes every token unlike its
+    neighbours, so an untrained indexer's choices differ from query to query)."""
+    t = torch.arange(steps, dtype=torch.float32)[:, None]  # [T, 1]
+    amp = 0.5 + torch.rand(2, n_var, generator=g)  # [2, V]
+    phase = 2 * torch.pi * torch.rand(2, n_var, generator=g)
+    daily = amp[0] * torch.sin(2 * torch.pi * t / 96 + phase[0])
+    weekly = amp[1] * torch.sin(2 * torch.pi * t / 672 + phase[1])
+    return daily + weekly + 0.1 * torch.randn(steps, n_var, generator=g)
+
+
+def random_batch(context: int, device: torch.device, inputs: str = "noise") -> dict[str, torch.Tensor]:
+    """One window ``[1, steps, variates]``: white noise, or :func:`seasonal_series` (``inputs``)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     n_var = len(ROLES)
+    if inputs == "noise":
+        series = torch.randn(context + HORIZON, n_var, generator=g)
+    elif inputs == "seasonal":
+        series = seasonal_series(context + HORIZON, n_var, g)
+    else:
+        raise ValueError(f"--inputs must be one of {INPUTS}, got {inputs!r}")
     batch = {
-        "context": torch.randn(1, context, n_var, generator=g),
+        "context": series[None, :context],
         "context_mask": torch.ones(1, context, n_var, dtype=torch.bool),
-        "horizon": torch.randn(1, HORIZON, n_var, generator=g),
+        "horizon": series[None, context:],
         "horizon_mask": torch.ones(1, HORIZON, n_var, dtype=torch.bool),
     }
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def build_step(kind: str, phase: str, context: int, device: torch.device):
+def build_step(kind: str, phase: str, context: int, device: torch.device, inputs: str = "noise"):
     """``(step, layout)``: one training step (forward in ``phase``, backward, AdamW) of the benchmark
     model on a fixed random batch; ``step()`` returns the loss."""
     torch.manual_seed(0)
@@ -76,7 +99,7 @@ def build_step(kind: str, phase: str, context: int, device: torch.device):
         if hasattr(layer.attention, "collect_stats"):
             layer.attention.collect_stats = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    batch = random_batch(context, device)
+    batch = random_batch(context, device, inputs)
     layout = model.layout(context, HORIZON, device)
     targets = model.target_index
     truth = batch["horizon"][..., targets].transpose(1, 2)
@@ -94,8 +117,8 @@ def build_step(kind: str, phase: str, context: int, device: torch.device):
     return step, layout
 
 
-def time_steps(kind: str, phase: str, context: int, reps: int, device: torch.device) -> dict:
-    step, layout = build_step(kind, phase, context, device)
+def time_steps(kind: str, phase: str, context: int, reps: int, device: torch.device, inputs: str = "noise") -> dict:
+    step, layout = build_step(kind, phase, context, device, inputs)
     for _ in range(2):  # compile (Flex, Triton) and allocator warm-up
         loss = step()
     if not torch.isfinite(loss):
@@ -123,7 +146,7 @@ def time_steps(kind: str, phase: str, context: int, reps: int, device: torch.dev
             "peak_gib": peak}
 
 
-def op_breakdown(context: int, device: torch.device, reps: int = 5) -> dict:
+def op_breakdown(context: int, device: torch.device, reps: int = 5, inputs: str = "noise") -> dict:
     """Milliseconds of each MSA op of one layer (forward + backward where it has one) on the real
     layer inputs of a sparse step, next to the whole dense-attention call of the same layer."""
     from tsfm_msa import kernels
@@ -133,7 +156,7 @@ def op_breakdown(context: int, device: torch.device, reps: int = 5) -> dict:
     torch.manual_seed(0)
     model = PatchTransformer(ROLES, GROUPS, NAMES, attention="msa", **MODEL).to(device).train()
     layer = model.layers[0].attention
-    batch = random_batch(context, device)
+    batch = random_batch(context, device, inputs)
     layout = model.layout(context, HORIZON, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         from tsfm_msa.tokens import patch_tokens
@@ -159,7 +182,7 @@ def op_breakdown(context: int, device: torch.device, reps: int = 5) -> dict:
         return sorted(out)[len(out) // 2]
 
     block_idx = layer.select(qi, ki, layout)
-    res = {"tokens": layout.seq_len}
+    res = {"tokens": layout.seq_len, "tile_union_blocks": tile_union(block_idx, layout.seq_len // bs)}
     res["select_ms"] = timed(lambda: layer.select(qi, ki, layout))
     res["sparse_attention_fwd_ms"] = timed(lambda: kernels.sparse_attention(q, k, v, block_idx, q_time, k_time, bs))
 
@@ -180,6 +203,18 @@ def op_breakdown(context: int, device: torch.device, reps: int = 5) -> dict:
     flops = 4 * layout.seq_len * MODEL["top_k"] * bs * MODEL["head_dim"] * MODEL["n_heads"] * 3.5
     res["selected_work_floor_ms"] = flops / 790e12 * 1e3
     return res
+
+
+def tile_union(block_idx: torch.Tensor, n_blocks: int, rows: int = 64) -> float:
+    """Mean count of distinct KV blocks chosen by ``rows`` consecutive queries of one GQA group (the
+    blocks a query tile of the sparse kernels loads): ``top_k`` when neighbours agree, up to
+    ``rows x top_k`` when they do not. ``block_idx [B, G, L, K]``, -1 = unused slot."""
+    b, g, length, k = block_idx.shape
+    tiles = length // rows
+    idx = block_idx[:, :, : tiles * rows].reshape(b, g, tiles, rows * k).long()  # [B, G, T, rows*K]
+    hit = torch.zeros(b, g, tiles, n_blocks + 1, dtype=torch.bool, device=idx.device)
+    hit.scatter_(-1, torch.where(idx < 0, n_blocks, idx), True)  # the extra column takes the unused slots
+    return hit[..., :n_blocks].sum(-1).float().mean().item()
 
 
 LAYOUT_PROBE = """
@@ -221,7 +256,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Training step at long context ({v['date']}, {v['device']}, torch {v['torch']}, triton {v['triton']})", "",
              "Model: d_model 512, 2 layers, 16 query / 4 KV heads, head dim 64, index dim 64, blocks of 128, "
              "top-16, MLP x4; batch 1, bf16 autocast, AdamW; one step = forward + backward + optimizer. "
-             "Dense = FlexAttention with the time-visibility block mask. Median of the timed steps.", "",
+             "Dense = FlexAttention with the time-visibility block mask. Median of the timed steps. "
+             f"Window values: {result.get('inputs', 'noise')} (`--inputs`).", "",
              "| tokens | dense ms | MSA sparse ms | MSA warmup ms | sparse speed-up (tokens/s vs dense) | "
              "warmup / dense | peak GiB dense / sparse / warmup |",
              "|---|---|---|---|---|---|---|"]
@@ -246,13 +282,13 @@ def markdown(result: dict) -> str:
         for lay in result["layout"]:
             lines.append(f"| {lay['tokens']:,} | {lay['seconds']:.2f} | {lay['peak_extra_mib']:.0f} |")
     if result.get("breakdown"):
-        keys = [k for k in result["breakdown"][0] if k != "tokens"]
+        keys = [k for k in result["breakdown"][0] if k.endswith("_ms")]
         lines += ["", "One MSA layer's ops at the sparse step's inputs (ms, median), next to the dense attention "
                   "(Flex) forward+backward of the same layer:", "",
-                  "| tokens | " + " | ".join(k.replace("_ms", "") for k in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
+                  "| tokens | blocks per 64-query tile | " + " | ".join(k.replace("_ms", "") for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
         for b in result["breakdown"]:
-            lines.append(f"| {b['tokens']:,} | " + " | ".join(f"{b[k]:.2f}" for k in keys) + " |")
+            lines.append(f"| {b['tokens']:,} | {b['tile_union_blocks']:.1f} | " + " | ".join(f"{b[k]:.2f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -266,9 +302,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="h200")
     parser.add_argument("--breakdown", default="32k,128k", help="lengths for the per-op breakdown of one MSA layer")
+    parser.add_argument("--inputs", default="noise", choices=INPUTS,
+                        help="the window's values: white noise (the worst case for tile unions) or seasonal sensor-like series")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"versions": versions(device), "model": MODEL, "rows": [], "layout": []}
+    result = {"versions": versions(device), "model": MODEL, "inputs": args.inputs, "rows": [], "layout": []}
     for text in args.layout_lengths.split(","):
         if text:
             result["layout"].append(layout_cost(parse_length(text)))
@@ -276,7 +314,7 @@ def main() -> None:
     result["breakdown"] = []
     for text in args.breakdown.split(","):
         if text and device.type == "cuda":
-            result["breakdown"].append(op_breakdown(context_for(parse_length(text)), device))
+            result["breakdown"].append(op_breakdown(context_for(parse_length(text)), device, inputs=args.inputs))
             print("breakdown", result["breakdown"][-1], flush=True)
     for text in args.lengths.split(","):
         tokens = parse_length(text)
@@ -285,7 +323,7 @@ def main() -> None:
             kind, phase = CONTENDERS[name]
             reps = args.long_reps if tokens >= 256 * 1024 else args.reps
             try:
-                row[name] = time_steps(kind, phase, context_for(tokens), reps, device)
+                row[name] = time_steps(kind, phase, context_for(tokens), reps, device, args.inputs)
             except torch.cuda.OutOfMemoryError:
                 row[name] = {"error": "out of memory"}
             except Exception as err:  # record and go on: one failing size must not lose the others
@@ -297,7 +335,8 @@ def main() -> None:
         result["rows"].append(row)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"{result['versions']['date']}-{args.tag}-train-step"
+        suffix = "" if args.inputs == "noise" else f"-{args.inputs}"
+        stem = out / f"{result['versions']['date']}-{args.tag}-train-step{suffix}"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
         stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
