@@ -138,7 +138,7 @@ def test_plan_orders_short_against_long_first_and_never_repeats():
     # Every (dataset, rung, patch 16 or 8, model) runs at seed 0; seed 1 only at the rungs that matter.
     seed0 = {(j.dataset, j.rung, j.patch, j.model) for j in jobs if j.seed == 0 and j.patch != 4}
     assert len(seed0) == len(lc.DATASETS) * 6 * 2 * len(lc.MODELS)
-    assert {j.rung for j in jobs if j.seed == 1} == {"max", "s256", "w52", "w13"}
+    assert {j.rung for j in jobs if j.seed == 1} == {"max", "s256", "w52", "w13", "w4"}
     assert [j.rung for j in lc.plan(datasets=["epf"], models=["msa"], patches=[8], seeds=[0], rungs=["w1", "max"])] \
         == ["max", "w1"]
 
@@ -174,8 +174,9 @@ def test_run_pool_runs_in_order_and_stops_at_the_budget(tmp_path):
     assert status["late"] == "not started"  # workers were free after 1 s, but less than min_start_s was left
 
 
-def _fake_run(root, dataset, model, attention, patch, context, tokens, seed, crps_rel, step_s, peak=100.0):
-    run = root / f"{dataset}-{context}-p{patch}-{model}-s{seed}"
+def _fake_run(root, dataset, model, attention, patch, context, tokens, seed, crps_rel, step_s, peak=100.0,
+              curriculum=None):
+    run = root / f"{dataset}-{context}-p{patch}-{model}-s{seed}{'-cur' if curriculum else ''}"
     run.mkdir(parents=True)
     naive = {"dataset": dataset, "model": "seasonal_naive", "seed": 0, "CRPS": 1.0, "CRPS_rel": 1.0}
     ours = {"dataset": dataset, "model": model, "seed": seed, "attention": attention, "context_len": context,
@@ -183,7 +184,8 @@ def _fake_run(root, dataset, model, attention, patch, context, tokens, seed, crp
             "top_k": 16 if attention == "msa" else None, "steps": 5, "CRPS": crps_rel, "CRPS_rel": crps_rel,
             "MASE": 2 * crps_rel, "MASE_rel": crps_rel, "step_seconds": step_s, "peak_mb": peak,
             "train_seconds": 3.0}
-    (run / "evaluation.json").write_text(json.dumps({"setting": {}, "rows": [naive, ours]}))
+    (run / "evaluation.json").write_text(json.dumps({"setting": {"context_curriculum": curriculum},
+                                                     "rows": [naive, ours]}))
     return run
 
 
@@ -206,6 +208,9 @@ def test_collector_writes_json_md_png_and_checks_the_targets(tmp_path):
         _fake_run(root, "C", "dense", "dense", 16, 256, 90, seed, 0.95 + noise(), 0.01)
         _fake_run(root, "C", "msa_sensor", "msa", 16, 4096, 35_000, seed, 0.90 + noise(), 0.06)
         _fake_run(root, "C", "dense", "dense", 16, 4096, 35_000, seed, 0.99 + noise(), 0.10)
+        # A curriculum run of the same model and context is a row of its own, not a third seed.
+        _fake_run(root, "C", "msa_sensor", "msa", 16, 4096, 35_000, seed, 0.97 + noise(), 0.06,
+                  curriculum=[{"context_len": 256, "steps": 200}])
     out = tmp_path / "results" / "2026-12-02-long-context"
     record = lc.collect([root], out)
     check = record["targets"]
@@ -216,7 +221,8 @@ def test_collector_writes_json_md_png_and_checks_the_targets(tmp_path):
     md = (tmp_path / "results" / "2026-12-02-long-context.md").read_text()
     assert "| A | msa | 16 | 8192 | 40000 |" in md and "± " in md and "NOT met" in md
     data = json.loads((tmp_path / "results" / "2026-12-02-long-context.json").read_text())
-    assert len(data["rows"]) == 20 and len(data["table"]) == 10
+    assert len(data["rows"]) == 22 and len(data["table"]) == 11
+    assert "| C | msa_sensor+cur256x200 | 16 | 4096 | 35000 |" in md and "| C | msa_sensor | 16 | 4096 | 35000 |" in md
     png = (tmp_path / "results" / "2026-12-02-long-context.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

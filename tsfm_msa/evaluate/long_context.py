@@ -47,6 +47,7 @@ STAGES: tuple[tuple[tuple[str, ...], int, int, tuple[str, ...] | None], ...] = (
     (("max", "s256"), 8, 0, None),
     (("w4", "w1"), 16, 0, None),
     (("w52", "w13"), 16, 1, None),
+    (("w4",), 16, 1, None),
     (("max", "s256"), 8, 1, None),
     (("w52", "w13", "w4", "w1"), 8, 0, None),
 )
@@ -172,15 +173,27 @@ def load_rows(paths: list[str | Path]) -> pd.DataFrame:
         rung = None
         if (run / "config.yaml").is_file():
             rung = OmegaConf.select(OmegaConf.load(run / "config.yaml"), "study.context")
+        curriculum = curriculum_label((record.get("setting") or {}).get("context_curriculum"))
         for row in record["rows"]:
             tokens = row.get("context_tokens")
             if tokens is None or (isinstance(tokens, float) and math.isnan(tokens)):
                 continue  # seasonal naive and GluonTS baselines: no tokens
-            rows.append({**{k: row.get(k) for k in ROW_COLUMNS}, "rung": rung, "run": str(run)})
+            rec = {**{k: row.get(k) for k in ROW_COLUMNS}, "rung": rung, "run": str(run)}
+            # A curriculum run is its own row of the table: the same model trained another way.
+            rec["model"] = f"{rec['model']}{curriculum}"
+            rows.append(rec)
     if not rows:
         raise LongContextError(f"no finished long-context runs (evaluation.json with our models' rows) under "
                                f"{[str(p) for p in paths]}")
     return pd.DataFrame(rows)
+
+
+def curriculum_label(stages: list[dict] | None) -> str:
+    """``""`` without ``eval.context_curriculum``; else ``"+cur256x200"`` (context steps x training
+    steps of each short stage before the full context), appended to the model's name."""
+    if not stages:
+        return ""
+    return "+cur" + "+".join(f"{int(s['context_len'])}x{int(s['steps'])}" for s in stages)
 
 
 def _has_model_row(run: Path) -> bool:
