@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import lightning as L
 import pytest
@@ -153,3 +154,51 @@ def test_evaluate_and_convert_configs_pass_the_weight_to_the_module():
             module = build_module(cfg, model_cfg, datamodule, 10)
             assert module.dense_teacher_kl == 3.0
             assert all(m.dense_teacher for m in module.model.modules() if isinstance(m, MSAAttention))
+
+
+def _teacher_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """The mean dense index loss of a sparse training forward and its gradient per parameter."""
+    for layer in model.modules():
+        if isinstance(layer, MSAAttention):
+            layer.dense_teacher = True
+    out = model.train()(batch, "sparse")
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(out.dense_kl, params, allow_unused=True)
+    return out.dense_kl.detach(), dict(zip(names, grads))
+
+
+def _assert_only_index_grads(grads: dict[str, torch.Tensor | None]) -> None:
+    index = [n for n in grads if ".index_q." in n or ".index_k." in n]
+    assert index and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in index)
+    assert all(g is None or not g.any() for n, g in grads.items() if n not in index)
+
+
+def test_activation_checkpointing_gives_the_same_dense_teacher_loss_and_gradients():
+    from helpers import small_model
+
+    batch = random_batch(2, 64, 16, len(ROLES3), seed=4)
+    loss, grads = _teacher_grads(small_model(seed=3), batch)
+    loss_ckpt, grads_ckpt = _teacher_grads(small_model(seed=3, activation_checkpointing=True), batch)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    _assert_only_index_grads(grads)
+    for name, grad in grads.items():
+        if grad is not None:
+            torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs CUDA (and no Triton interpreter)")
+def test_dense_teacher_on_cuda_in_bf16_at_a_long_window_reaches_only_the_indexer():
+    from tsfm_msa.model.transformer import PatchTransformer
+
+    torch.manual_seed(0)
+    model = PatchTransformer(ROLES3, [0, 1, 2], ["target", "past", "future"], patch_len=16, d_model=128, n_layers=2,
+                             n_heads=6, n_kv_heads=3, head_dim=64, block_size=64, top_k=4, index_dim=64,
+                             activation_checkpointing=True).cuda()
+    # 3 x (16384 + 256) / 16 = 3120 tokens: beyond 2048, so the strided rows (Flex teacher) are taken.
+    batch = {k: v.cuda() for k, v in random_batch(2, 16384, 256, len(ROLES3), seed=2).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, grads = _teacher_grads(model, batch)
+    assert torch.isfinite(loss) and float(loss) > 0
+    _assert_only_index_grads(grads)

@@ -1,4 +1,5 @@
-"""LightningModule: forecast loss + lambda * KL, indexer warmup then sparse, AdamW + cosine."""
+"""LightningModule: forecast loss + lambda * KL (+ optional dense-teacher index loss), indexer warmup then
+sparse, AdamW + cosine."""
 from __future__ import annotations
 
 import importlib
