@@ -21,7 +21,6 @@ import contextlib
 import copy
 import datetime as dt
 import logging
-import math
 import time
 import warnings
 from pathlib import Path
@@ -35,10 +34,10 @@ from tsfm_msa.datasets import SeriesSchema, WindowDataset
 from tsfm_msa.probes import metrics
 from tsfm_msa.probes.report import judge, write_report
 from tsfm_msa.probes.scenarios import ProbeConfigError, ScenarioData, make_scenario
-from tsfm_msa.probes.selectors import SELECTORS, TRAINING_FREE, installed_selectors, msa_layers, use_selector
+from tsfm_msa.probes.selectors import SELECTORS, TRAINING_FREE, msa_layers, use_selector
 from tsfm_msa.model.attention import DenseGQA, MSAAttention
 from tsfm_msa.tokens import TokenLayout
-from tsfm_msa.train.lightning_module import build_model
+from tsfm_msa.train.lightning_module import build_model, dense_teacher_weight
 
 MODEL_TARGET = "tsfm_msa.model.transformer.PatchTransformer"
 
@@ -128,14 +127,14 @@ def train_model(model_config: dict, scenario: ScenarioData, train_cfg: dict, see
     L.seed_everything(seed, workers=False, verbose=False)
     steps = int(train_cfg["steps"])
     dense_every = dense_mix_period(train_cfg.get("dense_mix"))
-    dense_teacher = dense_teacher_weight(train_cfg.get("dense_teacher_kl"))
-    module_cls = _mixed_module_class() if dense_every or dense_teacher else ForecastModule
+    module_cls = _mixed_module_class() if dense_every else ForecastModule
     module = module_cls(
         model_config=model_config, schema=scenario.schema.to_dict(), context_len=scenario.context_len,
         horizon=scenario.horizon, optim=dict(train_cfg.get("optim") or {}), kl_weight=float(train_cfg["kl_weight"]),
-        indexer_warmup={"steps": int(train_cfg["indexer_warmup_steps"])}, max_steps=steps)
-    if module_cls is not ForecastModule:
-        module.dense_every, module.dense_teacher_kl = dense_every, dense_teacher
+        indexer_warmup={"steps": int(train_cfg["indexer_warmup_steps"])}, max_steps=steps,
+        dense_teacher_kl=dense_teacher_weight(train_cfg.get("dense_teacher_kl"), "train.dense_teacher_kl"))
+    if dense_every:
+        module.dense_every = dense_every
     if init_state is not None:
         # Dense -> MSA adaptation: the dense weights load, only the index projections start fresh.
         module.model.load_state_dict(init_state, strict=False)
@@ -169,56 +168,20 @@ def dense_mix_period(fraction: float | None) -> int:
     return max(1, round(1 / float(fraction)))
 
 
-def dense_teacher_weight(weight: float | None) -> float:
-    """``train.dense_teacher_kl`` (weight of the sparse phase's index loss against the dense teacher
-    over every visible key; null or 0: none) as a float."""
-    if weight is None:
-        return 0.0
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise ProbeConfigError(f"train.dense_teacher_kl must be a non-negative number or null, got {weight!r}")
-    return float(weight)
-
-
 def _mixed_module_class():
-    """ForecastModule with two additions to its sparse phase:
-
-    - every ``dense_every``-th step runs as a dense step (the warmup phase: dense main branch, indexer
-      still learning from the dense teacher);
-    - ``dense_teacher_kl > 0``: every sparse step adds, with that weight, the warmup's index loss (the
-      indexer against the layer's dense attention over every visible key, on the sparse model's own
-      hidden states). The sparse KL only sees the selected blocks, so a block the indexer dropped
-      never comes back however much the dense attention wants it (rare_event seed 2: layer 0's dense
-      attention puts 0.47 of its mass on the pulse's block, the indexer drops it during the first
-      sparse steps and never selects it again). Gradients reach the index projections only.
-    """
+    """ForecastModule whose sparse phase runs every ``dense_every``-th step as a dense step (the warmup
+    phase: dense main branch, indexer still learning from the dense teacher). The dense-teacher index
+    loss of the sparse steps (``train.dense_teacher_kl``) is ForecastModule's own ``dense_teacher_kl``."""
     from tsfm_msa.train.lightning_module import ForecastModule
 
     class DenseMixedModule(ForecastModule):
         dense_every = 0
-        dense_teacher_kl = 0.0
 
         def current_phase(self) -> str:
             phase = super().current_phase()
             if phase == "sparse" and self.dense_every and self.global_step % self.dense_every == 0:
                 return "indexer_warmup"
             return phase
-
-        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            if not self.dense_teacher_kl or not self.model.has_msa or self.current_phase() != "sparse":
-                return super().training_step(batch, batch_idx)
-            losses: list[torch.Tensor] = []
-
-            def select_and_teach(layer, q, k, qi, ki, layout) -> torch.Tensor:
-                # The selector hook sees the layer's sparse-path q, k, qi, ki: the dense teacher there.
-                losses.append(layer.dense_index_loss(q, k, qi, ki, layout))
-                return layer.select(qi, ki, layout)
-
-            layers = msa_layers(self.model)
-            with installed_selectors(layers, [select_and_teach] * len(layers)):
-                loss = super().training_step(batch, batch_idx)
-            dense_kl = torch.stack(losses).mean()  # mean over layers, as the model's own KL
-            self.log("train/dense_teacher_kl", dense_kl, batch_size=batch["context"].shape[0])
-            return loss + self.dense_teacher_kl * dense_kl
 
     return DenseMixedModule
 

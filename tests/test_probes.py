@@ -617,16 +617,16 @@ def _first_step_grads(dense_teacher_kl: float) -> dict[str, torch.Tensor]:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from tsfm_msa.probes.command import _mixed_module_class, probe_model_config, window_dataset
+    from tsfm_msa.probes.command import probe_model_config, window_dataset
+    from tsfm_msa.train.lightning_module import ForecastModule
 
     scenario = _make("rare_event", n_train=4, n_distractors=1)
     config = probe_model_config({"d_model": 8, "n_layers": 2, "heads_per_group": 2, "head_dim": 4, "block_size": 2,
                                  "top_k": 2, "index_dim": 4, "k_own": None}, scenario, "msa", "sensor")
     torch.manual_seed(0)
-    module = _mixed_module_class()(model_config=config, schema=scenario.schema.to_dict(),
-                                   context_len=scenario.context_len, horizon=scenario.horizon,
-                                   indexer_warmup={"steps": 0}, max_steps=1)
-    module.dense_teacher_kl = dense_teacher_kl
+    module = ForecastModule(model_config=config, schema=scenario.schema.to_dict(), context_len=scenario.context_len,
+                            horizon=scenario.horizon, indexer_warmup={"steps": 0}, max_steps=1,
+                            dense_teacher_kl=dense_teacher_kl)
     grads = {}
 
     class Grab(L.Callback):
@@ -641,12 +641,14 @@ def _first_step_grads(dense_teacher_kl: float) -> dict[str, torch.Tensor]:
 
 
 def test_dense_teacher_kl_trains_only_the_indexer_in_the_sparse_phase():
-    from tsfm_msa.probes.command import dense_teacher_weight
+    from tsfm_msa.probes.command import train_model
 
-    assert dense_teacher_weight(None) == 0.0 and dense_teacher_weight(3) == 3.0
+    # The probes' key reaches ForecastModule's own option (tests/test_dense_teacher.py), named as theirs.
+    scenario = _make("rare_event", n_train=4, n_distractors=1)
     for bad in (-1.0, float("nan"), "3", True):
-        with pytest.raises(ProbeConfigError, match="train.dense_teacher_kl"):
-            dense_teacher_weight(bad)
+        with pytest.raises(ValueError, match="train.dense_teacher_kl"):
+            train_model({}, scenario, {"steps": 1, "kl_weight": 1.0, "indexer_warmup_steps": 0, "batch_size": 2,
+                                       "dense_teacher_kl": bad}, seed=0)
     without, with_teacher = _first_step_grads(0.0), _first_step_grads(5.0)
     assert without.keys() == with_teacher.keys()
     index = [n for n in without if ".index_" in n]

@@ -34,7 +34,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path):
 
 def build_module(cfg: DictConfig, model_cfg: DictConfig, datamodule, max_steps: int):
     """The ForecastModule of a run: the model node for the data's schema, with the run's optimizer,
-    KL weight and indexer-warmup schedule."""
+    KL weights (selected blocks, dense teacher) and indexer-warmup schedule."""
     from tsfm_msa.train.lightning_module import ForecastModule
 
     return ForecastModule(
@@ -47,4 +47,5 @@ def build_module(cfg: DictConfig, model_cfg: DictConfig, datamodule, max_steps: 
         indexer_warmup=OmegaConf.to_container(cfg.indexer_warmup, resolve=True),
         max_steps=max_steps,
         stats_every_n_steps=cfg.get("stats_every_n_steps"),
+        dense_teacher_kl=cfg.get("dense_teacher_kl"),
     )

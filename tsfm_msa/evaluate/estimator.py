@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from tsfm_msa.datasets import SeriesDataModule, SeriesFrame, WindowDataset, from_gluonts
 from tsfm_msa.evaluate.predictor import TSFMPredictor, predictor_from_module
-from tsfm_msa.train.lightning_module import ForecastModule
+from tsfm_msa.train.lightning_module import ForecastModule, dense_teacher_weight
 
 
 class EstimatorDataError(ValueError):
@@ -65,6 +65,7 @@ class TSFMEstimator(PyTorchLightningEstimator):
         optim: Optional[dict] = None,
         kl_weight: float = 1.0,
         indexer_warmup: Optional[dict] = None,
+        dense_teacher_kl: Optional[float] = None,
         seed: int = 0,
         trainer_kwargs: Optional[dict] = None,
     ) -> None:
@@ -80,6 +81,7 @@ class TSFMEstimator(PyTorchLightningEstimator):
         self.optim = optim
         self.kl_weight = float(kl_weight)
         self.indexer_warmup = indexer_warmup or {"steps": 100}
+        self.dense_teacher_kl = dense_teacher_weight(dense_teacher_kl)  # refused here, before any training
         self.seed = int(seed)
         self._frames: list[SeriesFrame] | None = None
         self._val_frames: list[SeriesFrame] | None = None
@@ -110,7 +112,8 @@ class TSFMEstimator(PyTorchLightningEstimator):
         return _GluonTSForecastModule(
             model_config=self.model_config, schema=self._frames[0].schema.to_dict(),
             context_len=self.context_length, horizon=self.prediction_length, optim=self.optim,
-            kl_weight=self.kl_weight, indexer_warmup=self.indexer_warmup, max_steps=self._max_steps())
+            kl_weight=self.kl_weight, indexer_warmup=self.indexer_warmup, max_steps=self._max_steps(),
+            dense_teacher_kl=self.dense_teacher_kl)
 
     def create_training_data_loader(self, data: Dataset, module: ForecastModule, **kwargs: Any) -> Iterable:
         dm = SeriesDataModule(frames=self._frames, context_len=self.context_length, horizon=self.prediction_length,

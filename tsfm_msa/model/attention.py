@@ -38,6 +38,8 @@ class AttentionAux:
     """What an attention layer reports besides its output (losses and selection statistics)."""
 
     kl: torch.Tensor | None = None
+    # Sparse training with ``MSAAttention.dense_teacher``: the indexer against the dense attention.
+    dense_kl: torch.Tensor | None = None
     block_idx: torch.Tensor | None = None  # [B, G, L, K] of the last forward, for probes
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -126,6 +128,11 @@ class MSAAttention(_QKV):
         # Probes swap the learned indexer for a baseline selector (local window, random-k, oracle, ...):
         # called as selector(layer, q, k, qi, ki, layout) -> block_idx [B, G, L, K] in the sparse phase.
         self.selector: Callable[..., torch.Tensor] | None = None
+        # Set by the training module (``dense_teacher_kl > 0``): sparse training steps also report the
+        # warmup's index loss against the dense attention over every visible key (aux.dense_kl). The
+        # sparse KL only sees the selected blocks, so without it a block the indexer dropped never
+        # comes back, however much the dense attention wants it.
+        self.dense_teacher = False
         self.index_q = nn.Linear(d_model, n_kv_heads * index_dim, bias=False)
         self.index_k = nn.Linear(d_model, index_dim, bias=False)
 
@@ -193,6 +200,8 @@ class MSAAttention(_QKV):
         out, lse = kernels.sparse_attention(q, k, v, block_idx, q_time, k_time, layout.block_size)
         kl = None if phase == "predict" else self.index_loss(qi, ki, q, k, block_idx, lse, q_time, k_time, layout)
         aux = AttentionAux(kl=kl, block_idx=block_idx.detach())
+        if self.dense_teacher and self.training and phase == "sparse":
+            aux.dense_kl = self.dense_index_loss(q, k, qi, ki, layout)
         if self.collect_stats:
             local = layout.own_local_block[None] if self.group_policy == "free" else layout.group_local_block
             aux.stats = support_stats(block_idx, layout, local)

@@ -20,6 +20,9 @@ class ModelOutput:
     quantiles: torch.Tensor  # [B, n_targets, H, Q] in scaled units, sorted along Q
     kl: torch.Tensor  # scalar: mean KL of the MSA layers (0 without MSA layers)
     aux: list[AttentionAux] = field(default_factory=list)
+    # scalar: mean over the MSA layers of the index loss against the dense attention; None unless the
+    # layers' dense_teacher is on and this was a sparse training forward
+    dense_kl: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -183,7 +186,9 @@ class PatchTransformer(nn.Module):
         quantiles = torch.sort(raw, dim=-1).values  # monotone in the level
         kls = [a.kl for a in auxes if a.kl is not None]
         kl = torch.stack(kls).mean() if kls else x.new_zeros(())
-        return ModelOutput(quantiles=quantiles, kl=kl, aux=auxes)
+        dense_kls = [a.dense_kl for a in auxes if a.dense_kl is not None]
+        dense_kl = torch.stack(dense_kls).mean() if dense_kls else None
+        return ModelOutput(quantiles=quantiles, kl=kl, aux=auxes, dense_kl=dense_kl)
 
 
 def pinball_loss(

@@ -1,7 +1,9 @@
-"""LightningModule: forecast loss + lambda * KL, indexer warmup then sparse, AdamW + cosine."""
+"""LightningModule: forecast loss + lambda * KL (+ optional dense-teacher index loss), indexer warmup then
+sparse, AdamW + cosine."""
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import lightning as L
@@ -14,6 +16,20 @@ from tsfm_msa.train.schedule import PhaseSchedule, cosine_with_warmup
 
 # The same values as `optim` in configs/train.yaml (a test keeps them equal).
 DEFAULT_OPTIM = {"lr": 2e-3, "weight_decay": 0.05, "betas": (0.9, 0.95), "warmup_steps": 30, "min_lr_ratio": 0.1}
+
+
+class TrainConfigError(ValueError):
+    """A training setting that cannot work; the message names the key and the fix."""
+
+
+def dense_teacher_weight(weight: Any, key: str = "dense_teacher_kl") -> float:
+    """The dense-teacher index loss weight (``key`` names the setting in messages) as a float; null
+    or 0: off."""
+    if weight is None:
+        return 0.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise TrainConfigError(f"{key} must be a non-negative number or null (0 or null: off), got {weight!r}")
+    return float(weight)
 
 
 def schema_fields(schema: dict) -> tuple[list[str], list[int], list[str]]:
@@ -48,6 +64,11 @@ class ForecastModule(L.LightningModule):
     ``stats_every_n_steps``: MSA layers compute their selection statistics (a host synchronisation)
     only on the training steps that log them; ``None`` follows ``trainer.log_every_n_steps``.
     Validation always collects them. Logged losses and statistics are averaged over processes.
+
+    ``dense_teacher_kl``: weight of an extra sparse-phase loss, the warmup's index loss (the indexer
+    against each MSA layer's dense attention over every visible key, mean over layers). The sparse
+    KL only sees the selected blocks, so a block the indexer drops never comes back without it.
+    Gradients reach the index projections only. 0 or null: off (nothing computed).
     """
 
     def __init__(
@@ -61,6 +82,7 @@ class ForecastModule(L.LightningModule):
         indexer_warmup: dict | None = None,
         max_steps: int = 1000,
         stats_every_n_steps: int | None = None,
+        dense_teacher_kl: float | None = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -72,6 +94,10 @@ class ForecastModule(L.LightningModule):
         if stats_every_n_steps is not None and (not isinstance(stats_every_n_steps, int) or stats_every_n_steps <= 0):
             raise ValueError(f"stats_every_n_steps must be a positive integer or null, got {stats_every_n_steps!r}")
         self.stats_every_n_steps = stats_every_n_steps
+        self.dense_teacher_kl = dense_teacher_weight(dense_teacher_kl)
+        for layer in self.model.modules():
+            if isinstance(layer, MSAAttention):
+                layer.dense_teacher = self.dense_teacher_kl > 0  # reported in sparse training forwards only
         self._rng_states_to_restore: dict[str, Any] | None = None
 
     def current_phase(self) -> str:
@@ -105,16 +131,21 @@ class ForecastModule(L.LightningModule):
         self._collect_stats(self._stats_this_step())
         forecast_loss, out, _ = self._losses(batch, phase)
         loss = forecast_loss + self.kl_weight * out.kl
+        if out.dense_kl is not None:
+            loss = loss + self.dense_teacher_kl * out.dense_kl
         if not torch.isfinite(loss):
+            dense = "" if out.dense_kl is None else f", dense_teacher_kl {out.dense_kl.item()}"
             raise FloatingPointError(
                 f"non-finite training loss at step {self.global_step} (forecast {forecast_loss.item()}, "
-                f"kl {out.kl.item()}): check the data for extreme values or lower optim.lr")
+                f"kl {out.kl.item()}{dense}): check the data for extreme values or lower optim.lr")
         bsz = batch["context"].shape[0]
         # Every process sees its own batch of the same size (WindowSampler): count the tokens of all of them.
         self.tokens_seen += self.trainer.world_size * bsz * self.model.layout(batch["context"].shape[1], batch["horizon"].shape[1],
                                                      batch["context"].device).seq_len
         self.log_dict({"train/loss": loss, "train/forecast_loss": forecast_loss, "train/kl": out.kl,
                        "train/sparse_phase": float(phase == "sparse")}, prog_bar=True, batch_size=bsz, sync_dist=True)
+        if out.dense_kl is not None:
+            self.log("train/dense_teacher_kl", out.dense_kl, batch_size=bsz, sync_dist=True)
         self._log_train_selection(out)
         return loss
 
