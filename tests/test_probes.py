@@ -554,6 +554,15 @@ def test_aggregate_rows_judge_the_means_and_keep_the_spread():
     assert ("| rare_event | sensor | learned | msa | 2 | 0.95 (0.90-1.00) | 0.95 (0.90-1.00) | 1.00 (0.50-2.00) |"
             in table)
     assert "| preserved (seeds: 1 lost, 1 preserved) |" in table
+    assert "untested" not in table  # the dense reference's cf corr 0.5 reaches the bar
+    # A dense reference that ignores the cause: every verdict of the scenario names it.
+    for run in runs:
+        for row in run["policies"]["sensor"]["rows"]:
+            row["cf_corr"] = 0.1
+    summary["aggregate"] = report.aggregate_rows(summary)
+    blind = report.summary_table(summary).splitlines()[2:]
+    assert len(blind) == 3 and all(line.endswith("(untested: the dense reference does not use the cause, cf corr 0.10) |")
+                                   for line in blind)
 
 
 def test_seeds_are_checked_with_clear_errors():
