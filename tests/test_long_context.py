@@ -155,8 +155,27 @@ def test_run_skips_jobs_finished_in_an_earlier_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "study.model=dense" not in printed
     assert "study.model=msa " in printed and "study.model=msa_sensor" in printed
-    with pytest.raises(lc.LongContextError, match="--skip-finished: no such folder"):
+    with pytest.raises(SystemExit, match="--skip-finished: no such folder"):
         lc.main(["run", "--dry-run", "--out", str(tmp_path / "x"), "--skip-finished", str(tmp_path / "nowhere")])
+
+
+def test_variants_run_beside_the_plain_jobs_in_one_pool(capsys, tmp_path):
+    curriculum = "eval.context_curriculum=[{context_len:256,steps:200}]"
+    lc.main(["run", "--dry-run", "--out", str(tmp_path / "x"), "--datasets", "vic_elec", "--models", "msa",
+             "--patches", "16", "--seeds", "0", "--rungs", "w13", "--variant", "plain", "--variant",
+             f"cur256={curriculum}", "--variant", "dtk3=dense_teacher_kl=3 kl_weight=2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    assert "study.variant" not in lines[0] and lines[0].endswith("/vic_elec-w13-p16-msa-s0")
+    assert "study.variant=cur256" in lines[1] and curriculum in lines[1] and "-s0-cur256" in lines[1]
+    assert "study.variant=dtk3 dense_teacher_kl=3 kl_weight=2" in lines[2] and "-s0-dtk3" in lines[2]
+    for bad, message in (("=x", "NAME=OVERRIDES"), ("a b=x", "NAME=OVERRIDES"), ("cur=x", None)):
+        argv = ["run", "--dry-run", "--out", str(tmp_path / "x"), "--variant", bad]
+        if message is None:
+            argv += ["--variant", "cur=y"]
+            message = "given twice"
+        with pytest.raises(SystemExit, match=message):
+            lc.main(argv)
 
 
 def test_run_pool_runs_in_order_and_stops_at_the_budget(tmp_path):
@@ -208,9 +227,12 @@ def test_collector_writes_json_md_png_and_checks_the_targets(tmp_path):
         _fake_run(root, "C", "dense", "dense", 16, 256, 90, seed, 0.95 + noise(), 0.01)
         _fake_run(root, "C", "msa_sensor", "msa", 16, 4096, 35_000, seed, 0.90 + noise(), 0.06)
         _fake_run(root, "C", "dense", "dense", 16, 4096, 35_000, seed, 0.99 + noise(), 0.10)
-        # A curriculum run of the same model and context is a row of its own, not a third seed.
+        # A curriculum run of the same model and context is a row of its own, not a third seed; so is a
+        # named variant (study.variant in the run's config).
         _fake_run(root, "C", "msa_sensor", "msa", 16, 4096, 35_000, seed, 0.97 + noise(), 0.06,
                   curriculum=[{"context_len": 256, "steps": 200}])
+        variant_run = _fake_run(root / "v", "C", "msa_sensor", "msa", 16, 4096, 35_000, seed, 0.98 + noise(), 0.06)
+        (variant_run / "config.yaml").write_text("study:\n  context: w13\n  variant: dtk3\n")
     out = tmp_path / "results" / "2026-12-02-long-context"
     record = lc.collect([root], out)
     check = record["targets"]
@@ -221,8 +243,9 @@ def test_collector_writes_json_md_png_and_checks_the_targets(tmp_path):
     md = (tmp_path / "results" / "2026-12-02-long-context.md").read_text()
     assert "| A | msa | 16 | 8192 | 40000 |" in md and "± " in md and "NOT met" in md
     data = json.loads((tmp_path / "results" / "2026-12-02-long-context.json").read_text())
-    assert len(data["rows"]) == 22 and len(data["table"]) == 11
+    assert len(data["rows"]) == 24 and len(data["table"]) == 12
     assert "| C | msa_sensor+cur256x200 | 16 | 4096 | 35000 |" in md and "| C | msa_sensor | 16 | 4096 | 35000 |" in md
+    assert "| C | msa_sensor+dtk3 | 16 | 4096 | 35000 |" in md
     png = (tmp_path / "results" / "2026-12-02-long-context.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

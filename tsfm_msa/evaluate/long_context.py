@@ -68,19 +68,43 @@ class Job:
     patch: int
     model: str
     seed: int
+    # A named set of extra Hydra overrides (``--variant NAME=OVERRIDES``), "" for the plain job.
+    variant: str = ""
+    variant_overrides: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-{self.rung}-p{self.patch}-{self.model}-s{self.seed}"
+        suffix = f"-{self.variant}" if self.variant else ""
+        return f"{self.dataset}-{self.rung}-p{self.patch}-{self.model}-s{self.seed}{suffix}"
 
     def overrides(self) -> list[str]:
         return ["+experiment=long_context", f"context_study={self.dataset}", f"study.context={self.rung}",
-                f"study.patch={self.patch}", f"study.model={self.model}", f"eval.seeds=[{self.seed}]"]
+                f"study.patch={self.patch}", f"study.model={self.model}", f"eval.seeds=[{self.seed}]",
+                *([f"study.variant={self.variant}"] if self.variant else []), *self.variant_overrides]
 
 
-def plan(datasets=DATASETS, models=MODELS, patches=PATCHES, seeds=(0, 1), stages=STAGES, rungs=None) -> list[Job]:
+def parse_variants(texts: list[str]) -> dict[str, tuple[str, ...]]:
+    """``--variant`` values ``NAME=OVERRIDE [OVERRIDE ...]`` (``plain`` or an empty list of overrides:
+    the job as configured) as {name: overrides}; a bad name is a one-line error."""
+    variants: dict[str, tuple[str, ...]] = {}
+    for text in texts:
+        name, _, rest = text.partition("=")
+        name = name.strip()
+        if not name or not name.replace("_", "").isalnum():
+            raise LongContextError(f"--variant {text!r}: give NAME=OVERRIDES with a NAME of letters, digits and _, "
+                                   "e.g. --variant 'cur256=eval.context_curriculum=[{context_len:256,steps:200}]'")
+        if name in variants:
+            raise LongContextError(f"--variant {name!r} is given twice; give each variant one name")
+        variants[name] = tuple(shlex.split(rest))
+    return variants
+
+
+def plan(datasets=DATASETS, models=MODELS, patches=PATCHES, seeds=(0, 1), stages=STAGES, rungs=None,
+         variants: dict[str, tuple[str, ...]] | None = None) -> list[Job]:
     """Every job of the study once, in the order of ``stages`` (filtered to the given datasets, models,
-    patch lengths, seeds and context rungs), datasets and models interleaved inside each rung."""
+    patch lengths, seeds and context rungs), datasets, models and ``variants`` (name -> extra overrides;
+    default: the plain jobs only) interleaved inside each rung."""
+    variants = variants or {"": ()}
     jobs: list[Job] = []
     for stage_rungs, patch, seed, only in stages:
         if patch not in patches or seed not in seeds:
@@ -90,9 +114,11 @@ def plan(datasets=DATASETS, models=MODELS, patches=PATCHES, seeds=(0, 1), stages
                 continue
             for dataset in (d for d in datasets if only is None or d in only):
                 for model in models:
-                    job = Job(dataset, rung, patch, model, seed)
-                    if job not in jobs:
-                        jobs.append(job)
+                    for name, extra in variants.items():
+                        name = "" if name == "plain" else name
+                        job = Job(dataset, rung, patch, model, seed, name, () if not name else extra)
+                        if job not in jobs:
+                            jobs.append(job)
     return jobs
 
 
@@ -170,17 +196,18 @@ def load_rows(paths: list[str | Path]) -> pd.DataFrame:
     rows = []
     for run in find_runs(paths):
         record = json.loads((run / "evaluation.json").read_text())
-        rung = None
+        rung = variant = None
         if (run / "config.yaml").is_file():
-            rung = OmegaConf.select(OmegaConf.load(run / "config.yaml"), "study.context")
-        curriculum = curriculum_label((record.get("setting") or {}).get("context_curriculum"))
+            config = OmegaConf.load(run / "config.yaml")
+            rung, variant = OmegaConf.select(config, "study.context"), OmegaConf.select(config, "study.variant")
+        # A variant (or a curriculum) is a row of its own: the same model trained another way.
+        label = f"+{variant}" if variant else curriculum_label((record.get("setting") or {}).get("context_curriculum"))
         for row in record["rows"]:
             tokens = row.get("context_tokens")
             if tokens is None or (isinstance(tokens, float) and math.isnan(tokens)):
                 continue  # seasonal naive and GluonTS baselines: no tokens
             rec = {**{k: row.get(k) for k in ROW_COLUMNS}, "rung": rung, "run": str(run)}
-            # A curriculum run is its own row of the table: the same model trained another way.
-            rec["model"] = f"{rec['model']}{curriculum}"
+            rec["model"] = f"{rec['model']}{label}"
             rows.append(rec)
     if not rows:
         raise LongContextError(f"no finished long-context runs (evaluation.json with our models' rows) under "
@@ -397,7 +424,8 @@ def _json_default(x: Any) -> Any:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
-    jobs = plan(args.datasets, args.models, args.patches, args.seeds, rungs=args.rungs)
+    jobs = plan(args.datasets, args.models, args.patches, args.seeds, rungs=args.rungs,
+                variants=parse_variants(args.variant))
     earlier = [Path(d) for d in args.skip_finished]
     missing = [str(d) for d in earlier if not d.is_dir()]
     if missing:
@@ -451,10 +479,16 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
         p.add_argument("--rungs", nargs="+", default=None, help="context rungs to run (default: all of STAGES)")
         p.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for every job")
+        p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                       help="run every job also as this variant (its extra overrides, its own run folder "
+                            "<job>-NAME); repeat for more; 'plain' = the job as configured. Without it: plain only")
         p.add_argument("--skip-finished", nargs="*", default=[], metavar="RUNS_DIR",
                        help="runs folders of earlier study runs: jobs finished there are not run again, only collected")
         p.add_argument("--dry-run", action="store_true", help="print the jobs in order and stop")
-        run_study(p.parse_args(argv[1:]))
+        try:
+            run_study(p.parse_args(argv[1:]))
+        except LongContextError as err:
+            sys.exit(f"long_context: {err}")
         return
     p = argparse.ArgumentParser(prog="python -m tsfm_msa.evaluate.long_context",
                                 description="Collect finished long-context runs into <out>.{json,md,png}.")
