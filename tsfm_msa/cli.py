@@ -96,6 +96,7 @@ def train_command(cfg: DictConfig) -> dict:
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     module = build_module(cfg, cfg.model, datamodule, int(cfg.trainer.max_steps))
+    check_window_fits_model(module, cfg)
     warmup = (cfg.get("indexer_warmup") or {}).get("steps")
     if module.model.has_msa and warmup is not None and int(warmup) >= int(cfg.trainer.max_steps) and _is_global_zero():
         # Not an error (a dense-only warmup run is legitimate), but easy to miss in the summary.
@@ -112,6 +113,15 @@ def train_command(cfg: DictConfig) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     trainer = build_trainer(cfg, run_dir)
     return fit_and_summarize(module, datamodule, trainer, run_dir, _run_name(), ckpt_path=ckpt_path)
+
+
+def check_window_fits_model(module, cfg: DictConfig) -> None:
+    """Build the run's token layout now (on the CPU): the model's own layout check (model.top_k against
+    the window's KV blocks, sensor groups against model.n_kv_heads) then refuses a bad config in seconds,
+    not after Lightning has started and run its sanity check."""
+    import torch
+
+    module.model.layout(int(cfg.data.context_len), int(cfg.data.horizon), torch.device("cpu"))
 
 
 def _is_global_zero() -> bool:
@@ -165,6 +175,57 @@ def _warnings_once_through_logging() -> None:
         logger.addFilter(_OncePerRun())
 
 
+# Console lines from dependencies that say nothing about the run: Lightning's promotions of its cloud
+# services, and deprecations inside Lightning/torch that a user cannot act on.
+_LIGHTNING_TIP_PREFIX = "\N{ELECTRIC LIGHT BULB} Tip:"
+_HARMLESS_WARNINGS = (
+    # torch's pytree deprecation, triggered by lightning/pytorch/utilities/_pytree.py
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # gluonts/json.py: a speed hint about optional JSON packages (evaluate)
+    (r"Using `json`-module for json-handling", UserWarning),
+)
+
+
+class _DropLightningTips:
+    """A logging filter that drops Lightning's "💡 Tip: try litlogger / litmodels" lines (Lightning 2.6 has
+    no switch for them)."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(_LIGHTNING_TIP_PREFIX)
+
+
+def _quiet_known_noise() -> None:
+    """Silence only the known harmless messages above; every other warning and log line still shows."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info logs
+    if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
+        logger.addFilter(_DropLightningTips())
+    for message, category in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def missing_cuda_message(cfg: DictConfig) -> str | None:
+    """A one-line error when the config asks for a CUDA device and none is visible (Lightning would fail
+    with a traceback after the data is loaded); None otherwise. Covers `trainer.accelerator` (train,
+    convert, evaluate) and the probe's `device`."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    trainer = cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator", "cpu")).lower()
+    if accelerator in ("gpu", "cuda"):
+        choice = hydra.core.hydra_config.HydraConfig.get().runtime.choices.get("trainer")
+        chosen = f" (trainer={choice})" if choice and choice != "cpu" else ""
+        return (f"trainer.accelerator={accelerator}{chosen} but no CUDA device was found; run with trainer=cpu "
+                f"(the default), or trainer.accelerator=cpu")
+    if str(cfg.get("device", "")).lower() == "cuda":
+        return "device=cuda but no CUDA device was found; run with device=auto (the default) or device=cpu"
+    return None
+
+
 def _hydra_app(config_name: str, command):
     @hydra.main(version_base=None, config_path=CONFIGS, config_name=config_name)
     def app(cfg: DictConfig) -> None:
@@ -173,6 +234,11 @@ def _hydra_app(config_name: str, command):
         hydra_argv, sys.argv = sys.argv, list(_ORIGINAL_ARGV or sys.argv)
         _one_console_handler()
         _warnings_once_through_logging()
+        _quiet_known_noise()
+        no_device = missing_cuda_message(cfg)
+        if no_device:
+            print(f"tsfm-msa: error: {no_device}", file=sys.stderr)
+            sys.exit(2)
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             # Hydra would only fail deep inside instantiate with "missing positional argument".
@@ -239,13 +305,15 @@ def unknown_override_message(config_name: str, overrides: list[str]) -> str | No
     import difflib
 
     from hydra import compose, initialize_config_module
-    from hydra.errors import ConfigCompositionException
+    from hydra.errors import ConfigCompositionException, MissingConfigException
 
     if any(o.startswith("-") for o in overrides):  # --multirun, --cfg, ...: Hydra's own handling
         return None
     try:
         with initialize_config_module("tsfm_msa.configs", version_base=None):
             compose(config_name, overrides=overrides)
+    except MissingConfigException as err:
+        return unknown_choice_message(err, overrides)
     except ConfigCompositionException as err:
         text = f"{err} {err.__cause__ or ''}"
         if "not in struct" not in text:
@@ -268,6 +336,18 @@ def unknown_override_message(config_name: str, overrides: list[str]) -> str | No
     except Exception:  # noqa: BLE001 - anything else: let Hydra report it as usual
         return None
     return None
+
+
+def unknown_choice_message(err, overrides: list[str]) -> str | None:
+    """`data=nosuch`: Hydra's MissingConfigException names the missing `group/name` and the yaml files of
+    configs/<group>/; say it in one line with the override as the user typed it."""
+    group, _, name = str(err.missing_cfg_file or "").rpartition("/")
+    if not group:
+        return None
+    typed = next((o for o in overrides if "=" in o and o.split("=", 1)[1] == name
+                  and o.split("=", 1)[0].lstrip("+~").split("@")[0] == group), f"{group}={name}")
+    choices = sorted(o for o in (err.options or []) if not o.startswith("_"))  # _base.yaml: a parent, not a choice
+    return f"unknown {typed}: configs/{group}/ has no {name}.yaml; choose one of {', '.join(choices)}"
 
 
 def main(argv: list[str] | None = None) -> None:

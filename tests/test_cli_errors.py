@@ -1,0 +1,131 @@
+"""CLI: bad settings end as one clear line before any data or model work, and the console stays free of
+dependency noise (Lightning's tips, known harmless deprecation warnings)."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+import tsfm_msa.cli as cli
+from tsfm_msa.cli import main
+from test_train import FAST
+
+
+def _one_line_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _stop_at_the_trainer(monkeypatch) -> list:
+    """build_trainer records its call and stops the run there (Hydra turns that into exit code 1)."""
+    built = []
+
+    def stop(*args, **kwargs):
+        built.append(True)
+        raise RuntimeError("stopped at the Trainer")
+
+    monkeypatch.setattr(cli, "build_trainer", stop)
+    return built
+
+
+@pytest.mark.parametrize("policy", ["free", "sensor", "hybrid"])
+def test_top_k_above_the_window_blocks_fails_before_the_trainer(policy, monkeypatch, capsys, tmp_path):
+    """The synthetic data has three sensor groups (target, past and future covariate); sensor/hybrid
+    need one KV head per group."""
+    built = _stop_at_the_trainer(monkeypatch)
+    policy_args = [f"model.group_policy={policy}"]
+    if policy != "free":
+        policy_args += ["model.n_kv_heads=3", "model.n_heads=6"]
+    err = _one_line_error(["train", *FAST, "model.top_k=999", *policy_args, f"hydra.run.dir={tmp_path}"], capsys)
+    assert "top_k=999" in err and "model.top_k" in err and "data.context_len" in err and "model.block_size" in err
+    blocks = int(err.split("KV blocks (")[1].split(")")[0])
+    assert 0 < blocks < 999
+    assert not built
+
+
+def test_top_k_that_fits_still_trains_to_the_trainer(monkeypatch, capsys, tmp_path):
+    built = _stop_at_the_trainer(monkeypatch)
+    with pytest.raises(SystemExit):
+        main(["train", *FAST, "model.top_k=2", f"hydra.run.dir={tmp_path}"])
+    assert built and "stopped at the Trainer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, extra", [("train", ["trainer=gpu"]), ("convert", ["trainer=ddp"]),
+                                            ("evaluate", ["trainer=gpu"]), ("probe", ["device=cuda"])])
+def test_cuda_asked_without_a_device_is_one_line(command, extra, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config_name, _, desc = cli.COMMANDS[command]
+
+    def must_not_run(cfg):
+        raise AssertionError("the command ran although no CUDA device exists")
+
+    monkeypatch.setitem(cli.COMMANDS, command, (config_name, must_not_run, desc))
+    err = _one_line_error([command, *extra, f"hydra.run.dir={tmp_path}"], capsys)
+    assert "no CUDA device was found" in err
+    assert ("trainer=cpu" in err) if command != "probe" else ("device=cpu" in err)
+
+
+def test_cpu_trainer_passes_the_cuda_check(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ran = []
+    monkeypatch.setitem(cli.COMMANDS, "train", ("train", ran.append, "test"))
+    main(["train", "trainer=cpu", f"hydra.run.dir={tmp_path}"])
+    assert len(ran) == 1
+
+
+@pytest.mark.parametrize("command, override, group, choices", [
+    ("train", "data=nosuch", "data", ["csv", "synthetic", "vic_elec"]),
+    ("train", "model=nosuch", "model", ["dense_small", "msa_small"]),
+    ("train", "trainer=nosuch", "trainer", ["cpu", "gpu", "ddp", "fsdp"]),
+    ("evaluate", "model@models.msa=nosuch", "model", ["dense_small", "msa_small"]),
+])
+def test_unknown_group_choice_is_one_line_with_the_choices(command, override, group, choices, capsys):
+    err = _one_line_error([command, override], capsys)
+    assert override in err and f"configs/{group}/" in err
+    assert all(c in err for c in choices)
+    assert "_base" not in err  # a parent config, not a choice
+
+
+def test_hydra_flags_keep_their_own_handling(capsys):
+    main(["train", "data=synthetic", "--cfg", "job"])
+    out = capsys.readouterr().out
+    assert "context_len:" in out and "top_k:" in out
+
+
+def test_lightning_tips_are_dropped_and_other_lines_kept(caplog):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    cli._quiet_known_noise()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        rank_zero_info("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud logging, try installing [litlogger]")
+        rank_zero_info("GPU available: False, used: False")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["GPU available: False, used: False"]
+
+
+def test_only_the_known_dependency_warnings_are_silenced():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli._quiet_known_noise()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
+                      "treespec.is_leaf()` instead.", FutureWarning)
+        warnings.warn("Using `json`-module for json-handling. Consider installing one of `orjson`, `ujson`",
+                      UserWarning)
+        warnings.warn("some other deprecation", FutureWarning)
+        warnings.warn("context_len shortened to 256", UserWarning)
+    assert [str(w.message) for w in caught] == ["some other deprecation", "context_len shortened to 256"]
+
+
+def test_train_run_log_has_no_tips_or_known_warnings(tmp_path):
+    """End to end: Lightning's tip and the pytree FutureWarning never reach the run's log (cli.log)."""
+    main(["train", *FAST, "trainer.max_steps=2", "trainer.val_check_interval=2", "indexer_warmup.steps=1",
+          f"hydra.run.dir={tmp_path}"])
+    log = (tmp_path / "cli.log").read_text()
+    assert "Seed set to" in log  # Lightning's other lines still arrive
+    assert "Tip:" not in log and "LeafSpec" not in log
