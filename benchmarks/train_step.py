@@ -239,6 +239,22 @@ def layout_cost(tokens: int) -> dict:
             "process_peak_mib": float(out[3])}
 
 
+def apply_kernel_config(pairs: list[str]) -> dict:
+    """Set ``KEY=VALUE`` entries of the sparse-attention kernels' CONFIG (ints, floats, true/false);
+    returns the changed entries. An unknown key is an error naming the known ones."""
+    from tsfm_msa.kernels import sparse_attention_triton as sa
+
+    changed = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        if key not in sa.CONFIG or not text:
+            raise SystemExit(f"--kernel-config {pair!r}: give KEY=VALUE with KEY one of {sorted(sa.CONFIG)}")
+        old = sa.CONFIG[key]
+        value = text.lower() == "true" if isinstance(old, bool) else type(old)(float(text) if isinstance(old, float) else int(text))
+        sa.CONFIG[key] = changed[key] = value
+    return changed
+
+
 def versions(device: torch.device) -> dict:
     info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
@@ -257,7 +273,8 @@ def markdown(result: dict) -> str:
              "Model: d_model 512, 2 layers, 16 query / 4 KV heads, head dim 64, index dim 64, blocks of 128, "
              "top-16, MLP x4; batch 1, bf16 autocast, AdamW; one step = forward + backward + optimizer. "
              "Dense = FlexAttention with the time-visibility block mask. Median of the timed steps. "
-             f"Window values: {result.get('inputs', 'noise')} (`--inputs`).", "",
+             f"Window values: {result.get('inputs', 'noise')} (`--inputs`)."
+             + (f" Kernel settings changed: `{result['kernel_config']}`." if result.get("kernel_config") else ""), "",
              "| tokens | dense ms | MSA sparse ms | MSA warmup ms | sparse speed-up (tokens/s vs dense) | "
              "warmup / dense | peak GiB dense / sparse / warmup |",
              "|---|---|---|---|---|---|---|"]
@@ -302,11 +319,16 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="h200")
     parser.add_argument("--breakdown", default="32k,128k", help="lengths for the per-op breakdown of one MSA layer")
+    parser.add_argument("--kernel-config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="sparse-attention kernel settings to try (kernels/sparse_attention_triton.py CONFIG), "
+                             "e.g. dkdv_dq_rows=64 dkdv_warps=4; recorded in the result")
     parser.add_argument("--inputs", default="noise", choices=INPUTS,
                         help="the window's values: white noise (the worst case for tile unions) or seasonal sensor-like series")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"versions": versions(device), "model": MODEL, "inputs": args.inputs, "rows": [], "layout": []}
+    kernel_config = apply_kernel_config(args.kernel_config)
+    result = {"versions": versions(device), "model": MODEL, "inputs": args.inputs, "kernel_config": kernel_config,
+              "rows": [], "layout": []}
     for text in args.layout_lengths.split(","):
         if text:
             result["layout"].append(layout_cost(parse_length(text)))
@@ -335,10 +357,12 @@ def main() -> None:
         result["rows"].append(row)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        suffix = "" if args.inputs == "noise" else f"-{args.inputs}"
+        suffix = ("" if args.inputs == "noise" else f"-{args.inputs}") + "".join(
+            f"-{k}{v}" for k, v in kernel_config.items())
         stem = out / f"{result['versions']['date']}-{args.tag}-train-step{suffix}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        stem.with_suffix(".md").write_text(markdown(result))
+        # Not with_suffix: a setting like auto_waste_fwd2.5 would lose its ".5..." as a "suffix".
+        Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
+        Path(f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 
