@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 
 # Where the loader options live in the Hydra config (configs/data/csv.yaml): `data.loader.<option>`.
 LOADER_KEY = "data.loader"
@@ -17,6 +19,22 @@ class DataValidationError(ValueError):
     """
 
 
+# The reader options of the file being loaded: a read_kwargs hint adds its key to them instead of
+# suggesting an override that would drop what the user already set (each hint replaces the whole dict).
+_CURRENT_READ_KWARGS: ContextVar[Mapping[str, object]] = ContextVar("current_read_kwargs", default={})
+
+
+@contextlib.contextmanager
+def reading_with(read_kwargs: Mapping[str, object] | None) -> Iterator[None]:
+    """While loading a file read with ``read_kwargs``, hints for ``read_kwargs`` keep those keys."""
+    # Not a mapping: the reader's own check says so; hints then start from nothing.
+    token = _CURRENT_READ_KWARGS.set(dict(read_kwargs) if isinstance(read_kwargs, Mapping) else {})
+    try:
+        yield
+    finally:
+        _CURRENT_READ_KWARGS.reset(token)
+
+
 def option(name: str, example: object = ...) -> str:
     """How a user sets a loader option, on the command line and in Python.
 
@@ -25,6 +43,8 @@ def option(name: str, example: object = ...) -> str:
     """
     if example is ...:
         return f"{LOADER_KEY}.{name}"
+    if name == "read_kwargs" and isinstance(example, Mapping):
+        example = {**_CURRENT_READ_KWARGS.get(), **example}
     override = f"{LOADER_KEY}.{name}={_as_override(example)}"
     if any(c in override for c in SHELL_SPECIAL):  # e.g. {sep:";"}: the shell would eat the quotes
         override = f"'{override}'"

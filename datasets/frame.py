@@ -379,7 +379,7 @@ def parse_timestamps(col: pd.Series, name: str, item_id: object) -> pd.DatetimeI
         raise DataValidationError(
             f"timestamp column {name!r} ({option('timestamp')}) cannot be parsed as dates/times ({first_line}); "
             "pass ISO-8601 strings, or tell pandas the layout when reading the CSV, e.g. day-first dates: "
-            f"'data.loader.read_kwargs={{parse_dates:[{name}],dayfirst:true}}' (or date_format:'%d/%m/%Y %H:%M')"
+            f"{option('read_kwargs', {'parse_dates': [name], 'dayfirst': True})} (or date_format:'%d/%m/%Y %H:%M')"
         ) from err
     return _as_naive_index(pd.DatetimeIndex(ts), f"timestamp column {name!r}")
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .errors import DataValidationError, option
+from .errors import DataValidationError, option, reading_with
 from .frame import (
     DEFAULT_MAX_FILL_FRACTION,
     DEFAULT_MISSING_VALUES,
@@ -216,8 +216,13 @@ def from_csv(
     """from_pandas(pd.read_csv(path, **read_kwargs), **kwargs); timestamps are parsed by from_pandas."""
     p = _check_file(path, "from_csv")
     _check_options(kwargs)
+    with reading_with(read_kwargs):
+        return from_pandas(_read_csv(p, read_kwargs), **kwargs)
+
+
+def _read_csv(p: Path, read_kwargs: Mapping[str, Any] | None) -> pd.DataFrame:
     try:
-        df = pd.read_csv(p, **_read_kwargs(read_kwargs))
+        return pd.read_csv(p, **_read_kwargs(read_kwargs))
     except pd.errors.EmptyDataError:
         raise DataValidationError(
             f"CSV file {str(p)!r} is empty (no header row, no data); give a file with a header line naming the "
@@ -232,7 +237,6 @@ def from_csv(
         raise DataValidationError(
             f"{option('read_kwargs')}={read_kwargs!r} is not accepted by pandas.read_csv ({err})"
         ) from None
-    return from_pandas(df, **kwargs)
 
 
 def from_parquet(
@@ -241,4 +245,5 @@ def from_parquet(
     """from_pandas(pd.read_parquet(path, **read_kwargs), **kwargs)."""
     p = _check_file(path, "from_parquet")
     _check_options(kwargs)
-    return from_pandas(pd.read_parquet(p, **_read_kwargs(read_kwargs)), **kwargs)
+    with reading_with(read_kwargs):
+        return from_pandas(pd.read_parquet(p, **_read_kwargs(read_kwargs)), **kwargs)

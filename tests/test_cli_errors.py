@@ -129,3 +129,21 @@ def test_train_run_log_has_no_tips_or_known_warnings(tmp_path):
     log = (tmp_path / "cli.log").read_text()
     assert "Seed set to" in log  # Lightning's other lines still arrive
     assert "Tip:" not in log and "LeafSpec" not in log
+
+
+def test_an_unquoted_path_with_equals_says_how_to_quote_it(capsys, tmp_path):
+    err = _one_line_error(["evaluate", "checkpoint=runs/checkpoints/best-step=200.ckpt"], capsys)
+    assert "cannot read the override 'checkpoint=runs/checkpoints/best-step=200.ckpt'" in err
+    quoted = err.split("e.g. ")[1].split(" (with")[0]
+    assert quoted == """'checkpoint="runs/checkpoints/best-step=200.ckpt"'"""
+    # The suggestion, pasted through the shell, reads: the next error is about the file, not the grammar.
+    import shlex
+
+    err = _one_line_error(["evaluate", *shlex.split(quoted), f"hydra.run.dir={tmp_path}"], capsys)
+    assert "cannot read the override" not in err and "best-step=200.ckpt" in err
+
+
+def test_an_option_given_twice_is_one_line(capsys):
+    err = _one_line_error(["train", "data=csv", 'data.loader.read_kwargs={sep:";"}',
+                           "data.loader.read_kwargs={dayfirst:true}"], capsys)
+    assert err.startswith("tsfm-msa: error: data.loader.read_kwargs is given twice")

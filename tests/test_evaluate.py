@@ -532,3 +532,25 @@ def test_an_msa_row_that_never_routes_sparsely_is_named(tmp_path, capsys):
     evaluate(cfg, tmp_path, "synthetic")
     assert "indexer_warmup.steps=100 >= the 2 training steps at the full context: ['msa'] never route" in \
         capsys.readouterr().out
+
+
+def test_a_run_folder_is_a_checkpoint_and_a_mismatch_names_the_training_data(tmp_path, checkpoint):
+    """`checkpoint=<run folder>` takes its best (else last) checkpoint; a mismatch names the data overrides
+    the run was trained with (evaluate reads the data from its own overrides, not from the checkpoint)."""
+    import shutil
+
+    from tsfm_msa.evaluate.predictor import checkpoint_file
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    shutil.copy(checkpoint, run / "checkpoints" / "last.ckpt")
+    assert checkpoint_file(run) == run / "checkpoints" / "last.ckpt"
+    shutil.copy(checkpoint, run / "checkpoints" / "best-step2.ckpt")
+    assert checkpoint_file(run) == run / "checkpoints" / "best-step2.ckpt"
+    (run / ".hydra" / "overrides.yaml").write_text("- data=csv\n- data.loader.path=plant.csv\n- trainer.max_steps=5\n")
+    with pytest.raises(CheckpointMismatchError, match=r"longer than the checkpoint's horizon.*trained with data=csv "
+                                                      r"data.loader.path=plant.csv \(.*overrides.yaml\): pass the same"):
+        load_predictor(run, prediction_length=H + 1)
+    with pytest.raises(FileNotFoundError, match="folder without checkpoints"):
+        checkpoint_file(tmp_path / "run" / ".hydra")

@@ -89,6 +89,8 @@ def test_cli_train_reduces_loss_and_writes_outputs(tmp_path, capsys):
           "optim.warmup_steps=5", "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert Path(summary["best_checkpoint"]).exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    # The printed path pastes as checkpoint=<path>: no "=" in it (Hydra's override grammar).
+    assert "=" not in Path(summary["best_checkpoint"]).name and Path(summary["best_checkpoint"]).name.startswith("best-step")
     assert (run_dir / "summary.md").read_text().startswith("# Training run")
     losses = _read_metric(run_dir / "logs" / "metrics.csv", "train/forecast_loss")
     assert len(losses) == 60
@@ -266,3 +268,19 @@ def test_cli_warnings_print_once_as_log_lines(caplog):
     finally:
         logging.captureWarnings(False)
         warnings.formatwarning = format_before
+
+
+def test_progress_bar_follows_the_terminal_unless_set(monkeypatch, tmp_path):
+    """trainer.enable_progress_bar null: a bar in a terminal, none when the output goes to a file."""
+    from hydra import compose, initialize_config_module
+
+    from tsfm_msa.run_setup import build_trainer
+
+    with initialize_config_module("tsfm_msa.configs", version_base=None):
+        cfg = compose("train")
+    assert cfg.trainer.enable_progress_bar is None
+    for tty in (True, False):
+        monkeypatch.setattr("sys.stdout.isatty", lambda tty=tty: tty)
+        assert (build_trainer(cfg, tmp_path).progress_bar_callback is not None) is tty
+    cfg.trainer.enable_progress_bar = True
+    assert build_trainer(cfg, tmp_path).progress_bar_callback is not None  # an explicit choice wins

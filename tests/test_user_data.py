@@ -389,6 +389,35 @@ def test_day_first_timestamps_get_a_one_line_hint_that_works(tmp_path):
     assert pd.Timestamp(frame.timestamps[0]) == times[0] and pd.Timestamp(frame.timestamps[-1]) == times[-1]
 
 
+def test_read_kwargs_hints_keep_what_the_user_already_set(tmp_path):
+    """A semicolon file with day-first dates and decimal commas: following each hint in turn (each one the
+    whole read_kwargs override, as pasted through the shell and Hydra) loads the file; no hint drops a key
+    an earlier hint added (the loop between the separator and the date hints a user hit)."""
+
+    rng = np.random.default_rng()
+    times = pd.date_range("2025-03-01", periods=300, freq="h")
+    values = [f"{v:.3f}".replace(".", ",") for v in rng.normal(size=300)]
+    path = tmp_path / "de.csv"
+    pd.DataFrame({"Zeitstempel": times.strftime("%d.%m.%Y %H:%M"), "Last": values}).to_csv(path, index=False, sep=";")
+    read_kwargs: dict = {}
+    for _ in range(4):
+        try:
+            (frame,) = from_csv(path, timestamp="Zeitstempel", targets=["Last"], read_kwargs=read_kwargs)
+            break
+        except DataValidationError as err:
+            hint = re.search(r"'(data\.loader\.read_kwargs=\{[^']*\})'", str(err))
+            assert hint, str(err)
+            with initialize_config_module("tsfm_msa.configs", version_base=None):
+                cfg = compose("train", overrides=["data=csv", *shlex.split(f"'{hint.group(1)}'")])
+            new = OmegaConf.to_container(cfg.data.loader.read_kwargs)
+            assert set(read_kwargs) <= set(new), (read_kwargs, new)  # nothing set before is dropped
+            read_kwargs = new
+    else:
+        pytest.fail(f"still not loaded after 4 hints; read_kwargs={read_kwargs}")
+    assert set(read_kwargs) >= {"sep", "decimal", "dayfirst"}
+    assert pd.Timestamp(frame.timestamps[0]) == times[0] and frame.values.dtype.kind == "f"
+
+
 @pytest.mark.parametrize("example", [{"sep": ";"}, {"decimal": ","}, "%Y-%m-%d %H:%M", ["a", "b"], "h"])
 def test_option_hints_run_as_pasted(example):
     """A hint's override, pasted into a shell, reaches Hydra as the value it names."""

@@ -305,7 +305,7 @@ def unknown_override_message(config_name: str, overrides: list[str]) -> str | No
     import difflib
 
     from hydra import compose, initialize_config_module
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     if any(o.startswith("-") for o in overrides):  # --multirun, --cfg, ...: Hydra's own handling
         return None
@@ -314,7 +314,16 @@ def unknown_override_message(config_name: str, overrides: list[str]) -> str | No
             compose(config_name, overrides=overrides)
     except MissingConfigException as err:
         return unknown_choice_message(err, overrides)
+    except OverrideParseException:
+        return unreadable_override_message(overrides)
     except ConfigCompositionException as err:
+        # A repeated scalar simply takes the last value; a repeated dict fails on the second one's new keys
+        # with a message about the wrong key ("did you mean" the same name).
+        keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+        repeated = next((k for k in keys if keys.count(k) > 1), None)
+        if repeated:
+            return (f"{repeated} is given twice and the two values do not combine; give it once, with all "
+                    f"its values in one override (e.g. one dict: '{repeated}={{a:1,b:2}}')")
         text = f"{err} {err.__cause__ or ''}"
         if "not in struct" not in text:
             return None
@@ -335,6 +344,23 @@ def unknown_override_message(config_name: str, overrides: list[str]) -> str | No
         return f"unknown option {bad}{hint}{where}"
     except Exception:  # noqa: BLE001 - anything else: let Hydra report it as usual
         return None
+    return None
+
+
+def unreadable_override_message(overrides: list[str]) -> str | None:
+    """The first override Hydra's grammar cannot read (a path with '=', a value with spaces or brackets),
+    and how to quote it; None if each reads alone (then Hydra's own message stands)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException:  # the single-override parser raises the base class
+            key, _, value = override.partition("=")
+            return (f"cannot read the override {override!r}: a value holding '=', spaces, quotes, brackets or "
+                    f"commas must be quoted, e.g. '{key}=\"{value}\"' (with the single quotes, for the shell)")
     return None
 
 

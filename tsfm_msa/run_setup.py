@@ -2,6 +2,7 @@
 ForecastModule of a run, each from a Hydra config."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,12 +16,15 @@ def run_dir() -> Path:
 
 def build_trainer(cfg: DictConfig, run_dir: Path):
     """The Lightning Trainer of the `trainer` node (``_target_`` + arguments, callbacks as named
-    nodes), logging to ``run_dir/logs``. Callback nodes with ``dirpath: null`` (the checkpoints)
+    nodes), logging to ``run_dir/logs``; ``enable_progress_bar: null`` shows the bar only in a terminal.
+    Callback nodes with ``dirpath: null`` (the checkpoints)
     write to ``run_dir/checkpoints``; a node set to null is dropped."""
     from lightning.pytorch.loggers import CSVLogger
 
     node = OmegaConf.to_container(cfg.trainer, resolve=True)
     node.setdefault("_target_", "lightning.Trainer")
+    if node.get("enable_progress_bar", None) is None:
+        node["enable_progress_bar"] = sys.stdout.isatty()
     callbacks = []
     for callback in (node.pop("callbacks", None) or {}).values():
         if callback is None:

@@ -299,7 +299,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     predictor_ckpt = None
     if "checkpoint" in models:
         predictor_ckpt = load_predictor(cfg.checkpoint, prediction_length=H)
-        check_schema(predictor_ckpt, schema)
+        check_schema(predictor_ckpt, schema, cfg.checkpoint)
     elif H > horizon:
         raise EvaluateConfigError(f"eval.prediction_length {H} exceeds data.horizon {horizon} the models train for")
 

@@ -200,15 +200,47 @@ def load_predictor(checkpoint: str | Path, prediction_length: int | None = None,
     """GluonTS predictor from a `tsfm-msa train` checkpoint (dense or MSA)."""
     from tsfm_msa.train.lightning_module import ForecastModule
 
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    path = checkpoint_file(checkpoint)
     module = ForecastModule.load_from_checkpoint(str(path), map_location=device)
-    return predictor_from_module(module, prediction_length, batch_size, device)
+    try:
+        return predictor_from_module(module, prediction_length, batch_size, device)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{err}{trained_with(path)}") from None
 
 
-def check_schema(predictor: TSFMPredictor, data_schema: SeriesSchema) -> None:
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    """A checkpoint file, or a `tsfm-msa train` run folder: its best checkpoint, else its last one."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        found = sorted((path / "checkpoints").glob("best-*.ckpt")) or sorted((path / "checkpoints").glob("last.ckpt"))
+        if not found:
+            raise FileNotFoundError(f"checkpoint={checkpoint} is a folder without checkpoints/best-*.ckpt or "
+                                    "checkpoints/last.ckpt; pass a .ckpt file or a `tsfm-msa train` run folder")
+        path = found[-1]
+    elif not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def trained_with(checkpoint: Path) -> str:
+    """'; it was trained with data=csv data.loader.path=... (<run>/.hydra/overrides.yaml): ...' from the
+    checkpoint's run folder, or '' when there is none: evaluate reads the data from its own overrides, not
+    from the checkpoint, so a mismatch usually means the training run's data overrides are missing."""
+    overrides_file = checkpoint.parent.parent / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return ""
+    from omegaconf import OmegaConf
+
+    data = [str(o) for o in OmegaConf.load(overrides_file) if str(o).lstrip("+~").startswith("data")]
+    if not data:
+        return f"; the checkpoint's run used the default data ({overrides_file}): evaluate with no data= overrides"
+    return (f"; the checkpoint's run was trained with {' '.join(data)} ({overrides_file}): pass the same data "
+            "overrides to evaluate")
+
+
+def check_schema(predictor: TSFMPredictor, data_schema: SeriesSchema, checkpoint: str | Path | None = None) -> None:
     """Compare the checkpoint's schema with a dataset's (names, roles, groups, freq) before predicting."""
     diffs = predictor.schema.differences(data_schema)
     if diffs:
-        raise CheckpointMismatchError("the checkpoint does not match the dataset: " + "; ".join(diffs))
+        hint = trained_with(checkpoint_file(checkpoint)) if checkpoint is not None else ""
+        raise CheckpointMismatchError("the checkpoint does not match the dataset: " + "; ".join(diffs) + hint)
