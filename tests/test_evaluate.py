@@ -537,7 +537,9 @@ def test_an_msa_row_that_never_routes_sparsely_is_named(tmp_path, capsys):
 def test_a_run_folder_is_a_checkpoint_and_a_mismatch_names_the_training_data(tmp_path, checkpoint):
     """`checkpoint=<run folder>` takes its best (else last) checkpoint; a mismatch names the data overrides
     the run was trained with (evaluate reads the data from its own overrides, not from the checkpoint)."""
+    import os
     import shutil
+    import time
 
     from tsfm_msa.evaluate.predictor import checkpoint_file
 
@@ -548,6 +550,10 @@ def test_a_run_folder_is_a_checkpoint_and_a_mismatch_names_the_training_data(tmp
     assert checkpoint_file(run) == run / "checkpoints" / "last.ckpt"
     shutil.copy(checkpoint, run / "checkpoints" / "best-step2.ckpt")
     assert checkpoint_file(run) == run / "checkpoints" / "best-step2.ckpt"
+    newer = run / "checkpoints" / "best-step10.ckpt"  # sorts before best-step2 by name, written later
+    shutil.copy(checkpoint, newer)
+    os.utime(newer, (time.time() + 5, time.time() + 5))
+    assert checkpoint_file(run) == newer
     (run / ".hydra" / "overrides.yaml").write_text("- data=csv\n- data.loader.path=plant.csv\n- trainer.max_steps=5\n")
     with pytest.raises(CheckpointMismatchError, match=r"longer than the checkpoint's horizon.*trained with data=csv "
                                                       r"data.loader.path=plant.csv \(.*overrides.yaml\): pass the same"):

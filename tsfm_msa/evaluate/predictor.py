@@ -212,7 +212,9 @@ def checkpoint_file(checkpoint: str | Path) -> Path:
     """A checkpoint file, or a `tsfm-msa train` run folder: its best checkpoint, else its last one."""
     path = Path(checkpoint)
     if path.is_dir():
-        found = sorted((path / "checkpoints").glob("best-*.ckpt")) or sorted((path / "checkpoints").glob("last.ckpt"))
+        # The newest best (a resumed run may hold an older one, and best-step1000 sorts before best-step200).
+        found = (sorted((path / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+                 or list((path / "checkpoints").glob("last.ckpt")))
         if not found:
             raise FileNotFoundError(f"checkpoint={checkpoint} is a folder without checkpoints/best-*.ckpt or "
                                     "checkpoints/last.ckpt; pass a .ckpt file or a `tsfm-msa train` run folder")
