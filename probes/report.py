@@ -156,16 +156,15 @@ def summary_table(summary: dict) -> str:
     use the cause, an error ratio near 1 says nothing about preservation: the verdicts of that scenario
     and policy say so."""
     min_cf = float((summary.get("target") or {}).get("reference_cf_corr", REFERENCE_USES_CAUSE))
-    # NaN (no counterfactual measured) counts as not using the cause: nothing shows that it does.
-    blind = {(r["scenario"], r["policy"]): cf for r in summary["aggregate"]
-             if (r["backbone"], r["selector"]) == ("dense", "dense")
-             and not (cf := float("nan") if r.get("cf_corr") is None else r["cf_corr"]) >= min_cf}
+    reference_cf = {(r["scenario"], r["policy"]): r.get("cf_corr") for r in summary["aggregate"]
+                    if (r["backbone"], r["selector"]) == ("dense", "dense")}
     lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
     for row in headline_rows(summary):
         cells = table_cells(row)
-        if (row["scenario"], row["policy"]) in blind:
-            cf = blind[row["scenario"], row["policy"]]
-            cells[-1] += f" (untested: the dense reference does not use the cause, cf corr {_fmt(cf)})"
+        key = (row["scenario"], row["policy"])
+        # None or NaN (no counterfactual measured) counts as not using the cause: nothing shows that it does.
+        if key in reference_cf and not (reference_cf[key] is not None and reference_cf[key] >= min_cf):
+            cells[-1] += f" (untested: the dense reference does not use the cause, cf corr {_fmt(reference_cf[key])})"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -345,7 +344,7 @@ def target_check(summary: dict) -> list[dict]:
         # nor the learned MSA model following the cause, every error ratio is ~1 (seen at 16K-64K). When
         # only the MSA model uses it (it learned the far cause and the dense reference did not, seen at
         # 16K), the checks still hold the learned indexer to the cause's blocks, and the row says so.
-        min_cf = float(target.get("reference_cf_corr", 0.5))
+        min_cf = float(target.get("reference_cf_corr", REFERENCE_USES_CAUSE))
         reference_uses, learned_uses = reference["cf_corr"] >= min_cf, learned.get("cf_corr", float("nan")) >= min_cf
         row["learned_cf_corr"] = learned.get("cf_corr")
         if not reference_uses and not learned_uses:

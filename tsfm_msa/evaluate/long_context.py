@@ -84,8 +84,8 @@ class Job:
 
 
 def parse_variants(texts: list[str]) -> dict[str, tuple[str, ...]]:
-    """``--variant`` values ``NAME=OVERRIDE [OVERRIDE ...]`` (``plain`` or an empty list of overrides:
-    the job as configured) as {name: overrides}; a bad name is a one-line error."""
+    """``--variant`` values ``NAME=OVERRIDE [OVERRIDE ...]`` as {name: overrides}; ``plain`` is the job as
+    configured (name "", no overrides). A bad name is a one-line error."""
     variants: dict[str, tuple[str, ...]] = {}
     for text in texts:
         name, _, rest = text.partition("=")
@@ -93,16 +93,17 @@ def parse_variants(texts: list[str]) -> dict[str, tuple[str, ...]]:
         if not name or not name.replace("_", "").isalnum():
             raise LongContextError(f"--variant {text!r}: give NAME=OVERRIDES with a NAME of letters, digits and _, "
                                    "e.g. --variant 'cur256=eval.context_curriculum=[{context_len:256,steps:200}]'")
-        if name in variants:
+        key = "" if name == "plain" else name
+        if key in variants:
             raise LongContextError(f"--variant {name!r} is given twice; give each variant one name")
-        variants[name] = tuple(shlex.split(rest))
+        variants[key] = () if name == "plain" else tuple(shlex.split(rest))
     return variants
 
 
 def plan(datasets=DATASETS, models=MODELS, patches=PATCHES, seeds=(0, 1), stages=STAGES, rungs=None,
          variants: dict[str, tuple[str, ...]] | None = None) -> list[Job]:
     """Every job of the study once, in the order of ``stages`` (filtered to the given datasets, models,
-    patch lengths, seeds and context rungs), datasets, models and ``variants`` (name -> extra overrides;
+    patch lengths, seeds and context rungs), datasets, models and ``variants`` (:func:`parse_variants`;
     default: the plain jobs only) interleaved inside each rung."""
     variants = variants or {"": ()}
     jobs: list[Job] = []
@@ -115,8 +116,7 @@ def plan(datasets=DATASETS, models=MODELS, patches=PATCHES, seeds=(0, 1), stages
             for dataset in (d for d in datasets if only is None or d in only):
                 for model in models:
                     for name, extra in variants.items():
-                        name = "" if name == "plain" else name
-                        job = Job(dataset, rung, patch, model, seed, name, () if not name else extra)
+                        job = Job(dataset, rung, patch, model, seed, name, extra)
                         if job not in jobs:
                             jobs.append(job)
     return jobs
