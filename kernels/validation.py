@@ -57,8 +57,10 @@ def check_kernel_config(block_size: int, top_k: int, head_dim: int, index_dim: i
     key (``prefix`` + name) and the fix. Per-layout limits (top_k <= number of blocks) are checked
     where the layout is known."""
     check_kernel_block_size(block_size, f"{prefix}block_size")
-    _need(isinstance(top_k, int) and not isinstance(top_k, bool) and 0 < top_k <= MAX_TOP_K,
-          f"{prefix}top_k={top_k!r}: the Triton kernels need 1 <= top_k <= {MAX_TOP_K} "
+    _need(isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > 0,
+          f"{prefix}top_k must be a positive integer, got {top_k!r}")
+    # Only a top_k above the bound gets the kernels' reason and the block_size advice.
+    _need(top_k <= MAX_TOP_K, f"{prefix}top_k={top_k!r}: the Triton kernels need 1 <= top_k <= {MAX_TOP_K} "
           f"(a Triton tile holds at most 2^20 elements); lower {prefix}top_k or raise {prefix}block_size")
     for name, value in (("head_dim", head_dim), ("index_dim", index_dim)):
         _need(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_HEAD_DIM,

@@ -23,10 +23,16 @@ def test_bad_block_size_names_the_key(block_size, hint):
         check_kernel_config(block_size, 4, 64, 32)
 
 
-@pytest.mark.parametrize("top_k", [0, -1, MAX_TOP_K + 1, 2.0])
-def test_bad_top_k_names_the_key(top_k):
-    with pytest.raises(KernelInputError, match=r"^model\.top_k="):
+@pytest.mark.parametrize("top_k", [0, -1, 2.0, "abc", True])
+def test_top_k_of_the_wrong_type_or_sign_says_positive_integer(top_k):
+    with pytest.raises(KernelInputError) as err:
         check_kernel_config(8, top_k, 64, 32)
+    assert str(err.value) == f"model.top_k must be a positive integer, got {top_k!r}"  # no kernel-limit advice
+
+
+def test_top_k_above_the_kernel_limit_keeps_the_advice():
+    with pytest.raises(KernelInputError, match=rf"^model\.top_k={MAX_TOP_K + 1}: .*raise model\.block_size"):
+        check_kernel_config(8, MAX_TOP_K + 1, 64, 32)
 
 
 @pytest.mark.parametrize("name,args", [("head_dim", (8, 4, MAX_HEAD_DIM + 1, 32)), ("index_dim", (8, 4, 64, 0))])
