@@ -147,3 +147,47 @@ def test_an_option_given_twice_is_one_line(capsys):
     err = _one_line_error(["train", "data=csv", 'data.loader.read_kwargs={sep:";"}',
                            "data.loader.read_kwargs={dayfirst:true}"], capsys)
     assert err.startswith("tsfm-msa: error: data.loader.read_kwargs is given twice")
+
+
+def _command_must_not_run(monkeypatch, command: str) -> None:
+    config_name, _, desc = cli.COMMANDS[command]
+
+    def must_not_run(cfg):
+        raise AssertionError(f"the {command} command ran despite a bad setting")
+
+    monkeypatch.setitem(cli.COMMANDS, command, (config_name, must_not_run, desc))
+
+
+@pytest.mark.parametrize("command, override, expected", [
+    ("train", "data.batch_size=0", "a positive integer"), ("train", "data.batch_size=abc", "a positive integer"),
+    ("train", "trainer.max_steps=abc", "an integer"), ("train", "seed=abc", "an integer"),
+    ("train", "optim.lr=-1", "a positive number"), ("train", "optim.lr=abc", "a positive number"),
+    ("train", "optim.weight_decay=-0.1", "a number >= 0"), ("train", "model.d_model=abc", "a positive integer"),
+    ("train", "model.n_layers=0", "a positive integer"), ("train", "model.n_heads=1.5", "a positive integer"),
+    ("train", "model.n_kv_heads=true", "a positive integer"), ("train", "model.head_dim=-2", "a positive integer"),
+    ("train", "model.patch_len=abc", "a positive integer"), ("train", "model.block_size=0", "a positive integer"),
+    ("train", "model.top_k=abc", "a positive integer"), ("train", "model.top_k=-3", "a positive integer"),
+    ("train", "cpu_threads=0", "a positive integer, or null"), ("convert", "data.batch_size=abc", "a positive integer"),
+    ("evaluate", "models.msa.d_model=abc", "a positive integer"), ("evaluate", "eval.cpu_threads=0", "a positive integer"),
+    ("probe", "train.optim.lr=abc", "a positive number"), ("probe", "seed=abc", "an integer or null"),
+])
+def test_a_setting_of_the_wrong_type_or_range_is_one_line_before_the_command(command, override, expected,
+                                                                           monkeypatch, capsys, tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    _command_must_not_run(monkeypatch, command)
+    err = _one_line_error([command, override, f"hydra.run.dir={tmp_path}"], capsys)
+    parsed = OverridesParser.create().parse_override(override)
+    assert err.startswith(f"tsfm-msa: error: {parsed.key_or_group} must be {expected}"), err
+    assert err.endswith(f"got {parsed.value()!r}"), err
+
+
+@pytest.mark.parametrize("command", ["train", "convert", "evaluate", "probe"])
+def test_every_default_config_passes_the_settings_check(command):
+    from hydra import compose, initialize_config_module
+
+    from tsfm_msa.config_checks import check_settings
+
+    with initialize_config_module("tsfm_msa.configs", version_base=None):
+        cfg = compose(cli.COMMANDS[command][0], overrides=["cpu_threads=null"] if command == "train" else [])
+    check_settings(cfg)

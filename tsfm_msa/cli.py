@@ -13,15 +13,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from tsfm_msa.config_checks import ConfigError, check_settings
 from tsfm_msa.run_setup import build_module, build_trainer
 from tsfm_msa.run_setup import run_dir as _run_dir
 
 CONFIGS = "pkg://tsfm_msa.configs"
 _ORIGINAL_ARGV: list[str] = []  # the command line main() was given, for Lightning's DDP launcher
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message says which key and how to fix it."""
 
 
 def _run_name() -> str:
@@ -82,12 +79,12 @@ def train_command(cfg: DictConfig) -> dict:
 
     from tsfm_msa.train.run import fit_and_summarize
 
-    if cfg.trainer.get("max_steps") is None or int(cfg.trainer.max_steps) <= 0:
+    if cfg.trainer.get("max_steps") is None or cfg.trainer.max_steps <= 0:  # its type: check_settings
         raise ConfigError(f"trainer.max_steps must be a positive integer, got {cfg.trainer.get('max_steps')}")
     if cfg.get("resume") and cfg.get("init_from"):
         raise ConfigError("give resume= (continue a run) or init_from= (new run from a checkpoint's weights), not both")
     L.seed_everything(int(cfg.seed), workers=True)
-    if cfg.get("cpu_threads"):
+    if cfg.get("cpu_threads") is not None:  # null: torch's default (check_settings refuses 0)
         # On busy shared cores one intra-op thread avoids OpenMP spin contention (often ~10x faster).
         import torch
 
@@ -246,6 +243,7 @@ def _hydra_app(config_name: str, command):
                   f"e.g. {missing[0]}=<value> (configs/ describes every option)", file=sys.stderr)
             sys.exit(2)
         try:
+            check_settings(cfg)
             command(cfg)
         except _cuda_out_of_memory() as err:
             print(f"tsfm-msa: error: {out_of_memory_message(cfg, err)}", file=sys.stderr)
