@@ -191,3 +191,22 @@ def test_every_default_config_passes_the_settings_check(command):
     with initialize_config_module("tsfm_msa.configs", version_base=None):
         cfg = compose(cli.COMMANDS[command][0], overrides=["cpu_threads=null"] if command == "train" else [])
     check_settings(cfg)
+
+
+def test_convert_without_init_from_stops_before_any_run(capsys, tmp_path):
+    err = _one_line_error(["convert", "trainer.max_steps=30", f"hydra.run.dir={tmp_path}"], capsys)
+    assert "pass init_from=<dense checkpoint file or run folder>" in err
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_convert_init_from_takes_a_run_folder(capsys, tmp_path):
+    """A run folder resolves to its checkpoint (as resume= and evaluate checkpoint= do): this empty state dict
+    then does not fit the model, which shows the folder was read."""
+    run = tmp_path / "dense_run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}}, run / "checkpoints" / "last.ckpt")
+    assert cli.init_checkpoint(str(run)) == run / "checkpoints" / "last.ckpt"
+    err = _one_line_error(["convert", *FAST, f"init_from={run}", f"hydra.run.dir={tmp_path / 'out'}"], capsys)
+    assert "does not fit this model" in err and "no such checkpoint" not in err
+    err = _one_line_error(["convert", *FAST, f"init_from={tmp_path / 'nosuch'}", f"hydra.run.dir={tmp_path}"], capsys)
+    assert "no such checkpoint file, nor a run folder" in err

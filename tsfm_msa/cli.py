@@ -26,14 +26,25 @@ def _run_name() -> str:
     return f"{choices.get('model')}-{choices.get('data')}"
 
 
+def init_checkpoint(init_from: str) -> Path:
+    """`init_from=`: a checkpoint file, or a `tsfm-msa train` run folder (its best checkpoint, else its last
+    one, as `evaluate checkpoint=` reads a folder)."""
+    from tsfm_msa.evaluate.predictor import checkpoint_file
+
+    try:
+        return checkpoint_file(init_from)
+    except FileNotFoundError:
+        raise ConfigError(f"init_from={init_from}: no such checkpoint file, nor a run folder with "
+                          f"checkpoints/best-*.ckpt or checkpoints/last.ckpt; pass a dense run's .ckpt file or its "
+                          f"run folder (outputs/train/<model>-<data>/<time>)") from None
+
+
 def load_backbone(module, checkpoint_path: str) -> None:
-    """Dense-to-sparse adaptation: start from a (dense) checkpoint's weights; only parameters the
-    checkpoint lacks (the MSA index projections) keep their fresh initialization."""
+    """Dense-to-sparse adaptation: start from a (dense) checkpoint's weights (a file or a run folder); only
+    parameters the checkpoint lacks (the MSA index projections) keep their fresh initialization."""
     import torch
 
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise ConfigError(f"init_from={checkpoint_path}: no such checkpoint file")
+    path = init_checkpoint(checkpoint_path)
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
@@ -83,6 +94,8 @@ def train_command(cfg: DictConfig) -> dict:
         raise ConfigError(f"trainer.max_steps must be a positive integer, got {cfg.trainer.get('max_steps')}")
     if cfg.get("resume") and cfg.get("init_from"):
         raise ConfigError("give resume= (continue a run) or init_from= (new run from a checkpoint's weights), not both")
+    if cfg.get("init_from"):
+        init_checkpoint(str(cfg.init_from))  # a wrong path fails now, not after the data is read
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("cpu_threads") is not None:  # null: torch's default (check_settings refuses 0)
         # On busy shared cores one intra-op thread avoids OpenMP spin contention (often ~10x faster).
@@ -110,6 +123,15 @@ def train_command(cfg: DictConfig) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     trainer = build_trainer(cfg, run_dir)
     return fit_and_summarize(module, datamodule, trainer, run_dir, _run_name(), ckpt_path=ckpt_path)
+
+
+def convert_command(cfg: DictConfig) -> dict:
+    """`train` from a dense checkpoint. init_from is required, but convert.yaml cannot say so with '???':
+    merged over train.yaml's `init_from: null`, a '???' keeps the null."""
+    if not cfg.get("init_from"):
+        raise ConfigError("convert needs the dense model to start from: pass init_from=<dense checkpoint file or "
+                          "run folder>, e.g. init_from=outputs/train/dense_small-vic_elec/<time>")
+    return train_command(cfg)
 
 
 def check_window_fits_model(module, cfg: DictConfig) -> None:
@@ -290,7 +312,7 @@ def probe_command(cfg: DictConfig):
 
 COMMANDS = {
     "train": ("train", train_command, "train a dense or MSA forecaster (Lightning + Hydra)"),
-    "convert": ("convert", train_command, "dense-to-sparse: a dense checkpoint + fresh index projections, warmup, sparse"),
+    "convert": ("convert", convert_command, "dense-to-sparse: a dense checkpoint + fresh index projections, warmup, sparse"),
     "evaluate": ("evaluate", evaluate_command, "GluonTS evaluation: our models next to seasonal naive, PatchTST, DeepAR"),
     "probe": ("probe", probe_command, "preservation probes: what does block selection drop?"),
 }
