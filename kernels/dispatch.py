@@ -32,8 +32,25 @@ def set_backend(name: Backend) -> None:
 def get_backend() -> str:
     name = _backend or os.environ.get("TSFM_MSA_BACKEND", "auto")
     if name not in _BACKENDS:
-        raise ValueError(f"TSFM_MSA_BACKEND={name!r} is not one of {_BACKENDS}")
+        raise ValueError(backend_problem(cuda=False))
     return name
+
+
+def backend_problem(cuda: bool) -> str | None:
+    """Why the chosen backend cannot run MSA ops on CUDA (``cuda=True``) or CPU tensors; None when it can.
+    The ops raise with this text; the CLI asks before a run starts, to say it in one line."""
+    name = _backend or os.environ.get("TSFM_MSA_BACKEND", "auto")
+    if name not in _BACKENDS:
+        return f"TSFM_MSA_BACKEND={name!r} is not one of {_BACKENDS}"
+    if name == "triton":
+        if not triton_available():
+            return "TSFM_MSA_BACKEND=triton but triton is not installed; pip install triton"
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            return "the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 on CPU"
+    if name == "auto" and cuda and not triton_available():
+        return ("MSA ops on CUDA tensors need triton (pip install triton); set TSFM_MSA_BACKEND=reference "
+                "to run the slow plain-PyTorch references instead")
+    return None
 
 
 def triton_available() -> bool:
@@ -46,20 +63,10 @@ def triton_available() -> bool:
 
 def _use_triton(t: torch.Tensor) -> bool:
     name = get_backend()
-    if name == "reference":
-        return False
-    if name == "triton":
-        if not triton_available():
-            raise RuntimeError("TSFM_MSA_BACKEND=triton but triton is not installed; pip install triton")
-        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
-        return True
-    if not t.is_cuda:
-        return False
-    if not triton_available():
-        raise RuntimeError("MSA ops on CUDA tensors need triton (pip install triton); set TSFM_MSA_BACKEND=reference "
-                           "to run the slow plain-PyTorch references instead")
-    return True
+    problem = backend_problem(t.is_cuda)
+    if problem:
+        raise RuntimeError(problem)
+    return name == "triton" or (name == "auto" and t.is_cuda)
 
 
 def _triton_op(module: str, name: str):

@@ -210,3 +210,22 @@ def test_convert_init_from_takes_a_run_folder(capsys, tmp_path):
     assert "does not fit this model" in err and "no such checkpoint" not in err
     err = _one_line_error(["convert", *FAST, f"init_from={tmp_path / 'nosuch'}", f"hydra.run.dir={tmp_path}"], capsys)
     assert "no such checkpoint file, nor a run folder" in err
+
+
+@pytest.mark.parametrize("backend, cuda", [("bogus", False), ("bogus", True), ("triton", False)])
+def test_an_unusable_kernel_backend_is_one_line(backend, cuda, monkeypatch, capsys, tmp_path):
+    from tsfm_msa.kernels import dispatch
+
+    monkeypatch.setenv("TSFM_MSA_BACKEND", backend)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    _command_must_not_run(monkeypatch, "train")
+    err = _one_line_error(["train", f"hydra.run.dir={tmp_path}"] + (["trainer=gpu"] if cuda else []), capsys)
+    problem = dispatch.backend_problem(cuda=cuda)
+    assert problem and err == f"tsfm-msa: error: {problem}"
+    # Library users calling the ops directly still get an exception with the same text.
+    qi = torch.zeros(1, 1, 8, 4)
+    t = torch.arange(8, dtype=torch.int32)[None]
+    with pytest.raises((ValueError, RuntimeError)) as raised:
+        dispatch.select_blocks(qi, qi[:, 0], t, t, 4, 1)
+    assert str(raised.value) == dispatch.backend_problem(cuda=False)

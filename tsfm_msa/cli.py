@@ -245,6 +245,20 @@ def missing_cuda_message(cfg: DictConfig) -> str | None:
     return None
 
 
+def backend_message(cfg: DictConfig) -> str | None:
+    """TSFM_MSA_BACKEND that cannot run this config's MSA ops (unknown, triton without triton or on the CPU),
+    in one line before the run starts; None otherwise. The ops themselves raise the same text."""
+    import torch
+
+    from tsfm_msa.kernels.dispatch import backend_problem
+
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "cpu")).lower()
+    device = str(cfg.get("device", "auto")).lower()
+    on_cuda = torch.cuda.is_available() and (accelerator in ("gpu", "cuda", "auto") if "device" not in cfg
+                                             else device in ("cuda", "auto"))
+    return backend_problem(cuda=on_cuda)
+
+
 def _hydra_app(config_name: str, command):
     @hydra.main(version_base=None, config_path=CONFIGS, config_name=config_name)
     def app(cfg: DictConfig) -> None:
@@ -254,7 +268,7 @@ def _hydra_app(config_name: str, command):
         _one_console_handler()
         _warnings_once_through_logging()
         _quiet_known_noise()
-        no_device = missing_cuda_message(cfg)
+        no_device = missing_cuda_message(cfg) or backend_message(cfg)
         if no_device:
             print(f"tsfm-msa: error: {no_device}", file=sys.stderr)
             sys.exit(2)
