@@ -229,3 +229,20 @@ def test_an_unusable_kernel_backend_is_one_line(backend, cuda, monkeypatch, caps
     with pytest.raises((ValueError, RuntimeError)) as raised:
         dispatch.select_blocks(qi, qi[:, 0], t, t, 4, 1)
     assert str(raised.value) == dispatch.backend_problem(cuda=False)
+
+
+def test_an_unquoted_list_split_by_the_shell_is_quoted_whole(capsys):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    err = _one_line_error(["train", "data=csv", "data.loader.targets=[flow,", "pressure]"], capsys)
+    quoted = err.split("e.g. ")[1].split(" (with")[0]
+    assert quoted == "'data.loader.targets=[flow,pressure]'"
+    (override,) = shlex.split(quoted)
+    assert OverridesParser.create().parse_override(override).value() == ["flow", "pressure"]
+
+
+def test_an_unknown_top_level_key_names_the_top_level(capsys):
+    err = _one_line_error(["train", "nosuchkey=1"], capsys)
+    assert "top-level options: model, data" in err and "options of :" not in err

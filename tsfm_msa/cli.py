@@ -374,7 +374,8 @@ def unknown_override_message(config_name: str, overrides: list[str]) -> str | No
         close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=3, cutoff=0.5)
         prefix = f"{parent}." if parent else ""
         hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-        where = f" (options of {parent}: {', '.join(map(str, keys))})" if keys and not close else ""
+        of = f"options of {parent}" if parent else "top-level options"
+        where = f" ({of}: {', '.join(map(str, keys))})" if keys and not close else ""
         return f"unknown option {bad}{hint}{where}"
     except Exception:  # noqa: BLE001 - anything else: let Hydra report it as usual
         return None
@@ -388,11 +389,21 @@ def unreadable_override_message(overrides: list[str]) -> str | None:
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
-    for override in overrides:
+    for i, override in enumerate(overrides):
         try:
             parser.parse_override(override)
         except HydraException:  # the single-override parser raises the base class
             key, _, value = override.partition("=")
+            if value.count("[") > value.count("]"):
+                # `key=[a, b]` unquoted: the shell split the list at its spaces; join the pieces again.
+                pieces = [override]
+                for piece in overrides[i + 1:]:
+                    pieces.append(piece)
+                    if "".join(pieces).count("[") <= "".join(pieces).count("]"):
+                        break
+                typed = " ".join(pieces)
+                return (f"cannot read the override {typed!r}: the shell split the list at its spaces; write it "
+                        f"without spaces or quote it whole, e.g. '{''.join(pieces)}' (with the single quotes)")
             return (f"cannot read the override {override!r}: a value holding '=', spaces, quotes, brackets or "
                     f"commas must be quoted, e.g. '{key}=\"{value}\"' (with the single quotes, for the shell)")
     return None
