@@ -143,3 +143,78 @@ def test_sparse_phase_kl_on_rotating_row_subsets_partitions_the_full_kl():
         weights.append(float(valid_rows[torch.arange(layout.seq_len) % 3 == step].sum()))
     mixed = sum(p * w for p, w in zip(parts, weights)) / sum(weights)
     torch.testing.assert_close(mixed, full, atol=1e-5, rtol=1e-5)
+
+
+def _own_group_blocks(layout, batch: int) -> torch.Tensor:
+    """Every block of each GQA group's own sensor group, for every query: ``[B, G, L, K]`` (-1 = none)."""
+    per_group = [torch.nonzero(layout.block_group == g).flatten() for g in range(layout.n_groups)]
+    width = max(len(b) for b in per_group)
+    rows = torch.stack([torch.nn.functional.pad(b, (0, width - len(b)), value=-1) for b in per_group])  # [G, K]
+    return rows[None, :, None, :].expand(batch, -1, layout.seq_len, -1).int().contiguous()
+
+
+def test_own_group_attention_matches_brute_force_within_each_sensor_group():
+    """dense_support=policy under the sensor policy: GQA group g reads only the keys of sensor group g."""
+    from tsfm_msa.model.dense_attention import own_group_attention
+
+    layout = _layout()
+    L = layout.seq_len
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 4, L, 8, generator=g), torch.randn(2, 2, L, 8, generator=g),
+               torch.randn(2, 2, L, 5, generator=g))
+    out, lse = own_group_attention(q, k, v, layout, scale=0.4)
+    head_group = torch.arange(4) // 2  # query head -> GQA group (= sensor group)
+    own = layout.token_group[None, None, :] == head_group[:, None, None]  # [Hq, 1, L]
+    rep_k, rep_v = k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1)
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.double(), rep_k) * 0.4
+    visible = (layout.k_time[None, :] <= layout.q_time[:, None])[None] & own  # [Hq, L, L]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    ref_lse = torch.logsumexp(logits, -1)
+    probs = torch.exp(logits - torch.where(torch.isinf(ref_lse), 0.0, ref_lse)[..., None]).nan_to_num(0.0)
+    torch.testing.assert_close(out.double(), probs @ rep_v, atol=1e-5, rtol=1e-5)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=1e-5, rtol=1e-5)
+
+
+def test_sensor_warmup_on_the_policy_support_is_the_sparse_phase_given_every_own_block():
+    """With dense_support=policy, the sensor-policy warmup's main branch and index-loss gradients equal
+    the sparse phase's (reference kernels) given every block of the group's own sensor group: the
+    switch to sparse only drops blocks, it no longer takes other sensors away."""
+    layout = _layout()
+    L = layout.seq_len
+    layer = MSAAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=2,
+                         group_policy="sensor", kl_row_stride=1, dense_support="policy")
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(1, 4, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g)
+    qi = torch.randn(1, 2, L, 6, generator=g, requires_grad=True)
+    ki = torch.randn(1, L, 6, generator=g, requires_grad=True)
+    layer.dense_index_loss(q, k, qi, ki, layout).backward()
+    qi2, ki2 = qi.detach().clone().requires_grad_(), ki.detach().clone().requires_grad_()
+    q_time, k_time = layout.q_time[None].contiguous(), layout.k_time[None].contiguous()
+    own = _own_group_blocks(layout, 1)
+    sparse_out, lse = kernels.sparse_attention_reference(q, k, v, own, q_time, k_time, layout.block_size)
+    kernels.indexer_kl_reference(qi2, ki2, own, q, k, lse, q_time, k_time, layout.block_size).backward()
+    torch.testing.assert_close(qi.grad, qi2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ki.grad, ki2.grad, atol=1e-5, rtol=1e-4)
+    from tsfm_msa.model.attention import dense_attention
+    dense_out, _ = dense_attention(q, k, v, layout, own_group=True)
+    seen = torch.isfinite(lse)[..., None]
+    torch.testing.assert_close(dense_out * seen, sparse_out * seen, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_support_all_keeps_the_sensor_warmup_on_every_key():
+    """The default (dense_support=all) is unchanged: the sensor-policy warmup reads every visible key."""
+    layout = _layout()
+    L = layout.seq_len
+    g = torch.Generator().manual_seed(9)
+    q, k = torch.randn(1, 4, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g)
+    qi, ki = torch.randn(1, 2, L, 6, generator=g), torch.randn(1, L, 6, generator=g)
+    kw = dict(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=2, kl_row_stride=1)
+    free = MSAAttention(**kw).dense_index_loss(q, k, qi, ki, layout)
+    sensor_all = MSAAttention(**kw, group_policy="sensor").dense_index_loss(q, k, qi, ki, layout)
+    sensor_own = MSAAttention(**kw, group_policy="sensor", dense_support="policy").dense_index_loss(q, k, qi, ki, layout)
+    torch.testing.assert_close(free, sensor_all)
+    assert not torch.allclose(free, sensor_own)
+    with pytest.raises(ValueError, match="dense_support must be one of"):
+        MSAAttention(**kw, dense_support="own")

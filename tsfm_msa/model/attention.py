@@ -13,11 +13,20 @@ import torch
 from torch import nn
 
 from tsfm_msa import kernels
-from tsfm_msa.model.dense_attention import time_masked_attention
+from tsfm_msa.model.dense_attention import own_group_attention, time_masked_attention
 from tsfm_msa.model.rope import DEFAULT_ROPE_BASE, apply_rope_tables, rope_angles, rope_tables
 from tsfm_msa.tokens import TokenLayout
 
 GROUP_POLICIES = ("free", "sensor", "hybrid")
+# What dense attention reads: every visible key, or only the keys the group policy selects from (under
+# ``sensor``, GQA group g reads sensor group g alone; ``free`` and ``hybrid`` may read anywhere).
+DENSE_SUPPORTS = ("all", "policy")
+
+
+def check_dense_support(dense_support: str) -> None:
+    if dense_support not in DENSE_SUPPORTS:
+        raise ModelConfigError(f"model.dense_support must be one of {DENSE_SUPPORTS} (dense attention over every visible "
+                               f"key, or over the group policy's support), got {dense_support!r}")
 # "predict": the sparse path without the indexer loss (forecasting needs only the selection).
 PHASES = ("indexer_warmup", "sparse", "predict")
 # Indexer loss in training: every query row up to this many tokens; beyond, every AUTO_KL_STRIDE-th
@@ -75,13 +84,33 @@ class _QKV(nn.Module):
 
 class DenseGQA(_QKV):
     """Dense grouped-query attention with the time-visibility mask: FlexAttention with a block mask
-    from per-tile time ranges on CUDA, exact chunked attention on the CPU (no [L, L] mask)."""
+    from per-tile time ranges on CUDA, exact chunked attention on the CPU (no [L, L] mask).
+
+    ``own_group``: GQA group g reads only sensor group g (the dense form of the ``sensor`` policy), so
+    a dense model trained this way converts to a sensor-policy MSA model without re-routing its heads.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 rope_base: float = DEFAULT_ROPE_BASE, own_group: bool = False) -> None:
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, rope_base)
+        self.own_group = own_group
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, phase: str = "sparse") -> tuple[torch.Tensor, AttentionAux]:
         q, k, v = self.project(x, layout)
-        out, _ = time_masked_attention(q, k, v, layout.q_time, layout.k_time, cache=layout.cache,
-                                       cache_key="dense_mask", return_lse=False)
+        out, _ = dense_attention(q, k, v, layout, self.own_group)
         return self.merge(out), AttentionAux()
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, own_group: bool,
+                    q_time: torch.Tensor | None = None, cache_key="dense_mask", return_lse: bool = False,
+                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense attention of the query rows at ``q_time`` (default every row) over every visible key, or,
+    with ``own_group``, over the keys of each GQA group's own sensor group."""
+    if own_group:
+        return own_group_attention(q, k, v, layout, q_time, scale, cache_key=cache_key, return_lse=return_lse)
+    q_time = layout.q_time if q_time is None else q_time
+    return time_masked_attention(q, k, v, q_time, layout.k_time, scale, cache=layout.cache, cache_key=cache_key,
+                                 return_lse=return_lse)
 
 
 class MSAAttention(_QKV):
@@ -107,8 +136,10 @@ class MSAAttention(_QKV):
         collect_stats: bool = True,
         kl_row_stride: int | None = None,
         rope_base: float = DEFAULT_ROPE_BASE,
+        dense_support: str = "all",
     ) -> None:
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, rope_base)
+        check_dense_support(dense_support)
         if group_policy not in GROUP_POLICIES:
             raise ModelConfigError(f"group_policy must be one of {GROUP_POLICIES}, got {group_policy!r}")
         if not isinstance(top_k, int) or top_k <= 0:
@@ -118,6 +149,11 @@ class MSAAttention(_QKV):
             if not 1 <= k_own <= top_k:
                 raise ModelConfigError(f"hybrid policy needs 1 <= k_own <= top_k ({top_k}), got k_own={k_own}")
         self.index_dim, self.top_k, self.group_policy, self.k_own = index_dim, top_k, group_policy, k_own
+        # dense_support="policy" under the sensor policy: the dense phases (indexer warmup, the dense
+        # teacher) read each group's own sensor group only, as the sparse phase will. Reading every key
+        # there instead, a 512-token probe's loss jumped 5x at the switch to sparse and 2 of 4 seeds
+        # never recovered (benchmarks/results/2026-12-02-probes-sensor-switch.md).
+        self.own_group_dense = dense_support == "policy" and group_policy == "sensor"
         self.collect_stats = collect_stats
         if kl_row_stride is not None and (not isinstance(kl_row_stride, int) or kl_row_stride <= 0):
             raise ModelConfigError(f"model.kl_row_stride must be a positive integer or null (auto), got {kl_row_stride!r}")
@@ -189,8 +225,7 @@ class MSAAttention(_QKV):
         if phase == "indexer_warmup":
             # Dense main branch (the model trains as a dense model), and the indexer learns from the
             # dense teacher on the dense visible support -- no all-blocks block list, no O(L^2) buffer.
-            out, _ = time_masked_attention(q, k, v, layout.q_time, layout.k_time, cache=layout.cache,
-                                           cache_key="dense_mask", return_lse=False)
+            out, _ = dense_attention(q, k, v, layout, self.own_group_dense)
             return self.merge(out), AttentionAux(kl=self.dense_index_loss(q, k, qi, ki, layout))
         q_time, k_time = batch_times(layout, batch)
         if self.selector is not None:
@@ -253,12 +288,12 @@ class MSAAttention(_QKV):
         valid = layout.cached(("kl_row_valid", stride, offset), lambda: layout.visible_count[rows] > 0)
         mask_key = ("kl_mask", stride, offset)
         teacher_values = ki[:, None].expand(batch, groups, seq_len, index_dim).contiguous()
-        u, _ = time_masked_attention(q.detach()[:, :, rows], k.detach(), teacher_values, q_time, layout.k_time,
-                                     cache=layout.cache, cache_key=mask_key, return_lse=False)
+        u, _ = dense_attention(q.detach()[:, :, rows], k.detach(), teacher_values, layout, self.own_group_dense,
+                               q_time, cache_key=mask_key)
         u = u.float().view(batch, groups, rep, rows.numel(), index_dim).mean(2)  # [B, G, n, Di]
         qi_rows = qi[:, :, rows]
-        a, lse_s = time_masked_attention(qi_rows.detach(), ki.detach()[:, None], ki[:, None], q_time, layout.k_time,
-                                         scale=index_scale, cache=layout.cache, cache_key=mask_key)
+        a, lse_s = dense_attention(qi_rows.detach(), ki.detach()[:, None], ki[:, None], layout, self.own_group_dense,
+                                   q_time, cache_key=mask_key, return_lse=True, scale=index_scale)
         qi_f, a = qi_rows.float(), a.float()
         cross = -index_scale * (qi_f * u).sum(-1)  # [B, G, n]: gradients to qi and, through u, to ki
         student = index_scale * ((qi_f * a.detach()).sum(-1) + (qi_f.detach() * a).sum(-1))

@@ -69,6 +69,54 @@ def time_masked_attention(
     return _chunked_reference(q, k, v, q_time, k_time, scale, return_lse)
 
 
+def group_key_ranges(layout) -> tuple[tuple[int, int], ...]:
+    """Token range ``[start, end)`` of every sensor group's segment of the layout (tokens are
+    group-major, each segment padded to whole blocks), built once per layout."""
+    def build() -> tuple[tuple[int, int], ...]:
+        counts = torch.bincount(layout.block_group.cpu(), minlength=layout.n_groups).tolist()
+        ranges, start = [], 0
+        for count in counts:
+            end = min(start + count * layout.block_size, layout.seq_len)
+            ranges.append((start, end))
+            start = end
+        return tuple(ranges)
+
+    return layout.cached(("group_key_ranges",), build)
+
+
+def own_group_attention(
+    q: torch.Tensor,  # [B, Hq, Lq, D]: Hq / n_groups query heads per sensor group, group-major
+    k: torch.Tensor,  # [B, n_groups or 1, L, D]
+    v: torch.Tensor,  # [B, n_groups or 1, L, Dv]
+    layout,
+    q_time: torch.Tensor | None = None,  # [Lq] int32; default the layout's (every row)
+    scale: float | None = None,
+    cache_key: Hashable | None = "dense_mask",
+    return_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`time_masked_attention` where the query heads of GQA group g read only the keys of sensor
+    group g: dense attention over the support the ``sensor`` group policy selects from. A shared key
+    head (``k.shape[1] == 1``) is sliced per group the same way. One call per group on its contiguous
+    key segment, so the work is that of dense attention divided by the number of groups and nothing
+    larger than the dense path's tensors is built."""
+    groups = layout.n_groups
+    if q.shape[1] % groups or k.shape[1] not in (1, groups):
+        raise ValueError(f"own-group attention needs query heads ({q.shape[1]}) divisible by the sensor groups "
+                         f"({groups}) and key heads equal to them or 1, got {k.shape[1]}")
+    rep = q.shape[1] // groups
+    q_time = layout.q_time if q_time is None else q_time
+    outs, lses = [], []
+    for g, (start, end) in enumerate(group_key_ranges(layout)):
+        head = g if k.shape[1] > 1 else 0
+        out, lse = time_masked_attention(
+            q[:, g * rep:(g + 1) * rep], k[:, head:head + 1, start:end], v[:, head:head + 1, start:end],
+            q_time, layout.k_time[start:end], scale, cache=layout.cache,
+            cache_key=None if cache_key is None else (cache_key, "own_group", g), return_lse=return_lse)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, 1), (torch.cat(lses, 1) if return_lse else None)
+
+
 def _flex_usable() -> bool:
     try:
         from torch.nn.attention import flex_attention  # noqa: F401

@@ -8,7 +8,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from tsfm_msa.kernels.validation import KernelInputError, check_kernel_config
-from tsfm_msa.model.attention import PHASES, AttentionAux, DenseGQA, ModelConfigError, MSAAttention
+from tsfm_msa.model.attention import (PHASES, AttentionAux, DenseGQA, ModelConfigError, MSAAttention,
+                                      check_dense_support)
 from tsfm_msa.model.rope import DEFAULT_ROPE_BASE
 from tsfm_msa.tokens import ROLES, TokenLayout, build_layout, patch_tokens
 
@@ -76,6 +77,7 @@ class PatchTransformer(nn.Module):
         activation_checkpointing: bool = False,
         kl_row_stride: int | None = None,
         rope_base: float = DEFAULT_ROPE_BASE,
+        dense_support: str = "all",
     ) -> None:
         super().__init__()
         kinds = [attention] * n_layers if isinstance(attention, str) else list(attention)
@@ -84,6 +86,9 @@ class PatchTransformer(nn.Module):
         for kind in kinds:
             if kind not in ("dense", "msa"):
                 raise ModelConfigError(f"attention kind must be 'dense' or 'msa', got {kind!r}")
+        check_dense_support(dense_support)
+        # Dense layers read only their own sensor group under dense_support=policy + the sensor policy.
+        own_group_dense = dense_support == "policy" and group_policy == "sensor"
         if len(roles) > max_variates:
             raise ModelConfigError(f"{len(roles)} variates exceed max_variates={max_variates}; raise model.max_variates")
         for name, value in (("patch_len", patch_len), ("block_size", block_size)):
@@ -110,13 +115,13 @@ class PatchTransformer(nn.Module):
         layers = []
         for kind in kinds:
             if kind == "dense":
-                attn = DenseGQA(d_model, n_heads, n_kv_heads, head_dim, rope_base)
+                attn = DenseGQA(d_model, n_heads, n_kv_heads, head_dim, rope_base, own_group=own_group_dense)
             else:
                 attn = MSAAttention(d_model, n_heads, n_kv_heads, head_dim, index_dim, top_k, group_policy, k_own,
-                                    kl_row_stride=kl_row_stride, rope_base=rope_base)
+                                    kl_row_stride=kl_row_stride, rope_base=rope_base, dense_support=dense_support)
             layers.append(Block(attn, d_model, mlp_ratio, dropout))
         self.layers = nn.ModuleList(layers)
-        if "msa" in kinds and group_policy in ("sensor", "hybrid") and len(group_names) != n_kv_heads:
+        if ("msa" in kinds or own_group_dense) and group_policy in ("sensor", "hybrid") and len(group_names) != n_kv_heads:
             # Known from the schema now: say it before any data is read (the layout check repeats it).
             rep = max(1, n_heads // max(1, n_kv_heads))
             raise ModelConfigError(
