@@ -33,6 +33,9 @@ DEFAULT_MAX_FILL_FRACTION = 0.1
 # A time of day without a date ("13:45", "1:05:30 PM"): pandas would silently date it today.
 _TIME_OF_DAY = re.compile(r"\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?\s*([AaPp]\.?[Mm]\.?)?")
 _DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")
+# "5,034.6" or "1,234,567": commas grouping thousands (checked after _DECIMAL_COMMA, so "5,034" stays a
+# decimal-comma hint; the two cannot be told apart without a point).
+_THOUSANDS_COMMA = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d*)?")
 # Options that list the variates of each role (for messages naming the option to edit).
 _ROLE_OPTION = {"target": "targets", "past_covariate": "past_covariates",
                 "future_covariate": "future_covariates", "action": "actions"}
@@ -371,7 +374,7 @@ def parse_timestamps(col: pd.Series, name: str, item_id: object) -> pd.DatetimeI
                 "date and the time into one column (e.g. 2024-01-31 13:45) before loading"
             )
     try:
-        ts = pd.to_datetime(col)
+        ts = _to_datetime(col)
     except (ValueError, TypeError) as err:
         # pandas' own message runs over several lines and names Python arguments: keep its first line.
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -382,6 +385,23 @@ def parse_timestamps(col: pd.Series, name: str, item_id: object) -> pd.DatetimeI
             f"{option('read_kwargs', {'parse_dates': [name], 'dayfirst': True})} (or date_format:'%d/%m/%Y %H:%M')"
         ) from err
     return _as_naive_index(pd.DatetimeIndex(ts), f"timestamp column {name!r}")
+
+
+def _to_datetime(col: pd.Series) -> pd.Series | pd.DatetimeIndex:
+    """pd.to_datetime, but times with several UTC offsets (a zone across a DST change: +01:00 then
+    +02:00) are read as UTC instead of left as objects that no DatetimeIndex accepts."""
+    with warnings.catch_warnings():
+        # pandas < 3 warns about mixed offsets and returns objects; the retry below handles them.
+        warnings.filterwarnings("ignore", message=".*mixed time zones.*", category=FutureWarning)
+        try:
+            ts = pd.to_datetime(col)
+        except ValueError as err:
+            if "utc=True" not in str(err):  # mixed-offset datetime objects / pandas >= 3 strings
+                raise
+            return pd.to_datetime(col, utc=True)
+    if isinstance(ts, pd.Series) and not pdt.is_datetime64_any_dtype(ts.dtype) and col.notna().any():
+        ts = pd.to_datetime(col, utc=True)
+    return ts
 
 
 def _as_naive_index(ts: object, what: str) -> pd.DatetimeIndex:
@@ -470,6 +490,8 @@ def column_to_float(
         hint = ""
         if isinstance(value, str) and _DECIMAL_COMMA.fullmatch(value.strip()):
             hint = f"; it has a decimal comma: set {option('read_kwargs', {'decimal': ','})}"
+        elif isinstance(value, str) and _THOUSANDS_COMMA.fullmatch(value.strip()):
+            hint = f"; it has a thousands separator: set {option('read_kwargs', {'thousands': ','})}"
         raise DataValidationError(
             f"column {name!r} ({role}) is not numeric: value {value!r} at row {col.index[row]} is not a number, "
             f"TRUE/FALSE or a missing-value marker{hint}. If it marks a missing value, add it to "

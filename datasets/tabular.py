@@ -181,6 +181,11 @@ def _in_time_order(
 
 def _check_file(path: str | os.PathLike[str], reader: str) -> Path:
     p = Path(path)
+    if p.is_dir():
+        raise DataValidationError(
+            f"{reader}: {str(p)!r} is a directory, not a file; set {option('path')} to the path of a CSV or "
+            "Parquet file (e.g. data.loader.path=data/my_series.csv)"
+        )
     if not p.is_file():
         raise FileNotFoundError(
             f"{reader}: no such file {str(p)!r} (resolved to {p.resolve()}); set {option('path')} to an existing file"
@@ -232,6 +237,12 @@ def _read_csv(p: Path, read_kwargs: Mapping[str, Any] | None) -> pd.DataFrame:
         raise DataValidationError(
             f"CSV file {str(p)!r} cannot be parsed ({str(err).strip()}); check the separator and quoting, e.g. "
             f"{option('read_kwargs', {'sep': ';'})}"
+        ) from None
+    except UnicodeDecodeError as err:  # pandas reads UTF-8 unless told otherwise; Excel often writes latin-1
+        raise DataValidationError(
+            f"CSV file {str(p)!r} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at position "
+            f"{err.start} cannot be decoded as {err.encoding}); name its encoding (often latin-1 or cp1252 for "
+            f"Excel exports): {option('read_kwargs', {'encoding': 'latin-1'})}, or save the file as UTF-8"
         ) from None
     except TypeError as err:  # an unknown keyword for pd.read_csv
         raise DataValidationError(

@@ -441,3 +441,63 @@ def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):
           "trainer.max_steps=2", "trainer.val_check_interval=2", "indexer_warmup.steps=2",
           f"hydra.run.dir={tmp_path / 'run'}"])
     assert "indexer_warmup.steps=2 >= trainer.max_steps=2: this MSA model never routes sparsely" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- new-user trial, data files
+
+
+def test_time_zone_crossing_daylight_saving_becomes_evenly_spaced_utc(tmp_path):
+    """Hourly Europe/Paris times with +01:00 then +02:00 offsets (the March DST change) load as naive UTC."""
+    local = pd.date_range("2024-03-30 12:00", periods=48, freq="h", tz="Europe/Paris")
+    assert len(set(t.utcoffset() for t in local)) == 2  # the series really crosses the change
+    path = tmp_path / "paris.csv"
+    pd.DataFrame({"when": local.map(lambda t: t.isoformat()), "flow": RNG.normal(size=48)}).to_csv(path, index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no pandas FutureWarning about mixed time zones either
+        (frame,) = from_csv(path, timestamp="when", targets=["flow"])
+    assert frame.timestamps.tz is None and frame.freq == "h"
+    assert (frame.timestamps == local.tz_convert("UTC").tz_localize(None)).all()
+    assert frame.timestamps[0] == pd.Timestamp("2024-03-30 11:00")  # 12:00+01:00
+    assert (np.diff(frame.timestamps.asi8) == 3600 * 10**9).all()
+
+
+def test_latin1_csv_gets_the_encoding_hint_and_the_hint_works(tmp_path):
+    path = tmp_path / "latin1.csv"
+    times = pd.date_range("2024-01-01", periods=30, freq="h").strftime("%Y-%m-%d %H:%M")
+    text = "date,Température\n" + "".join(f"{t},{v:.2f}\n" for t, v in zip(times, RNG.normal(size=30)))
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataValidationError) as err:
+        from_csv(path, timestamp="date", targets=["Température"])
+    message = str(err.value)
+    assert "\n" not in message and "not UTF-8" in message
+    [override] = shlex.split(re.search(r"(data\.loader\.read_kwargs=\S+) \(Python", message).group(1))
+    assert override == "data.loader.read_kwargs={encoding:latin-1}"
+    cfg = _compose(["data=csv", override])
+    read_kwargs = OmegaConf.to_container(cfg.data.loader.read_kwargs)
+    (frame,) = from_csv(path, timestamp="date", targets=["Température"], read_kwargs=read_kwargs)
+    assert frame.length == 30 and frame.schema.names == ("Température",)
+
+
+def test_thousands_separator_hint_works(tmp_path):
+    path = tmp_path / "thousands.csv"
+    times = pd.date_range("2024-01-01", periods=30, freq="h").strftime("%Y-%m-%d %H:%M")
+    values = RNG.uniform(1000, 9000, 30).round(1)
+    pd.DataFrame({"date": times, "load": [f"{v:,.1f}" for v in values]}).to_csv(path, index=False)
+    with pytest.raises(DataValidationError) as err:
+        from_csv(path, timestamp="date", targets=["load"])
+    message = str(err.value)
+    assert "thousands separator" in message and "decimal comma" not in message
+    [override] = shlex.split(re.search(r"('data\.loader\.read_kwargs=\S+') \(Python", message).group(1))
+    read_kwargs = OmegaConf.to_container(_compose(["data=csv", override]).data.loader.read_kwargs)
+    assert read_kwargs == {"thousands": ","}
+    (frame,) = from_csv(path, timestamp="date", targets=["load"], read_kwargs=read_kwargs)
+    np.testing.assert_allclose(frame.column("load"), values, rtol=1e-6)
+
+
+def test_cli_path_to_a_directory_says_it_is_a_directory(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "data=csv", f"data.loader.path={tmp_path}", "data.loader.timestamp=date",
+              "data.loader.targets=[load]", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert "is a directory, not a file" in err and "CSV or Parquet file" in err and "no such file" not in err
