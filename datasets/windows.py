@@ -238,6 +238,12 @@ class WindowDataset(Dataset):
         origin = np.asarray(self._first)[item] + (k - cum[item]) * self.stride
         return item.astype(np.int64), origin.astype(np.int64)
 
+    def horizon_observed(self) -> np.ndarray:
+        """int64 [V]: observed horizon values per variate over every window on the stride grid."""
+        item, origin = self.window_index()  # [N], [N]
+        rows = np.asarray(self._base, dtype=np.int64)[item][:, None] + origin[:, None] + np.arange(self.horizon)
+        return (~np.isnan(self._data[rows])).sum(axis=(0, 1)).astype(np.int64)  # rows [N, H] -> [N, H, V]
+
     def raw_window(self, item: int, origin: int) -> np.ndarray:
         """Unscaled float32 [C + H, V] (NaN = missing) for one window; a view, do not modify."""
         start = self._base[item] + origin - self.context_len

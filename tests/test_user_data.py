@@ -501,3 +501,43 @@ def test_cli_path_to_a_directory_says_it_is_a_directory(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "Traceback" not in err
     assert "is a directory, not a file" in err and "CSV or Parquet file" in err and "no such file" not in err
+
+
+def _flow_until(n: int, last_observed: int) -> pd.DataFrame:
+    """Hourly 'flow' (target) and 'temp', flow missing from row last_observed + 1 on."""
+    t = np.arange(n)
+    flow = (np.sin(2 * np.pi * t / 24) + RNG.normal(0, 0.1, n)).round(4)
+    flow[last_observed + 1:] = np.nan
+    return pd.DataFrame({"when": pd.date_range("2024-01-01", periods=n, freq="h").strftime("%Y-%m-%d %H:%M"),
+                         "flow": flow, "temp": RNG.normal(size=n).round(3)})
+
+
+def test_a_split_without_observed_target_values_is_refused():
+    """flow missing from row 700 of 900: validation and test hold no flow; the MAE would be a fake 0."""
+    frames = from_pandas(_flow_until(900, 699), timestamp="when", targets=["flow"], past_covariates=["temp"])
+    with pytest.raises(DataValidationError) as err:
+        SeriesDataModule(frames=frames, context_len=64, horizon=16).setup()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "target 'flow' has no observed value in the 'val' split (0 of 80 horizon values in its 5 window(s))" in message
+    assert "last observed at 2024-01-30 03:00:00" in message and "data.val_fraction" in message
+    frames = from_pandas(_flow_until(900, 809), timestamp="when", targets=["flow"], past_covariates=["temp"])
+    with pytest.raises(DataValidationError, match=r"no observed value in the 'test' split .*data\.test_fraction"):
+        SeriesDataModule(frames=frames, context_len=64, horizon=16).setup()
+    # One observed value in each split is enough (the metrics are then means over what is observed).
+    df = _flow_until(900, 809)
+    df.loc[880, "flow"] = 0.5
+    frames = from_pandas(df, timestamp="when", targets=["flow"], past_covariates=["temp"])
+    SeriesDataModule(frames=frames, context_len=64, horizon=16).setup()
+
+
+def test_cli_train_on_a_target_missing_at_the_end_is_one_line(tmp_path, capsys):
+    path = tmp_path / "wide.csv"
+    _flow_until(900, 699).to_csv(path, index=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "data=csv", f"data.loader.path={path}", "data.loader.timestamp=when",
+              "data.loader.targets=[flow]", *TINY, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "target 'flow' has no observed value in the 'val' split" in err
+    assert not (tmp_path / "run" / "summary.json").exists()
