@@ -541,3 +541,13 @@ def test_cli_train_on_a_target_missing_at_the_end_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "target 'flow' has no observed value in the 'val' split" in err
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_summary_with_an_exact_seasonal_naive_names_the_model_mae():
+    """Seasonal naive MAE 0 (a target flat through the validation part): no ratio, but the model has its MAE."""
+    summary = {"run": "r", "steps": 2, "train_seconds": 0.1, "val_loss": 0.01, "val_mae": 0.0024,
+               "seasonal_naive_val_mae": 0.0, "seasonal_naive_note": None, "mae_ratio_vs_seasonal_naive": None,
+               "val_support_frac": None, "best_checkpoint": None, "metrics_csv": None}
+    md = summary_markdown(summary)
+    assert "the model has no validation MAE" not in md
+    assert "n/a — seasonal naive is exact on the validation part (MAE 0), so no ratio; the model's validation MAE is 0.0024" in md
