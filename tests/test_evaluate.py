@@ -577,3 +577,18 @@ def test_test_windows_without_observed_target_values_are_refused():
     assert "\n" not in message and f"target {target!r} has no observed value in the test windows" in message
     assert "eval.windows" in message
     assert make_eval_split([kept], H, 3).windows == 3  # a window with observed values: scored as usual
+
+
+def test_evaluate_progress_bars_follow_the_terminal(tmp_path, checkpoint, monkeypatch, capsys):
+    """Like training: bars in a terminal, none when the output goes to a file (trainer.enable_progress_bar null)."""
+    from tsfm_msa.evaluate.command import evaluate
+
+    base = ["data=synthetic", f"data.context_len={C}", f"data.horizon={H}", "data.loader.length=700",
+            "eval.plot_series=0", f"checkpoint={checkpoint}"]
+    assert _compose(base).trainer.enable_progress_bar is None
+    for tty in (False, True):
+        monkeypatch.setattr("sys.stdout.isatty", lambda tty=tty: tty)
+        evaluate(_compose(base), tmp_path / f"tty{tty}", "synthetic")
+        captured = capsys.readouterr()
+        assert ("models [synthetic]" in captured.err) is tty, captured.err
+        assert "checkpoint seed 0: MASE" in captured.out  # the results are printed either way
