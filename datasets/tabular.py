@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .errors import DataValidationError, option, reading_with
+from .errors import DataValidationError, loading_file, option, reading_with, unnamed_series
 from .frame import (
     DEFAULT_MAX_FILL_FRACTION,
     DEFAULT_MISSING_VALUES,
@@ -80,7 +80,9 @@ def from_pandas(
         sort_by_time=sort_by_time, missing_values=missing_values,
     )
     if item_id is None:
-        return [SeriesFrame.from_dataframe(df, item_id="0", **kwargs)]
+        # The id "0" is only a placeholder (the user named none): messages say "the series" instead.
+        with unnamed_series():
+            return [SeriesFrame.from_dataframe(df, item_id="0", **kwargs)]
     check_columns_exist(df, [item_id], {item_id: "item_id"})
     if timestamp is not None and format == "wide":
         # Sort the stacked items here (one warning for the file, not one per item).
@@ -221,7 +223,7 @@ def from_csv(
     """from_pandas(pd.read_csv(path, **read_kwargs), **kwargs); timestamps are parsed by from_pandas."""
     p = _check_file(path, "from_csv")
     _check_options(kwargs)
-    with reading_with(read_kwargs):
+    with reading_with(read_kwargs), loading_file(p):
         return from_pandas(_read_csv(p, read_kwargs), **kwargs)
 
 
@@ -256,5 +258,5 @@ def from_parquet(
     """from_pandas(pd.read_parquet(path, **read_kwargs), **kwargs)."""
     p = _check_file(path, "from_parquet")
     _check_options(kwargs)
-    with reading_with(read_kwargs):
+    with reading_with(read_kwargs), loading_file(p):
         return from_pandas(pd.read_parquet(p, **_read_kwargs(read_kwargs)), **kwargs)

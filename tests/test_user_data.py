@@ -177,7 +177,7 @@ def test_decimal_comma_and_separator_hints(tmp_path):
 def test_unsorted_rows_are_sorted_with_a_count_or_refused():
     df = _wide(50)
     shuffled = df.iloc[[0, 1, 7, 2, 3, 4, 5, 6, *range(8, 47), 49, 47, 48]]  # rows 7 and 49 moved
-    with pytest.warns(UserWarning, match=r"item '0': 2 of 50 rows were out of time order and have been sorted"):
+    with pytest.warns(UserWarning, match=r"the series: 2 of 50 rows were out of time order and have been sorted"):
         [frame] = _load(shuffled)
     [expected] = _load(df)
     np.testing.assert_array_equal(frame.values, expected.values)
@@ -551,3 +551,23 @@ def test_summary_with_an_exact_seasonal_naive_names_the_model_mae():
     md = summary_markdown(summary)
     assert "the model has no validation MAE" not in md
     assert "n/a — seasonal naive is exact on the validation part (MAE 0), so no ratio; the model's validation MAE is 0.0024" in md
+
+
+def test_a_table_without_item_column_is_not_called_item_0(tmp_path):
+    """The loader's placeholder id "0" stays out of messages: the user never made an item '0'."""
+    df = _wide(40)
+    path = tmp_path / "wide.csv"
+    pd.concat([df.iloc[:5], df.iloc[4:]]).to_csv(path, index=False)  # row 4 twice
+    with pytest.raises(DataValidationError) as err:
+        from_csv(path, timestamp="date", targets=["load"])
+    assert "the series in 'wide.csv' has duplicate timestamps" in str(err.value) and "item '0'" not in str(err.value)
+    with pytest.raises(DataValidationError, match=r"^target 'load' of the series is constant"):
+        _load(df.assign(load=1.0))
+    frames = _load(df)
+    assert frames[0].item_id == "0"  # the id itself is unchanged (checkpoints and evaluation match on it)
+    with pytest.raises(DataValidationError, match=r"^the series has 40 steps, but a window needs at least 80"):
+        SeriesDataModule(frames=frames, context_len=64, horizon=16).setup()
+    # Several items keep their names.
+    stacked = pd.concat([df.assign(site="a"), df.assign(site="b", load=2.0)])
+    with pytest.raises(DataValidationError, match=r"target 'load' of item 'b' is constant"):
+        _load(stacked, item_id="site")
