@@ -1,6 +1,7 @@
 """GluonTS evaluation: predictor round-trip, metrics vs GluonTS and numpy, bad input, estimator, end-to-end."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import lightning as L
@@ -591,4 +592,5 @@ def test_evaluate_progress_bars_follow_the_terminal(tmp_path, checkpoint, monkey
         evaluate(_compose(base), tmp_path / f"tty{tty}", "synthetic")
         captured = capsys.readouterr()
         assert ("models [synthetic]" in captured.err) is tty, captured.err
+        assert not re.search(r"\d+it \[", captured.err), captured.err  # GluonTS's unlabeled scoring counter
         assert "checkpoint seed 0: MASE" in captured.out  # the results are printed either way
