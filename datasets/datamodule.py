@@ -108,6 +108,27 @@ class ResumableDataLoader(DataLoader):
         self.sampler.resume(int(state["epoch"]), self._position)
 
 
+_SPLIT_OPTIONS = {"val": "data.val_fraction / data.val_length", "test": "data.test_fraction / data.test_length"}
+
+
+def require_observed_targets(ds: WindowDataset, split: str) -> None:
+    """Refuse a val/test split in which a target has no observed horizon value: its loss and MAE would
+    come out as a fake 0 (or NaN) that looks like a result."""
+    observed = ds.horizon_observed()  # [V]
+    schema = ds.schema
+    for j in schema.target_indices:
+        if observed[j] > 0:
+            continue
+        name = schema.names[j]
+        last = max((f.timestamps[np.flatnonzero(f.mask[:, j])[-1]] for f in ds.frames), default=None)
+        raise DataValidationError(
+            f"target {name!r} has no observed value in the {split!r} split (0 of {ds.n_windows * ds.horizon} "
+            f"horizon values in its {ds.n_windows} window(s)), so its {split} loss and MAE would be meaningless; "
+            f"{name!r} is last observed at {last}: drop the rows after that (they hold no {name!r}), or size the "
+            f"split ({_SPLIT_OPTIONS[split]}) so that it holds observed values"
+        )
+
+
 class SeriesDataModule(L.LightningDataModule):
     """Windows of a series collection for training (random), validation and test (rolling).
 
@@ -193,6 +214,9 @@ class SeriesDataModule(L.LightningDataModule):
             datasets[name] = (
                 WindowDataset(**common, time_ranges=splits[name], stride=stride, split=name) if has_steps else None
             )
+        for name in ("val", "test"):
+            if datasets[name] is not None:
+                require_observed_targets(datasets[name], name)
         self._frames, self._splits, self._datasets = frames, splits, datasets
 
     @property

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
+from pathlib import Path
 
 # Where the loader options live in the Hydra config (configs/data/csv.yaml): `data.loader.<option>`.
 LOADER_KEY = "data.loader"
@@ -33,6 +35,39 @@ def reading_with(read_kwargs: Mapping[str, object] | None) -> Iterator[None]:
         yield
     finally:
         _CURRENT_READ_KWARGS.reset(token)
+
+
+# While a table without an item column loads, its one series gets the id "0", which the user never named:
+# messages call it "the series" (in the file being read) instead of "item '0'".
+_UNNAMED_SERIES: ContextVar[str | None] = ContextVar("unnamed_series", default=None)
+_SOURCE_FILE: ContextVar[str | None] = ContextVar("source_file", default=None)
+
+
+@contextlib.contextmanager
+def loading_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """While loading ``path``, messages about its unnamed series name the file."""
+    token = _SOURCE_FILE.set(Path(path).name)
+    try:
+        yield
+    finally:
+        _SOURCE_FILE.reset(token)
+
+
+@contextlib.contextmanager
+def unnamed_series() -> Iterator[None]:
+    """While building the one series of a table without item ids, messages call it "the series"."""
+    source = _SOURCE_FILE.get()
+    token = _UNNAMED_SERIES.set("the series" + (f" in {source!r}" if source else ""))
+    try:
+        yield
+    finally:
+        _UNNAMED_SERIES.reset(token)
+
+
+def item_label(item_id: object) -> str:
+    """How messages name a series: "item 'a'", or "the series (in 'file.csv')" when it has no id of its own."""
+    label = _UNNAMED_SERIES.get()
+    return label if label is not None else f"item {str(item_id)!r}"
 
 
 def option(name: str, example: object = ...) -> str:

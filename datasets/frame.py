@@ -15,7 +15,7 @@ import pandas as pd
 from pandas.api import types as pdt
 from pandas.tseries.frequencies import to_offset
 
-from .errors import DataValidationError, option
+from .errors import DataValidationError, item_label, option, unnamed_series
 from .schema import ROLES, SeriesSchema, Variate, normalize_freq
 
 Names = str | Sequence[str]
@@ -33,6 +33,9 @@ DEFAULT_MAX_FILL_FRACTION = 0.1
 # A time of day without a date ("13:45", "1:05:30 PM"): pandas would silently date it today.
 _TIME_OF_DAY = re.compile(r"\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?\s*([AaPp]\.?[Mm]\.?)?")
 _DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")
+# "5,034.6" or "1,234,567": commas grouping thousands (checked after _DECIMAL_COMMA, so "5,034" stays a
+# decimal-comma hint; the two cannot be told apart without a point).
+_THOUSANDS_COMMA = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d*)?")
 # Options that list the variates of each role (for messages naming the option to edit).
 _ROLE_OPTION = {"target": "targets", "past_covariate": "past_covariates",
                 "future_covariate": "future_covariates", "action": "actions"}
@@ -54,28 +57,28 @@ class SeriesFrame:
     def __post_init__(self) -> None:
         item = str(self.item_id)
         object.__setattr__(self, "item_id", item)
-        ts = _as_naive_index(self.timestamps, f"timestamps of item {item!r}")
+        ts = _as_naive_index(self.timestamps, f"timestamps of {item_label(item)}")
         object.__setattr__(self, "timestamps", ts)
 
         values = np.array(self.values, dtype=np.float32, copy=True)  # [T, V]; own copy, frame is immutable
         if values.ndim == 1:
             values = values[:, None]
         if values.ndim != 2:
-            raise DataValidationError(f"item {item!r}: values must be 2-D [time, variate], got shape {values.shape}")
+            raise DataValidationError(f"{item_label(item)}: values must be 2-D [time, variate], got shape {values.shape}")
         if values.shape[1] != self.schema.n_variates:
             raise DataValidationError(
-                f"item {item!r}: values have {values.shape[1]} columns but the schema has "
+                f"{item_label(item)}: values have {values.shape[1]} columns but the schema has "
                 f"{self.schema.n_variates} variates {list(self.schema.names)}"
             )
         if values.shape[0] != len(ts):
             raise DataValidationError(
-                f"item {item!r}: {values.shape[0]} rows of values but {len(ts)} timestamps"
+                f"{item_label(item)}: {values.shape[0]} rows of values but {len(ts)} timestamps"
             )
         inf = np.isinf(values)
         if inf.any():
             cols = [self.schema.names[j] for j in np.flatnonzero(inf.any(axis=0))]
             warnings.warn(
-                f"item {item!r}: {int(inf.sum())} infinite values in {cols} were replaced by NaN (missing)",
+                f"{item_label(item)}: {int(inf.sum())} infinite values in {cols} were replaced by NaN (missing)",
                 stacklevel=3,
             )
             values[inf] = np.nan
@@ -169,14 +172,14 @@ class SeriesFrame:
         if timestamp is None:
             if not isinstance(df.index, pd.DatetimeIndex):
                 raise DataValidationError(
-                    f"item {item_id!r}: timestamp=None needs a DatetimeIndex, but the index is "
+                    f"{item_label(item_id)}: timestamp=None needs a DatetimeIndex, but the index is "
                     f"{type(df.index).__name__}; pass timestamp='<time column>'"
                 )
             ts = _as_naive_index(df.index, "the DataFrame index")
         else:
             ts = parse_timestamps(df[timestamp], timestamp, item_id)
         if len(ts) and sort_by_time and not ts.is_monotonic_increasing:
-            order = time_order(ts, f"item {item_id!r}")  # [T]
+            order = time_order(ts, item_label(item_id))  # [T]
             ts, df = ts[order], df.iloc[order]
         check_timestamps(ts, str(item_id))
 
@@ -371,7 +374,7 @@ def parse_timestamps(col: pd.Series, name: str, item_id: object) -> pd.DatetimeI
                 "date and the time into one column (e.g. 2024-01-31 13:45) before loading"
             )
     try:
-        ts = pd.to_datetime(col)
+        ts = _to_datetime(col)
     except (ValueError, TypeError) as err:
         # pandas' own message runs over several lines and names Python arguments: keep its first line.
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -382,6 +385,23 @@ def parse_timestamps(col: pd.Series, name: str, item_id: object) -> pd.DatetimeI
             f"{option('read_kwargs', {'parse_dates': [name], 'dayfirst': True})} (or date_format:'%d/%m/%Y %H:%M')"
         ) from err
     return _as_naive_index(pd.DatetimeIndex(ts), f"timestamp column {name!r}")
+
+
+def _to_datetime(col: pd.Series) -> pd.Series | pd.DatetimeIndex:
+    """pd.to_datetime, but times with several UTC offsets (a zone across a DST change: +01:00 then
+    +02:00) are read as UTC instead of left as objects that no DatetimeIndex accepts."""
+    with warnings.catch_warnings():
+        # pandas < 3 warns about mixed offsets and returns objects; the retry below handles them.
+        warnings.filterwarnings("ignore", message=".*mixed time zones.*", category=FutureWarning)
+        try:
+            ts = pd.to_datetime(col)
+        except ValueError as err:
+            if "utc=True" not in str(err):  # mixed-offset datetime objects / pandas >= 3 strings
+                raise
+            return pd.to_datetime(col, utc=True)
+    if isinstance(ts, pd.Series) and not pdt.is_datetime64_any_dtype(ts.dtype) and col.notna().any():
+        ts = pd.to_datetime(col, utc=True)
+    return ts
 
 
 def _as_naive_index(ts: object, what: str) -> pd.DatetimeIndex:
@@ -470,6 +490,8 @@ def column_to_float(
         hint = ""
         if isinstance(value, str) and _DECIMAL_COMMA.fullmatch(value.strip()):
             hint = f"; it has a decimal comma: set {option('read_kwargs', {'decimal': ','})}"
+        elif isinstance(value, str) and _THOUSANDS_COMMA.fullmatch(value.strip()):
+            hint = f"; it has a thousands separator: set {option('read_kwargs', {'thousands': ','})}"
         raise DataValidationError(
             f"column {name!r} ({role}) is not numeric: value {value!r} at row {col.index[row]} is not a number, "
             f"TRUE/FALSE or a missing-value marker{hint}. If it marks a missing value, add it to "
@@ -521,14 +543,14 @@ def time_order(ts: pd.DatetimeIndex, what: str) -> np.ndarray:
 def check_timestamps(ts: pd.DatetimeIndex, item_id: str) -> None:
     """Strictly increasing timestamps; errors show the first offending row."""
     if len(ts) == 0:
-        raise DataValidationError(f"item {item_id!r} has no rows")
+        raise DataValidationError(f"{item_label(item_id)} has no rows")
     t = ts.asi8  # int64 [T] nanoseconds
     step = np.diff(t)
     back = np.flatnonzero(step < 0)
     if back.size:
         i = int(back[0]) + 1
         raise DataValidationError(
-            f"timestamps of item {item_id!r} are not in increasing order: row {i} ({ts[i]}) comes after "
+            f"timestamps of {item_label(item_id)} are not in increasing order: row {i} ({ts[i]}) comes after "
             f"row {i - 1} ({ts[i - 1]}); sort the data by time first, or let the loader do it with "
             f"{option('sort_by_time', True)}"
         )
@@ -536,7 +558,7 @@ def check_timestamps(ts: pd.DatetimeIndex, item_id: str) -> None:
     if same.size:
         i = int(same[0]) + 1
         raise DataValidationError(
-            f"item {item_id!r} has duplicate timestamps: {ts[i]} appears at rows {i - 1} and {i} (after sorting "
+            f"{item_label(item_id)} has duplicate timestamps: {ts[i]} appears at rows {i - 1} and {i} (after sorting "
             "by time); aggregate duplicates (e.g. df.groupby(<timestamp column>).mean()) or drop them. "
             f"Several series stacked in one file? Name their id column in {option('item_id')}"
         )
@@ -546,7 +568,7 @@ def infer_freq(ts: pd.DatetimeIndex, item_id: str) -> tuple[str, str]:
     """(freq, how it was found). Exact pandas inference first, else the most common step."""
     if len(ts) < 3:
         raise DataValidationError(
-            f"item {item_id!r} has only {len(ts)} time steps, too few to infer the frequency; set "
+            f"{item_label(item_id)} has only {len(ts)} time steps, too few to infer the frequency; set "
             f"{option('freq', 'h')}"
         )
     freq = pd.infer_freq(ts)
@@ -562,7 +584,7 @@ def check_grid(ts: pd.DatetimeIndex, freq: str, item_id: str, *, freq_source: st
     offset = to_offset(freq)
     if not offset.is_on_offset(ts[0]):
         raise DataValidationError(
-            f"item {item_id!r}: first timestamp {ts[0]} is not on the {freq!r} grid (freq {freq_source}); "
+            f"{item_label(item_id)}: first timestamp {ts[0]} is not on the {freq!r} grid (freq {freq_source}); "
             f"set the right {option('freq')} (e.g. 'ME' vs 'MS' for month ends vs starts) or resample the data"
         )
     expected = pd.date_range(start=ts[0], periods=len(ts), freq=offset)
@@ -573,7 +595,7 @@ def check_grid(ts: pd.DatetimeIndex, freq: str, item_id: str, *, freq_source: st
         n_absent = len(grid) - len(ts)
         absent = f"{n_absent} of {len(grid)} steps are absent" if n_absent > 0 else "steps are off the grid"
         raise DataValidationError(
-            f"item {item_id!r}: timestamps are not on a regular {freq!r} grid (freq {freq_source}; {absent}): "
+            f"{item_label(item_id)}: timestamps are not on a regular {freq!r} grid (freq {freq_source}; {absent}): "
             f"after {ts[i - 1]} (row {i - 1}) comes {ts[i]} but the next step should be {expected[i]}. "
             f"Set the right {option('freq')}, resample to a regular grid (df.resample(freq).mean()), or set "
             f"{option('fill_missing_steps', True)} to insert missing steps as NaN"
@@ -601,28 +623,28 @@ def reindex_to_grid(
     offset = to_offset(freq)
     if not offset.is_on_offset(ts[0]):
         raise DataValidationError(
-            f"item {item_id!r}: first timestamp {ts[0]} is not on the {freq!r} grid; set the right {option('freq')}"
+            f"{item_label(item_id)}: first timestamp {ts[0]} is not on the {freq!r} grid; set the right {option('freq')}"
         )
     grid = pd.date_range(start=ts[0], end=ts[-1], freq=offset)  # [T']
     pos = grid.get_indexer(ts)  # [T] position of each row on the grid, -1 if off-grid
     if (pos < 0).any():
         i = int(np.flatnonzero(pos < 0)[0])
         raise DataValidationError(
-            f"item {item_id!r}: timestamp {ts[i]} (row {i}) is off the regular {freq!r} grid that starts at "
+            f"{item_label(item_id)}: timestamp {ts[i]} (row {i}) is off the regular {freq!r} grid that starts at "
             f"{ts[0]}; resample the data (df.resample(freq).mean()) or set the right {option('freq')}"
         )
     n_filled = len(grid) - len(ts)
     share = n_filled / len(grid)
     if share > max_fill_fraction:
         raise DataValidationError(
-            f"item {item_id!r}: fill_missing_steps would insert {n_filled} empty time steps, {share:.1%} of the "
+            f"{item_label(item_id)}: fill_missing_steps would insert {n_filled} empty time steps, {share:.1%} of the "
             f"{len(grid)}-step {freq!r} grid, more than {option('max_fill_fraction')}={max_fill_fraction}. "
             f"Check the frequency ({option('freq')}), or allow it with "
             f"{option('max_fill_fraction', float(np.ceil(share * 100) / 100))}"
         )
     if n_filled:
         warnings.warn(
-            f"item {item_id!r}: fill_missing_steps inserted {n_filled} missing time steps as NaN "
+            f"{item_label(item_id)}: fill_missing_steps inserted {n_filled} missing time steps as NaN "
             f"({share:.1%} of the {len(grid)}-step {freq!r} grid; limit {option('max_fill_fraction')}="
             f"{max_fill_fraction})",
             stacklevel=4,
@@ -639,14 +661,14 @@ def _check_values(values: np.ndarray, schema: SeriesSchema, item_id: str) -> Non
     for j, v in enumerate(schema.variates):
         if n_obs[j] == 0:
             raise DataValidationError(
-                f"variate {v.name!r} ({v.role}) of item {item_id!r} has no observed values (every cell is "
+                f"variate {v.name!r} ({v.role}) of {item_label(item_id)} has no observed values (every cell is "
                 f"empty or a missing-value marker); remove it from {option(_ROLE_OPTION[v.role])} or drop the item"
             )
         if v.role == "target":
             col = values[observed[:, j], j]
             if col.min() == col.max():
                 raise DataValidationError(
-                    f"target {v.name!r} of item {item_id!r} is constant (every observed value is {col[0]:g}); "
+                    f"target {v.name!r} of {item_label(item_id)} is constant (every observed value is {col[0]:g}); "
                     "there is nothing to forecast and its scale is zero. Drop the item, or pass the column "
                     f"as a covariate instead ({option('past_covariates')})"
                 )

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .errors import DataValidationError, option, reading_with
+from .errors import DataValidationError, loading_file, option, reading_with, unnamed_series
 from .frame import (
     DEFAULT_MAX_FILL_FRACTION,
     DEFAULT_MISSING_VALUES,
@@ -80,7 +80,9 @@ def from_pandas(
         sort_by_time=sort_by_time, missing_values=missing_values,
     )
     if item_id is None:
-        return [SeriesFrame.from_dataframe(df, item_id="0", **kwargs)]
+        # The id "0" is only a placeholder (the user named none): messages say "the series" instead.
+        with unnamed_series():
+            return [SeriesFrame.from_dataframe(df, item_id="0", **kwargs)]
     check_columns_exist(df, [item_id], {item_id: "item_id"})
     if timestamp is not None and format == "wide":
         # Sort the stacked items here (one warning for the file, not one per item).
@@ -181,6 +183,11 @@ def _in_time_order(
 
 def _check_file(path: str | os.PathLike[str], reader: str) -> Path:
     p = Path(path)
+    if p.is_dir():
+        raise DataValidationError(
+            f"{reader}: {str(p)!r} is a directory, not a file; set {option('path')} to the path of a CSV or "
+            "Parquet file (e.g. data.loader.path=data/my_series.csv)"
+        )
     if not p.is_file():
         raise FileNotFoundError(
             f"{reader}: no such file {str(p)!r} (resolved to {p.resolve()}); set {option('path')} to an existing file"
@@ -216,7 +223,7 @@ def from_csv(
     """from_pandas(pd.read_csv(path, **read_kwargs), **kwargs); timestamps are parsed by from_pandas."""
     p = _check_file(path, "from_csv")
     _check_options(kwargs)
-    with reading_with(read_kwargs):
+    with reading_with(read_kwargs), loading_file(p):
         return from_pandas(_read_csv(p, read_kwargs), **kwargs)
 
 
@@ -233,6 +240,12 @@ def _read_csv(p: Path, read_kwargs: Mapping[str, Any] | None) -> pd.DataFrame:
             f"CSV file {str(p)!r} cannot be parsed ({str(err).strip()}); check the separator and quoting, e.g. "
             f"{option('read_kwargs', {'sep': ';'})}"
         ) from None
+    except UnicodeDecodeError as err:  # pandas reads UTF-8 unless told otherwise; Excel often writes latin-1
+        raise DataValidationError(
+            f"CSV file {str(p)!r} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at position "
+            f"{err.start} cannot be decoded as {err.encoding}); name its encoding (often latin-1 or cp1252 for "
+            f"Excel exports): {option('read_kwargs', {'encoding': 'latin-1'})}, or save the file as UTF-8"
+        ) from None
     except TypeError as err:  # an unknown keyword for pd.read_csv
         raise DataValidationError(
             f"{option('read_kwargs')}={read_kwargs!r} is not accepted by pandas.read_csv ({err})"
@@ -245,5 +258,5 @@ def from_parquet(
     """from_pandas(pd.read_parquet(path, **read_kwargs), **kwargs)."""
     p = _check_file(path, "from_parquet")
     _check_options(kwargs)
-    with reading_with(read_kwargs):
+    with reading_with(read_kwargs), loading_file(p):
         return from_pandas(pd.read_parquet(p, **_read_kwargs(read_kwargs)), **kwargs)

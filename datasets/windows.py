@@ -41,6 +41,12 @@ class Splits:
         return tuple(len(r) for r in self[name])
 
 
+def _name(frame: SeriesFrame, frames: Sequence[SeriesFrame]) -> str:
+    """How messages name one series of a collection: "item 'a'", but "the series" when it is the only one and
+    has the placeholder id "0" of a table without item column (an item the user never named)."""
+    return "the series" if len(frames) == 1 and frame.item_id == "0" else f"item {frame.item_id!r}"
+
+
 def split_by_time(
     frames: Sequence[SeriesFrame],
     val_fraction: float = 0.1,
@@ -67,7 +73,7 @@ def split_by_time(
         n_train = T - n_val - n_test
         if n_train <= 0:
             raise DataValidationError(
-                f"item {f.item_id!r} has {T} steps, not enough for val ({n_val}) + test ({n_test}) steps "
+                f"{_name(f, frames)} has {T} steps, not enough for val ({n_val}) + test ({n_test}) steps "
                 "plus a training part; use smaller data.val_fraction / data.test_fraction (or lengths)"
             )
         train.append(range(0, n_train))
@@ -147,7 +153,7 @@ class WindowDataset(Dataset):
         for f in self.frames:
             if f.length < need:
                 raise DataValidationError(
-                    f"item {f.item_id!r} has {f.length} steps, but a window needs at least {need} "
+                    f"{_name(f, self.frames)} has {f.length} steps, but a window needs at least {need} "
                     f"(min_context {self.min_context} + horizon {H}; context_len {C}); use a shorter "
                     "data.context_len / data.horizon, a smaller data.min_context, or drop the item"
                 )
@@ -191,7 +197,7 @@ class WindowDataset(Dataset):
         for f, r in zip(self.frames, ranges):
             if r.step != 1 or r.start < 0 or r.stop > f.length:
                 raise DataValidationError(
-                    f"time range {r} of item {f.item_id!r} must be a step-1 range inside [0, {f.length})"
+                    f"time range {r} of {_name(f, self.frames)} must be a step-1 range inside [0, {f.length})"
                 )
         return ranges
 
@@ -200,7 +206,7 @@ class WindowDataset(Dataset):
         if not empty:
             return
         detail = "; ".join(
-            f"item {f.item_id!r}: {len(r)} steps (steps {r.start}..{r.stop - 1}), needs "
+            f"{_name(f, self.frames)}: {len(r)} steps (steps {r.start}..{r.stop - 1}), needs "
             f"{self.horizon + max(0, self.min_context - r.start)}"
             for f, r in empty[:5]
         )
@@ -237,6 +243,12 @@ class WindowDataset(Dataset):
         item = np.searchsorted(cum, k, side="right") - 1
         origin = np.asarray(self._first)[item] + (k - cum[item]) * self.stride
         return item.astype(np.int64), origin.astype(np.int64)
+
+    def horizon_observed(self) -> np.ndarray:
+        """int64 [V]: observed horizon values per variate over every window on the stride grid."""
+        item, origin = self.window_index()  # [N], [N]
+        rows = np.asarray(self._base, dtype=np.int64)[item][:, None] + origin[:, None] + np.arange(self.horizon)
+        return (~np.isnan(self._data[rows])).sum(axis=(0, 1)).astype(np.int64)  # rows [N, H] -> [N, H, V]
 
     def raw_window(self, item: int, origin: int) -> np.ndarray:
         """Unscaled float32 [C + H, V] (NaN = missing) for one window; a view, do not modify."""

@@ -1,6 +1,7 @@
 """GluonTS evaluation: predictor round-trip, metrics vs GluonTS and numpy, bad input, estimator, end-to-end."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import lightning as L
@@ -560,3 +561,36 @@ def test_a_run_folder_is_a_checkpoint_and_a_mismatch_names_the_training_data(tmp
         load_predictor(run, prediction_length=H + 1)
     with pytest.raises(FileNotFoundError, match="folder without checkpoints"):
         checkpoint_file(tmp_path / "run" / ".hydra")
+
+
+def test_test_windows_without_observed_target_values_are_refused():
+    """Every model would score NaN (MASE nan, CRPS nan) on windows where the target is never observed."""
+    frames = _frames(seed=5, n_items=1)
+    df = frames[0].to_dataframe().copy()  # a writable copy of the frame's read-only values
+    df.loc[len(df) - 2 * H:, frames[0].schema.names[0]] = np.nan
+    target = frames[0].schema.names[0]
+    kept = SeriesFrame.from_dataframe(df, timestamp="timestamp", targets=[target],
+                                      past_covariates=list(frames[0].schema.names[1:2]),
+                                      future_covariates=list(frames[0].schema.names[2:]))
+    with pytest.raises(EvaluationSplitError) as err:
+        make_eval_split([kept], H, 2)
+    message = str(err.value)
+    assert "\n" not in message and f"target {target!r} has no observed value in the test windows" in message
+    assert "eval.windows" in message
+    assert make_eval_split([kept], H, 3).windows == 3  # a window with observed values: scored as usual
+
+
+def test_evaluate_progress_bars_follow_the_terminal(tmp_path, checkpoint, monkeypatch, capsys):
+    """Like training: bars in a terminal, none when the output goes to a file (trainer.enable_progress_bar null)."""
+    from tsfm_msa.evaluate.command import evaluate
+
+    base = ["data=synthetic", f"data.context_len={C}", f"data.horizon={H}", "data.loader.length=700",
+            "eval.plot_series=0", f"checkpoint={checkpoint}"]
+    assert _compose(base).trainer.enable_progress_bar is None
+    for tty in (False, True):
+        monkeypatch.setattr("sys.stdout.isatty", lambda tty=tty: tty)
+        evaluate(_compose(base), tmp_path / f"tty{tty}", "synthetic")
+        captured = capsys.readouterr()
+        assert ("models [synthetic]" in captured.err) is tty, captured.err
+        assert not re.search(r"\d+it \[", captured.err), captured.err  # GluonTS's unlabeled scoring counter
+        assert "checkpoint seed 0: MASE" in captured.out  # the results are printed either way

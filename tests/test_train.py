@@ -284,3 +284,39 @@ def test_progress_bar_follows_the_terminal_unless_set(monkeypatch, tmp_path):
         assert (build_trainer(cfg, tmp_path).progress_bar_callback is not None) is tty
     cfg.trainer.enable_progress_bar = True
     assert build_trainer(cfg, tmp_path).progress_bar_callback is not None  # an explicit choice wins
+
+
+def test_validation_mae_is_the_mean_over_observed_values(tmp_path):
+    """A validation batch with no observed target adds nothing to val_mae / val_loss (it was averaged in
+    as a fake 0); the epoch values are the means over every observed horizon value."""
+    import numpy as np
+    import pandas as pd
+
+    from tsfm_msa.datasets import from_pandas
+
+    n = 400
+    t = np.arange(n)
+    flow = np.sin(2 * np.pi * t / 24) + np.random.default_rng(3).normal(0, 0.1, n)
+    flow[368:384] = np.nan  # the whole horizon of the second of three validation windows
+    frames = from_pandas(pd.DataFrame({"when": pd.date_range("2024-01-01", periods=n, freq="h"), "flow": flow}),
+                         timestamp="when", targets=["flow"])
+    dm = SeriesDataModule(frames=frames, context_len=64, horizon=16, val_fraction=0.12, test_fraction=0.0,
+                          batch_size=1)
+    module = ForecastModule(TINY_MODEL, frames[0].schema.to_dict(), 64, 16, max_steps=1).eval()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
+    err = loss = count = 0.0
+    batches = list(dm.val_dataloader())
+    assert len(batches) == 3 and not batches[1]["horizon_mask"].any()
+    with torch.no_grad():
+        for batch in batches:
+            forecast_loss, out, observed = module._losses(batch, "sparse")
+            median = out.quantiles[..., module._median_index()]
+            truth = batch["horizon"][..., module.model.target_index].transpose(1, 2)
+            scale = batch["scale"][:, module.model.target_index, None]
+            err += float(((median - truth).abs() * scale)[observed].sum())
+            loss += float(forecast_loss) * int(observed.sum())
+            count += int(observed.sum())
+    assert metrics["val_mae"] == pytest.approx(err / count, rel=1e-5)
+    assert metrics["val_loss"] == pytest.approx(loss / count, rel=1e-5)

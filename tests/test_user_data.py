@@ -177,7 +177,7 @@ def test_decimal_comma_and_separator_hints(tmp_path):
 def test_unsorted_rows_are_sorted_with_a_count_or_refused():
     df = _wide(50)
     shuffled = df.iloc[[0, 1, 7, 2, 3, 4, 5, 6, *range(8, 47), 49, 47, 48]]  # rows 7 and 49 moved
-    with pytest.warns(UserWarning, match=r"item '0': 2 of 50 rows were out of time order and have been sorted"):
+    with pytest.warns(UserWarning, match=r"the series: 2 of 50 rows were out of time order and have been sorted"):
         [frame] = _load(shuffled)
     [expected] = _load(df)
     np.testing.assert_array_equal(frame.values, expected.values)
@@ -441,3 +441,133 @@ def test_a_warmup_as_long_as_the_run_is_named(tmp_path, capsys):
           "trainer.max_steps=2", "trainer.val_check_interval=2", "indexer_warmup.steps=2",
           f"hydra.run.dir={tmp_path / 'run'}"])
     assert "indexer_warmup.steps=2 >= trainer.max_steps=2: this MSA model never routes sparsely" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- new-user trial, data files
+
+
+def test_time_zone_crossing_daylight_saving_becomes_evenly_spaced_utc(tmp_path):
+    """Hourly Europe/Paris times with +01:00 then +02:00 offsets (the March DST change) load as naive UTC."""
+    local = pd.date_range("2024-03-30 12:00", periods=48, freq="h", tz="Europe/Paris")
+    assert len(set(t.utcoffset() for t in local)) == 2  # the series really crosses the change
+    path = tmp_path / "paris.csv"
+    pd.DataFrame({"when": local.map(lambda t: t.isoformat()), "flow": RNG.normal(size=48)}).to_csv(path, index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no pandas FutureWarning about mixed time zones either
+        (frame,) = from_csv(path, timestamp="when", targets=["flow"])
+    assert frame.timestamps.tz is None and frame.freq == "h"
+    assert (frame.timestamps == local.tz_convert("UTC").tz_localize(None)).all()
+    assert frame.timestamps[0] == pd.Timestamp("2024-03-30 11:00")  # 12:00+01:00
+    assert (np.diff(frame.timestamps.asi8) == 3600 * 10**9).all()
+
+
+def test_latin1_csv_gets_the_encoding_hint_and_the_hint_works(tmp_path):
+    path = tmp_path / "latin1.csv"
+    times = pd.date_range("2024-01-01", periods=30, freq="h").strftime("%Y-%m-%d %H:%M")
+    text = "date,Température\n" + "".join(f"{t},{v:.2f}\n" for t, v in zip(times, RNG.normal(size=30)))
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataValidationError) as err:
+        from_csv(path, timestamp="date", targets=["Température"])
+    message = str(err.value)
+    assert "\n" not in message and "not UTF-8" in message
+    [override] = shlex.split(re.search(r"(data\.loader\.read_kwargs=\S+) \(Python", message).group(1))
+    assert override == "data.loader.read_kwargs={encoding:latin-1}"
+    cfg = _compose(["data=csv", override])
+    read_kwargs = OmegaConf.to_container(cfg.data.loader.read_kwargs)
+    (frame,) = from_csv(path, timestamp="date", targets=["Température"], read_kwargs=read_kwargs)
+    assert frame.length == 30 and frame.schema.names == ("Température",)
+
+
+def test_thousands_separator_hint_works(tmp_path):
+    path = tmp_path / "thousands.csv"
+    times = pd.date_range("2024-01-01", periods=30, freq="h").strftime("%Y-%m-%d %H:%M")
+    values = RNG.uniform(1000, 9000, 30).round(1)
+    pd.DataFrame({"date": times, "load": [f"{v:,.1f}" for v in values]}).to_csv(path, index=False)
+    with pytest.raises(DataValidationError) as err:
+        from_csv(path, timestamp="date", targets=["load"])
+    message = str(err.value)
+    assert "thousands separator" in message and "decimal comma" not in message
+    [override] = shlex.split(re.search(r"('data\.loader\.read_kwargs=\S+') \(Python", message).group(1))
+    read_kwargs = OmegaConf.to_container(_compose(["data=csv", override]).data.loader.read_kwargs)
+    assert read_kwargs == {"thousands": ","}
+    (frame,) = from_csv(path, timestamp="date", targets=["load"], read_kwargs=read_kwargs)
+    np.testing.assert_allclose(frame.column("load"), values, rtol=1e-6)
+
+
+def test_cli_path_to_a_directory_says_it_is_a_directory(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "data=csv", f"data.loader.path={tmp_path}", "data.loader.timestamp=date",
+              "data.loader.targets=[load]", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert "is a directory, not a file" in err and "CSV or Parquet file" in err and "no such file" not in err
+
+
+def _flow_until(n: int, last_observed: int) -> pd.DataFrame:
+    """Hourly 'flow' (target) and 'temp', flow missing from row last_observed + 1 on."""
+    t = np.arange(n)
+    flow = (np.sin(2 * np.pi * t / 24) + RNG.normal(0, 0.1, n)).round(4)
+    flow[last_observed + 1:] = np.nan
+    return pd.DataFrame({"when": pd.date_range("2024-01-01", periods=n, freq="h").strftime("%Y-%m-%d %H:%M"),
+                         "flow": flow, "temp": RNG.normal(size=n).round(3)})
+
+
+def test_a_split_without_observed_target_values_is_refused():
+    """flow missing from row 700 of 900: validation and test hold no flow; the MAE would be a fake 0."""
+    frames = from_pandas(_flow_until(900, 699), timestamp="when", targets=["flow"], past_covariates=["temp"])
+    with pytest.raises(DataValidationError) as err:
+        SeriesDataModule(frames=frames, context_len=64, horizon=16).setup()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "target 'flow' has no observed value in the 'val' split (0 of 80 horizon values in its 5 window(s))" in message
+    assert "last observed at 2024-01-30 03:00:00" in message and "data.val_fraction" in message
+    frames = from_pandas(_flow_until(900, 809), timestamp="when", targets=["flow"], past_covariates=["temp"])
+    with pytest.raises(DataValidationError, match=r"no observed value in the 'test' split .*data\.test_fraction"):
+        SeriesDataModule(frames=frames, context_len=64, horizon=16).setup()
+    # One observed value in each split is enough (the metrics are then means over what is observed).
+    df = _flow_until(900, 809)
+    df.loc[880, "flow"] = 0.5
+    frames = from_pandas(df, timestamp="when", targets=["flow"], past_covariates=["temp"])
+    SeriesDataModule(frames=frames, context_len=64, horizon=16).setup()
+
+
+def test_cli_train_on_a_target_missing_at_the_end_is_one_line(tmp_path, capsys):
+    path = tmp_path / "wide.csv"
+    _flow_until(900, 699).to_csv(path, index=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "data=csv", f"data.loader.path={path}", "data.loader.timestamp=when",
+              "data.loader.targets=[flow]", *TINY, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "target 'flow' has no observed value in the 'val' split" in err
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_summary_with_an_exact_seasonal_naive_names_the_model_mae():
+    """Seasonal naive MAE 0 (a target flat through the validation part): no ratio, but the model has its MAE."""
+    summary = {"run": "r", "steps": 2, "train_seconds": 0.1, "val_loss": 0.01, "val_mae": 0.0024,
+               "seasonal_naive_val_mae": 0.0, "seasonal_naive_note": None, "mae_ratio_vs_seasonal_naive": None,
+               "val_support_frac": None, "best_checkpoint": None, "metrics_csv": None}
+    md = summary_markdown(summary)
+    assert "the model has no validation MAE" not in md
+    assert "n/a — seasonal naive is exact on the validation part (MAE 0), so no ratio; the model's validation MAE is 0.0024" in md
+
+
+def test_a_table_without_item_column_is_not_called_item_0(tmp_path):
+    """The loader's placeholder id "0" stays out of messages: the user never made an item '0'."""
+    df = _wide(40)
+    path = tmp_path / "wide.csv"
+    pd.concat([df.iloc[:5], df.iloc[4:]]).to_csv(path, index=False)  # row 4 twice
+    with pytest.raises(DataValidationError) as err:
+        from_csv(path, timestamp="date", targets=["load"])
+    assert "the series in 'wide.csv' has duplicate timestamps" in str(err.value) and "item '0'" not in str(err.value)
+    with pytest.raises(DataValidationError, match=r"^target 'load' of the series is constant"):
+        _load(df.assign(load=1.0))
+    frames = _load(df)
+    assert frames[0].item_id == "0"  # the id itself is unchanged (checkpoints and evaluation match on it)
+    with pytest.raises(DataValidationError, match=r"^the series has 40 steps, but a window needs at least 80"):
+        SeriesDataModule(frames=frames, context_len=64, horizon=16).setup()
+    # Several items keep their names.
+    stacked = pd.concat([df.assign(site="a"), df.assign(site="b", load=2.0)])
+    with pytest.raises(DataValidationError, match=r"target 'load' of item 'b' is constant"):
+        _load(stacked, item_id="site")

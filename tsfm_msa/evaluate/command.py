@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -97,6 +98,13 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*have no `val_dataloader`.*")
     warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
+
+
+def show_progress(cfg: DictConfig) -> bool:
+    """The evaluation's bars follow the training's rule: trainer.enable_progress_bar when set, else only in
+    a terminal (a bar redrawn into a file or pipe is thousands of lines of noise)."""
+    chosen = (cfg.get("trainer") or {}).get("enable_progress_bar")
+    return sys.stdout.isatty() if chosen is None else bool(chosen)
 
 
 def _models(cfg: DictConfig) -> list[str]:
@@ -326,7 +334,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     plot_forecasts: dict[str, list] = {}
     naive_scores: dict[str, float] | None = None
-    bar = tqdm(jobs, desc=f"models [{dataset}]", unit="model")
+    progress = show_progress(cfg)
+    bar = tqdm(jobs, desc=f"models [{dataset}]", unit="model", disable=not progress)
     for model, seed in bar:
         bar.set_postfix_str(f"{model} seed {seed}")
         job_dir = run_dir / "models" / f"{model}-seed{seed}"
@@ -359,7 +368,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
                 forecasts = streamed_forecasts(module, frames, split, int(cfg.data.context_len))
             else:
                 forecasts = list(tqdm(predictor.predict(test.input), total=len(test), desc=f"{model} windows",
-                                      leave=False, unit="window"))
+                                      leave=False, unit="window", disable=not progress))
         forecasts = split_targets(forecasts, len(frames), split.windows, target_names)
         info["predict_seconds"] = time.perf_counter() - start
         scores = score_forecasts(forecasts, split.uni_test, split.freq)

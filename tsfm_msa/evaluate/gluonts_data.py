@@ -160,6 +160,8 @@ def make_eval_split(
             f"series plus {min_train} earlier steps to fit on, but the shortest series has {shortest}; "
             f"use eval.windows <= {fit}")
 
+    _require_observed_test_targets(frames, test_len, H, windows, distance)
+
     def windows_of(dataset: Dataset) -> TestData:
         _, template = split(dataset, offset=-test_len)
         return template.generate_instances(prediction_length=H, windows=windows, distance=distance)
@@ -172,6 +174,24 @@ def make_eval_split(
     return EvalSplit(train=train, test=test, uni_test=uni_test, n_targets=n_targets, prediction_length=H,
                      windows=windows, distance=distance, offset=-test_len, train_stops=train_stops,
                      season=seasonality(frames[0].freq), freq=frames[0].freq)
+
+
+def _require_observed_test_targets(frames: list[SeriesFrame], test_len: int, H: int, windows: int,
+                                   distance: int) -> None:
+    """Refuse test windows in which a target has no observed value: every model would score NaN."""
+    schema = frames[0].schema
+    offsets = (np.arange(windows)[:, None] * distance + np.arange(H)).ravel()  # [windows * H] from window 0
+    for j in schema.target_indices:
+        if any(f.mask[f.length - test_len + offsets, j].any() for f in frames):
+            continue
+        name = schema.names[j]
+        last = max(f.timestamps[np.flatnonzero(f.mask[:, j])[-1]] for f in frames)
+        raise EvaluationSplitError(
+            f"target {name!r} has no observed value in the test windows (0 of {windows * H * len(frames)} values "
+            f"in the last {test_len} steps of every series), so every model would score NaN; {name!r} is last "
+            f"observed at {last}: drop the rows after that (they hold no {name!r}), or use fewer test steps "
+            "(eval.windows / data.test_length)"
+        )
 
 
 def split_targets(forecasts: list, n_items: int, windows: int, target_names: list[str]) -> list:

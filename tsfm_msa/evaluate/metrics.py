@@ -5,11 +5,15 @@ NaN forecasts are an error; MASE's seasonal error uses the season of the data's 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator
 
+import gluonts.model.evaluation
 from gluonts.dataset.split import TestData
 from gluonts.ev.metrics import MAE, MASE, RMSE, MeanWeightedSumQuantileLoss
 from gluonts.model import Forecast, Predictor, evaluate_forecasts, evaluate_model
+from tqdm import tqdm
 
 from tsfm_msa.datasets import seasonality
 
@@ -33,18 +37,40 @@ def gluonts_kwargs(freq: str) -> dict:
                 seasonality=seasonality(freq))
 
 
+@contextlib.contextmanager
+def _no_gluonts_bar() -> Iterator[None]:
+    """GluonTS draws an unlabeled counter bar ("4it [00:00, ...]") for every scoring, terminal or not; the
+    evaluation has its own bars (shown only in a terminal), so this one is switched off."""
+    with contextlib.ExitStack() as stack:
+        if hasattr(gluonts.model.evaluation, "tqdm"):
+            stack.enter_context(_patched(gluonts.model.evaluation, "tqdm", functools.partial(tqdm, disable=True)))
+        yield
+
+
+@contextlib.contextmanager
+def _patched(module: object, name: str, value: object) -> Iterator[None]:
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
 def _row(df) -> dict[str, float]:
     return {COLUMNS[k]: float(df[k].iloc[0]) for k in COLUMNS}
 
 
 def score_forecasts(forecasts: Iterable[Forecast], test_data: TestData, freq: str) -> dict[str, float]:
     """{MASE, CRPS, MAE, RMSE} of forecasts aligned with test_data's instances."""
-    return _row(evaluate_forecasts(forecasts, test_data=test_data, **gluonts_kwargs(freq)))
+    with _no_gluonts_bar():
+        return _row(evaluate_forecasts(forecasts, test_data=test_data, **gluonts_kwargs(freq)))
 
 
 def score_predictor(predictor: Predictor, test_data: TestData, freq: str) -> dict[str, float]:
     """{MASE, CRPS, MAE, RMSE} of a GluonTS predictor on test_data."""
-    return _row(evaluate_model(predictor, test_data=test_data, **gluonts_kwargs(freq)))
+    with _no_gluonts_bar():
+        return _row(evaluate_model(predictor, test_data=test_data, **gluonts_kwargs(freq)))
 
 
 def relative_to(scores: dict[str, float], reference: dict[str, float]) -> dict[str, float]:

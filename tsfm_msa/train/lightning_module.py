@@ -177,9 +177,13 @@ class ForecastModule(L.LightningModule):
         truth = batch["horizon"][..., targets].transpose(1, 2)
         abs_err = ((median - truth).abs() * scale).masked_fill(~observed, 0.0)
         bsz = batch["context"].shape[0]
-        self.log("val_loss", forecast_loss, prog_bar=True, batch_size=bsz, sync_dist=True)
+        # Both are means over the batch's observed values: weighting each batch by that count makes the
+        # epoch value the mean over all observed horizon values, and a batch with none observed adds
+        # nothing (weighted by windows, its clamped 0/1 = 0 would pull the MAE toward a fake 0).
+        n_observed = int(observed.sum())
+        self.log("val_loss", forecast_loss, prog_bar=True, batch_size=n_observed, sync_dist=True)
         self.log("val/kl", out.kl, batch_size=bsz, sync_dist=True)
-        self.log("val_mae", abs_err.sum() / observed.sum().clamp(min=1), prog_bar=True, batch_size=bsz,
+        self.log("val_mae", abs_err.sum() / max(n_observed, 1), prog_bar=True, batch_size=n_observed,
                  reduce_fx="mean", sync_dist=True)
         self._log_selection(out, "val", bsz)
 

@@ -106,6 +106,10 @@ def summary_markdown(s: dict) -> str:
         ratio_text = f"{ratio:.3f} — the model {'beats' if ratio < 1 else 'does NOT beat'} seasonal naive"
     elif s["seasonal_naive_val_mae"] is None:
         ratio_text = "n/a — no seasonal-naive reference to compare with"
+    elif s["val_mae"] is not None and s["seasonal_naive_val_mae"] == 0:
+        # Seasonal naive is exact on the validation part (e.g. a target flat there): no ratio to take.
+        ratio_text = ("n/a — seasonal naive is exact on the validation part (MAE 0), so no ratio; the model's "
+                      f"validation MAE is {s['val_mae']:.4g}")
     else:
         ratio_text = "n/a — the model has no validation MAE"
     naive_text = _fmt(s["seasonal_naive_val_mae"], ".4g")
