@@ -218,3 +218,29 @@ def test_dense_support_all_keeps_the_sensor_warmup_on_every_key():
     assert not torch.allclose(free, sensor_own)
     with pytest.raises(ValueError, match="dense_support must be one of"):
         MSAAttention(**kw, dense_support="own")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_own_group_attention_on_cuda_takes_flex_and_matches_the_cpu_path():
+    """Past SMALL_PAIRS per group the own-group attention runs each group through Flex; it equals the
+    CPU's chunked path, forward and gradients."""
+    from tsfm_msa.kernels.dispatch import CALLS
+    from tsfm_msa.model.dense_attention import own_group_attention
+
+    layout = build_layout(ROLES, GROUPS, ["a", "b"], context_len=6000, horizon=16, patch_len=4, block_size=16)
+    g = torch.Generator().manual_seed(10)
+    L = layout.seq_len
+    q, k, v = torch.randn(1, 4, L, 16, generator=g), torch.randn(1, 2, L, 16, generator=g), torch.randn(1, 2, L, 16, generator=g)
+    dout = torch.randn(1, 4, L, 16, generator=g)
+    grads = []
+    for device in ("cpu", "cuda"):
+        lay = layout.to(device)
+        qd, kd, vd = (t.to(device).requires_grad_() for t in (q, k, v))
+        before = CALLS[("dense_attention", "flex")]
+        out, _ = own_group_attention(qd, kd, vd, lay)
+        assert (CALLS[("dense_attention", "flex")] - before) == (2 if device == "cuda" else 0)
+        out.backward(dout.to(device))
+        grads.append([t.detach().cpu() for t in (out, qd.grad, kd.grad, vd.grad)])
+    for cpu, cuda in zip(*grads):
+        torch.testing.assert_close(cuda, cpu, atol=3e-3, rtol=3e-3)

@@ -108,8 +108,10 @@ def own_group_attention(
     outs, lses = [], []
     for g, (start, end) in enumerate(group_key_ranges(layout)):
         head = g if k.shape[1] > 1 else 0
+        # Contiguous slices: the compiled Flex kernel guards on strides (a strided view would compile anew).
         out, lse = time_masked_attention(
-            q[:, g * rep:(g + 1) * rep], k[:, head:head + 1, start:end], v[:, head:head + 1, start:end],
+            q[:, g * rep:(g + 1) * rep].contiguous(), k[:, head:head + 1, start:end].contiguous(),
+            v[:, head:head + 1, start:end].contiguous(),
             q_time, layout.k_time[start:end], scale, cache=layout.cache,
             cache_key=None if cache_key is None else (cache_key, "own_group", g), return_lse=return_lse)
         outs.append(out)
