@@ -106,23 +106,32 @@ def test_warmup_index_loss_is_the_dense_cross_entropy_with_kl_gradients(stride):
     torch.testing.assert_close(ki.grad, ki2.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_warmup_gradients_equal_the_kl_reference_on_all_blocks():
-    """stride 1: the same gradients as the sparse-phase KL op given every block (the old warmup)."""
+def _warmup_grads_equal_the_sparse_kl(layer: MSAAttention, blocks, seed: int):
+    """The warmup index loss's gradients equal the sparse-phase KL reference's given the block lists
+    ``blocks(layout) [1, G, L, K]``, on fresh inputs; returns the layout, the inputs and the sparse
+    reference's output and log-sum-exp."""
     layout = _layout()
     L = layout.seq_len
-    layer = MSAAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=2, kl_row_stride=1)
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator().manual_seed(seed)
     q, k, v = torch.randn(1, 4, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g)
     qi = torch.randn(1, 2, L, 6, generator=g, requires_grad=True)
     ki = torch.randn(1, L, 6, generator=g, requires_grad=True)
     layer.dense_index_loss(q, k, qi, ki, layout).backward()
     qi2, ki2 = qi.detach().clone().requires_grad_(), ki.detach().clone().requires_grad_()
     q_time, k_time = layout.q_time[None].contiguous(), layout.k_time[None].contiguous()
-    every = torch.arange(layout.n_blocks, dtype=torch.int32).expand(1, 2, L, layout.n_blocks).contiguous()
-    _, lse = kernels.sparse_attention_reference(q, k, v, every, q_time, k_time, layout.block_size)
-    kernels.indexer_kl_reference(qi2, ki2, every, q, k, lse, q_time, k_time, layout.block_size).backward()
+    idx = blocks(layout)
+    out, lse = kernels.sparse_attention_reference(q, k, v, idx, q_time, k_time, layout.block_size)
+    kernels.indexer_kl_reference(qi2, ki2, idx, q, k, lse, q_time, k_time, layout.block_size).backward()
     torch.testing.assert_close(qi.grad, qi2.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ki.grad, ki2.grad, atol=1e-5, rtol=1e-4)
+    return layout, (q, k, v), out, lse
+
+
+def test_warmup_gradients_equal_the_kl_reference_on_all_blocks():
+    """stride 1: the same gradients as the sparse-phase KL op given every block (the old warmup)."""
+    layer = MSAAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=2, kl_row_stride=1)
+    _warmup_grads_equal_the_sparse_kl(layer, lambda layout: torch.arange(layout.n_blocks, dtype=torch.int32).expand(
+        1, 2, layout.seq_len, layout.n_blocks).contiguous(), seed=4)
 
 
 def test_sparse_phase_kl_on_rotating_row_subsets_partitions_the_full_kl():
@@ -181,22 +190,10 @@ def test_sensor_warmup_on_the_policy_support_is_the_sparse_phase_given_every_own
     """With dense_support=policy, the sensor-policy warmup's main branch and index-loss gradients equal
     the sparse phase's (reference kernels) given every block of the group's own sensor group: the
     switch to sparse only drops blocks, it no longer takes other sensors away."""
-    layout = _layout()
-    L = layout.seq_len
     layer = MSAAttention(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, index_dim=6, top_k=2,
                          group_policy="sensor", kl_row_stride=1, dense_support="policy")
-    g = torch.Generator().manual_seed(8)
-    q, k, v = torch.randn(1, 4, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g)
-    qi = torch.randn(1, 2, L, 6, generator=g, requires_grad=True)
-    ki = torch.randn(1, L, 6, generator=g, requires_grad=True)
-    layer.dense_index_loss(q, k, qi, ki, layout).backward()
-    qi2, ki2 = qi.detach().clone().requires_grad_(), ki.detach().clone().requires_grad_()
-    q_time, k_time = layout.q_time[None].contiguous(), layout.k_time[None].contiguous()
-    own = _own_group_blocks(layout, 1)
-    sparse_out, lse = kernels.sparse_attention_reference(q, k, v, own, q_time, k_time, layout.block_size)
-    kernels.indexer_kl_reference(qi2, ki2, own, q, k, lse, q_time, k_time, layout.block_size).backward()
-    torch.testing.assert_close(qi.grad, qi2.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(ki.grad, ki2.grad, atol=1e-5, rtol=1e-4)
+    layout, (q, k, v), sparse_out, lse = _warmup_grads_equal_the_sparse_kl(
+        layer, lambda layout: _own_group_blocks(layout, 1), seed=8)
     from tsfm_msa.model.attention import dense_attention
     dense_out, _ = dense_attention(q, k, v, layout, own_group=True)
     seen = torch.isfinite(lse)[..., None]
