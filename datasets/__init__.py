@@ -4,7 +4,7 @@ from .bundled import load_bundled, load_epf, load_pedestrian, load_vic_elec
 from .errors import DataValidationError
 from .frame import SeriesFrame, validate_collection
 from .gluonts_input import from_gluonts
-from .naive import seasonal_naive_mae, seasonality
+from .naive import seasonal_naive_mae, seasonal_naive_mae_per_target, seasonality
 from .scaling import apply_scaler, fit_scaler, invert_scaler
 from .schema import ROLES, SeriesSchema, Variate, VariateRole
 from .synthetic import make_synthetic
@@ -43,6 +43,7 @@ __all__ = [
     "load_vic_elec",
     "make_synthetic",
     "seasonal_naive_mae",
+    "seasonal_naive_mae_per_target",
     "seasonality",
     "split_by_time",
     "validate_collection",

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .bundled import load_bundled
 from .errors import DataValidationError
 from .frame import SeriesFrame, harmonize
-from .naive import seasonal_naive_mae
+from .naive import seasonal_naive_mae, seasonal_naive_mae_per_target
 from .schema import SeriesSchema
 from .windows import SPLIT_NAMES, Splits, WindowDataset, split_by_time
 
@@ -282,3 +282,11 @@ class SeriesDataModule(L.LightningDataModule):
             raise DataValidationError(
                 f"split {split!r} is empty; set a positive data.{split}_fraction or {split}_length")
         return seasonal_naive_mae(ds, season)
+
+    def seasonal_naive_mae_per_target(self, split: str = "val", season: int | None = None) -> dict[str, float]:
+        """{target: seasonal-naive MAE} on the unscaled values of the split's windows (NaN where none)."""
+        ds = self.dataset(split)
+        if ds is None:
+            raise DataValidationError(
+                f"split {split!r} is empty; set a positive data.{split}_fraction or {split}_length")
+        return seasonal_naive_mae_per_target(ds, season)

@@ -320,3 +320,40 @@ def test_validation_mae_is_the_mean_over_observed_values(tmp_path):
             count += int(observed.sum())
     assert metrics["val_mae"] == pytest.approx(err / count, rel=1e-5)
     assert metrics["val_loss"] == pytest.approx(loss / count, rel=1e-5)
+
+
+def test_validation_logs_each_targets_mae_in_its_own_units(tmp_path):
+    """val_mae/<target>: the mean absolute error over that target's observed horizon values, so a target
+    ~1e6 cannot hide how the model does on one ~5e3 (val_mae pools their raw units)."""
+    import numpy as np
+    import pandas as pd
+
+    from tsfm_msa.datasets import from_pandas
+
+    n = 400
+    t = np.arange(n)
+    rng = np.random.default_rng(5)
+    df = pd.DataFrame({"when": pd.date_range("2024-01-01", periods=n, freq="h"),
+                       "kw": 5e3 + 500 * np.sin(2 * np.pi * t / 24) + rng.normal(0, 100, n),
+                       "eur": 1e6 + rng.normal(0, 1e5, n)})
+    df.loc[370:375, "kw"] = np.nan  # some values missing in one target only
+    frames = from_pandas(df, timestamp="when", targets=["kw", "eur"])
+    dm = SeriesDataModule(frames=frames, context_len=64, horizon=16, val_fraction=0.12, test_fraction=0.0,
+                          batch_size=2)
+    module = ForecastModule(TINY_MODEL, frames[0].schema.to_dict(), 64, 16, max_steps=1).eval()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
+    err, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2)
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            _, out, observed = module._losses(batch, "sparse")
+            median = out.quantiles[..., module._median_index()]
+            truth = batch["horizon"][..., module.model.target_index].transpose(1, 2)
+            scale = batch["scale"][:, module.model.target_index, None]
+            err += (((median - truth).abs() * scale).masked_fill(~observed, 0)).sum(dim=(0, 2)).double()
+            count += observed.sum(dim=(0, 2))
+    assert module.target_names() == ["kw", "eur"]
+    assert metrics["val_mae/kw"] == pytest.approx(float(err[0] / count[0]), rel=1e-5)
+    assert metrics["val_mae/eur"] == pytest.approx(float(err[1] / count[1]), rel=1e-5)
+    assert metrics["val_mae"] == pytest.approx(float(err.sum() / count.sum()), rel=1e-5)

@@ -571,3 +571,50 @@ def test_a_table_without_item_column_is_not_called_item_0(tmp_path):
     stacked = pd.concat([df.assign(site="a"), df.assign(site="b", load=2.0)])
     with pytest.raises(DataValidationError, match=r"target 'load' of item 'b' is constant"):
         _load(stacked, item_id="site")
+
+
+# ------------------------------------------------------------- targets of different scales
+
+
+def test_summary_compares_each_target_with_seasonal_naive(tmp_path, capsys):
+    """Two targets ~5e3 and ~1e6: pooled raw-unit MAEs would be the large target's alone. The summary gives
+    each target's MAEs and ratio, and the headline ratio is the mean of the per-target ratios."""
+    n = 400
+    t = np.arange(n)
+    df = pd.DataFrame({
+        "date": pd.date_range("2024-01-01", periods=n, freq="h").strftime("%Y-%m-%d %H:%M"),
+        "Leistung_kW": (5e3 + 500 * np.sin(2 * np.pi * t / 24) + RNG.normal(0, 100, n)).round(2),
+        "Umsatz": (1e6 + 1e5 * np.sin(2 * np.pi * t / 24) + RNG.normal(0, 1e5, n)).round(2),
+    })
+    path = tmp_path / "two.csv"
+    df.to_csv(path, index=False)
+    run_dir = tmp_path / "run"
+    main(["train", "data=csv", f"data.loader.path={path}", "data.loader.timestamp=date",
+          "data.loader.targets=[Leistung_kW,Umsatz]", "data.context_len=64", "data.horizon=16", *TINY,
+          "trainer.max_steps=2", "trainer.val_check_interval=2", "indexer_warmup.steps=1",
+          f"hydra.run.dir={run_dir}"])
+    summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=pytest.fail)
+    rows = {r["target"]: r for r in summary["per_target"]}
+    assert list(rows) == ["Leistung_kW", "Umsatz"]
+    for name, row in rows.items():  # each target's naive MAE is the one it has alone, on the same windows
+        alone = SeriesDataModule(frames=from_csv(path, timestamp="date", targets=[name]), context_len=64, horizon=16)
+        assert row["seasonal_naive_val_mae"] == pytest.approx(alone.seasonal_naive_mae("val"))
+        assert row["mae_ratio_vs_seasonal_naive"] == pytest.approx(row["val_mae"] / row["seasonal_naive_val_mae"])
+    assert rows["Leistung_kW"]["seasonal_naive_val_mae"] < 1e3 < rows["Umsatz"]["seasonal_naive_val_mae"]
+    assert summary["mae_ratio_vs_seasonal_naive"] == pytest.approx(
+        np.mean([r["mae_ratio_vs_seasonal_naive"] for r in rows.values()]))
+    assert summary["val_mae"] is None and summary["seasonal_naive_val_mae"] is None  # no pooled raw units
+    md = (run_dir / "summary.md").read_text()
+    assert "mean of the 2 targets' ratios" in md and "| Leistung_kW |" in md and "| Umsatz |" in md
+    assert "seasonal naive (season 24 steps of 1h)" in md
+
+
+def test_summary_states_the_season_of_daily_data():
+    """Daily data: GluonTS's season is 1 step; the summary says so rather than leaving it implied."""
+    summary = {"run": "r", "steps": 2, "train_seconds": 0.1, "val_loss": 0.01, "val_mae": 2.0,
+               "seasonal_naive_val_mae": 4.0, "seasonal_naive_note": None, "mae_ratio_vs_seasonal_naive": 0.5,
+               "seasonal_naive_season": 1, "freq": "D", "val_support_frac": None, "best_checkpoint": None,
+               "metrics_csv": None}
+    md = summary_markdown(summary)
+    assert "| validation MAE, seasonal naive (season 1 step of 1D) | 4 |" in md
+    assert "0.500 — the model beats seasonal naive" in md

@@ -185,7 +185,17 @@ class ForecastModule(L.LightningModule):
         self.log("val/kl", out.kl, batch_size=bsz, sync_dist=True)
         self.log("val_mae", abs_err.sum() / max(n_observed, 1), prog_bar=True, batch_size=n_observed,
                  reduce_fx="mean", sync_dist=True)
+        # val_mae pools every target in its own units (a large-valued target dominates it): the run
+        # summary compares each target with seasonal naive on its own, weighted the same way.
+        for k, name in enumerate(self.target_names()):
+            n_k = int(observed[:, k].sum())
+            self.log(f"val_mae/{name}", abs_err[:, k].sum() / max(n_k, 1), batch_size=n_k, sync_dist=True)
         self._log_selection(out, "val", bsz)
+
+    def target_names(self) -> list[str]:
+        """Names of the target variates, in the model's target order."""
+        variates = self.hparams.schema["variates"]
+        return [variates[int(j)]["name"] for j in self.model.target_index]
 
     def _median_index(self) -> int:
         levels = self.model.quantile_levels

@@ -34,7 +34,10 @@ def fit_and_summarize(
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     naive_mae, naive_note = seasonal_naive_reference(datamodule)
-    model_mae = finite_or_none(metrics.get("val_mae"))
+    targets = per_target_comparison(module.target_names(), metrics, datamodule)
+    headline = mean_ratio(targets)
+    single = len(targets) == 1
+    freq = datamodule.schema.freq
     summary = {
         "run": run_name,
         "run_dir": str(run_dir),
@@ -44,12 +47,15 @@ def fit_and_summarize(
         "steps": int(trainer.global_step),
         "train_seconds": round(train_seconds, 1),
         "val_loss": finite_or_none(metrics.get("val_loss")),
-        "val_mae": model_mae,
-        "seasonal_naive_val_mae": naive_mae,
+        # Pooled over targets these would mix units (the largest target alone): per target only then.
+        "val_mae": targets[0]["val_mae"] if single else None,
+        "seasonal_naive_val_mae": naive_mae if single else None,
         "seasonal_naive_note": naive_note,
-        "mae_ratio_vs_seasonal_naive": (
-            model_mae / naive_mae if model_mae is not None and naive_mae is not None and naive_mae > 0 else None
-        ),
+        "seasonal_naive_season": seasonality(freq),
+        "freq": freq,
+        # One target: its ratio; several: the mean of the per-target ratios (scale-free).
+        "mae_ratio_vs_seasonal_naive": headline,
+        "per_target": targets,
         "val_support_frac": finite_or_none(metrics.get("val/support_frac")),
         "metrics_csv": str(Path(trainer.logger.log_dir) / "metrics.csv") if trainer.logger is not None else None,
     }
@@ -80,6 +86,35 @@ def seasonal_naive_reference(datamodule: L.LightningDataModule) -> tuple[float |
     )
 
 
+def per_target_comparison(names: list[str], metrics: dict[str, float], datamodule: L.LightningDataModule) -> list[dict]:
+    """[{target, val_mae, seasonal_naive_val_mae, mae_ratio_vs_seasonal_naive}] on the validation windows
+    (``metrics``: trainer.validate's, with the module's ``val_mae/<target>``)."""
+    naive = _naive_per_target(datamodule)
+    rows = []
+    for name in names:
+        model = finite_or_none(metrics.get(f"val_mae/{name}"))
+        if model is None and len(names) == 1:
+            model = finite_or_none(metrics.get("val_mae"))  # one target: the pooled value is its own
+        ref = finite_or_none(naive.get(name))
+        ratio = model / ref if model is not None and ref is not None and ref > 0 else None
+        rows.append({"target": name, "val_mae": model, "seasonal_naive_val_mae": ref,
+                     "mae_ratio_vs_seasonal_naive": ratio})
+    return rows
+
+
+def _naive_per_target(datamodule: L.LightningDataModule) -> dict[str, float]:
+    try:
+        return datamodule.seasonal_naive_mae_per_target("val")
+    except DataValidationError:  # no validation split: seasonal_naive_reference says so
+        return {}
+
+
+def mean_ratio(rows: list[dict]) -> float | None:
+    """Mean of the per-target ratios; None unless every target has one (a partial mean would hide a target)."""
+    ratios = [r["mae_ratio_vs_seasonal_naive"] for r in rows]
+    return sum(ratios) / len(ratios) if ratios and all(r is not None for r in ratios) else None
+
+
 def write_summary(summary: dict, run_dir: Path) -> None:
     """summary.json (strict JSON: missing metrics are null) and summary.md."""
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
@@ -100,7 +135,41 @@ def _save_final_last(trainer: L.Trainer) -> str | None:
     return str(path)
 
 
+def season_text(s: dict) -> str:
+    """" (season 24 steps of 1h)" for the seasonal-naive label; "" when the summary has no season."""
+    season, freq = s.get("seasonal_naive_season"), s.get("freq")
+    if season is None or not freq:
+        return ""
+    step = freq if freq[0].isdigit() else f"1{freq}"
+    return f" (season {season} step{'s' if season != 1 else ''} of {step})"
+
+
 def summary_markdown(s: dict) -> str:
+    rows = s.get("per_target") or []
+    if len(rows) > 1:
+        comparison = _per_target_rows(s, rows)
+    else:
+        comparison = _single_target_rows(s)
+    support = f"{s['val_support_frac']:.2f}" if s.get("val_support_frac") is not None else "n/a (dense)"
+    table = [
+        f"# Training run `{s['run']}`",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| steps | {s['steps']} ({s['train_seconds']} s) |",
+        *comparison[0],
+        f"| validation pinball loss (scaled) | {_fmt(s['val_loss'], '.4g')} |",
+        f"| attended share of the visible tokens | {support} |",
+        (f"| best checkpoint | `{s['best_checkpoint']}` |" if s.get("best_checkpoint") else
+         "| best checkpoint | none: no validation ran (trainer.max_steps < trainer.val_check_interval) |"),
+        f"| last checkpoint | `{s.get('last_checkpoint')}` |",
+        f"| metrics CSV | `{s['metrics_csv']}` |",
+        "",
+    ]
+    return "\n".join(table + comparison[1])
+
+
+def _single_target_rows(s: dict) -> tuple[list[str], list[str]]:
     ratio = s["mae_ratio_vs_seasonal_naive"]
     if ratio is not None:
         ratio_text = f"{ratio:.3f} — the model {'beats' if ratio < 1 else 'does NOT beat'} seasonal naive"
@@ -115,21 +184,42 @@ def summary_markdown(s: dict) -> str:
     naive_text = _fmt(s["seasonal_naive_val_mae"], ".4g")
     if s.get("seasonal_naive_note"):
         naive_text += f" ({s['seasonal_naive_note']})"
-    support = f"{s['val_support_frac']:.2f}" if s.get("val_support_frac") is not None else "n/a (dense)"
-    return "\n".join([
-        f"# Training run `{s['run']}`",
-        "",
-        "| | value |",
-        "|---|---|",
-        f"| steps | {s['steps']} ({s['train_seconds']} s) |",
+    return [
         f"| validation MAE, model | {_fmt(s['val_mae'], '.4g')} |",
-        f"| validation MAE, seasonal naive | {naive_text} |",
+        f"| validation MAE, seasonal naive{season_text(s)} | {naive_text} |",
         f"| ratio (model / seasonal naive) | {ratio_text} |",
-        f"| validation pinball loss (scaled) | {_fmt(s['val_loss'], '.4g')} |",
-        f"| attended share of the visible tokens | {support} |",
-        (f"| best checkpoint | `{s['best_checkpoint']}` |" if s.get("best_checkpoint") else
-         "| best checkpoint | none: no validation ran (trainer.max_steps < trainer.val_check_interval) |"),
-        f"| last checkpoint | `{s.get('last_checkpoint')}` |",
-        f"| metrics CSV | `{s['metrics_csv']}` |",
-        "",
-    ])
+    ], []
+
+
+def _per_target_rows(s: dict, rows: list[dict]) -> tuple[list[str], list[str]]:
+    """The headline row (mean of the per-target ratios) and a table with one row per target: MAEs in
+    each target's own units, which pooled together would be the largest-valued target's alone."""
+    ratio = s["mae_ratio_vs_seasonal_naive"]
+    n = len(rows)
+    losing = [r["target"] for r in rows if r["mae_ratio_vs_seasonal_naive"] is not None
+              and r["mae_ratio_vs_seasonal_naive"] >= 1]
+    if ratio is not None:
+        verdict = "beats" if ratio < 1 else "does NOT beat"
+        detail = (f"better on all {n} targets" if not losing else
+                  f"NOT better on {len(losing)} of {n} targets: {', '.join(map(repr, losing))}")
+        ratio_text = f"{ratio:.3f} — on average the model {verdict} seasonal naive; {detail}"
+    elif s.get("seasonal_naive_note"):
+        ratio_text = f"n/a — no seasonal-naive reference to compare with ({s['seasonal_naive_note']})"
+    else:
+        missing = [r["target"] for r in rows if r["mae_ratio_vs_seasonal_naive"] is None]
+        ratio_text = f"n/a — no ratio for {', '.join(map(repr, missing))} (see the table per target)"
+    head = [f"| ratio (model / seasonal naive), mean of the {n} targets' ratios | {ratio_text} |"]
+    table = [
+        "| target | validation MAE, model | validation MAE, seasonal naive" + season_text(s) + " | ratio |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        model, naive, rr = r["val_mae"], r["seasonal_naive_val_mae"], r["mae_ratio_vs_seasonal_naive"]
+        if rr is not None:
+            rtext = f"{rr:.3f}"
+        elif naive == 0 and model is not None:
+            rtext = "n/a (seasonal naive is exact here, MAE 0)"
+        else:
+            rtext = "n/a"
+        table.append(f"| {r['target']} | {_fmt(model, '.4g')} | {_fmt(naive, '.4g')} | {rtext} |")
+    return head, table + [""]
