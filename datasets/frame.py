@@ -187,7 +187,7 @@ class SeriesFrame:
         for j, (name, role) in enumerate(roles):
             values[:, j] = column_to_float(df[name], name, role, markers)
 
-        freq_source = "given as freq="
+        freq_source = f"given as {option('freq')}={freq}"
         if freq is None:
             freq, freq_source = infer_freq(ts, str(item_id))
         freq = normalize_freq(freq)
@@ -579,9 +579,41 @@ def infer_freq(ts: pd.DatetimeIndex, item_id: str) -> tuple[str, str]:
     return to_offset(step).freqstr, "inferred from the most common step"
 
 
+def spacing_mismatch(ts: pd.DatetimeIndex, freq: str, *, coarser_only: bool = False) -> str | None:
+    """A sentence and a fix when `freq`'s step is not the data's median spacing (e.g. freq D on hourly
+    data), else None. coarser_only: only a freq coarser than the data (filling steps can upsample to
+    a finer one, within max_fill_fraction, but never merge rows)."""
+    if len(ts) < 2:
+        return None
+    data_step = _median_step(ts)
+    grid = pd.date_range(start=ts[0], periods=min(len(ts), 60) + 1, freq=to_offset(freq))
+    freq_step = pd.Timedelta(int(np.median(np.diff(grid.asi8))), unit="ns")
+    ratio = data_step / freq_step
+    if 2 / 3 <= ratio <= 1.5 or (coarser_only and ratio > 1):  # months of 28-31 days still match 'MS'
+        return None
+    data_freq = _step_text(data_step)
+    return (f"the data's median spacing is {data_freq} but freq {freq!r} steps {_step_text(freq_step)}, and freq "
+            f"must match the data's spacing: set {option('freq', data_freq)} or leave {option('freq')} unset (null) "
+            f"to infer it, or resample the data to {freq!r} first")
+
+
+def _median_step(ts: pd.DatetimeIndex) -> pd.Timedelta:
+    return pd.Timedelta(int(np.median(np.diff(ts.asi8))), unit="ns")
+
+
+def _step_text(step: pd.Timedelta) -> str:
+    """A time step as a pandas frequency with its count: 1h, 30min, 1D."""
+    text = to_offset(step).freqstr
+    return text if text[0].isdigit() else f"1{text}"
+
+
 def check_grid(ts: pd.DatetimeIndex, freq: str, item_id: str, *, freq_source: str) -> None:
     """Every step equals one `freq` period; error shows the first gap or misaligned time."""
     offset = to_offset(freq)
+    mismatch = spacing_mismatch(ts, freq)
+    if mismatch:
+        raise DataValidationError(
+            f"{item_label(item_id)}: timestamps are not on a regular {freq!r} grid (freq {freq_source}): {mismatch}")
     if not offset.is_on_offset(ts[0]):
         raise DataValidationError(
             f"{item_label(item_id)}: first timestamp {ts[0]} is not on the {freq!r} grid (freq {freq_source}); "
@@ -621,6 +653,11 @@ def reindex_to_grid(
             f"fill_missing_steps may insert), got {max_fill_fraction!r}"
         )
     offset = to_offset(freq)
+    mismatch = spacing_mismatch(ts, freq, coarser_only=True)
+    if mismatch:  # inserting steps cannot merge the data's rows into a coarser grid
+        raise DataValidationError(
+            f"{item_label(item_id)}: timestamps are not on a regular {freq!r} grid and fill_missing_steps cannot "
+            f"help: {mismatch}")
     if not offset.is_on_offset(ts[0]):
         raise DataValidationError(
             f"{item_label(item_id)}: first timestamp {ts[0]} is not on the {freq!r} grid; set the right {option('freq')}"
@@ -641,6 +678,7 @@ def reindex_to_grid(
             f"{len(grid)}-step {freq!r} grid, more than {option('max_fill_fraction')}={max_fill_fraction}. "
             f"Check the frequency ({option('freq')}), or allow it with "
             f"{option('max_fill_fraction', float(np.ceil(share * 100) / 100))}"
+            + f" (the data's median spacing is {_step_text(_median_step(ts))})"
         )
     if n_filled:
         warnings.warn(

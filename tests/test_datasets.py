@@ -129,8 +129,13 @@ def test_gaps_filled_on_request_and_explicit_freq():
         f = _frame(df, fill_missing_steps=True)
     assert f.length == 100 and np.isnan(f.values[[10, 11, 50]]).all()
     assert not np.isnan(f.values[12]).any()
-    with pytest.raises(DataValidationError, match=r"grid \(freq given as freq="):
+    with pytest.raises(DataValidationError, match=r"grid \(freq given as data.loader.freq=30min\): the data's median "
+                       r"spacing is 1h but freq '30min' steps 30min, and freq must match the data's spacing: set "
+                       r"data.loader.freq=1h"):
         _frame(_df(100), freq="30min")
+    with pytest.raises(DataValidationError, match=r"^item '0': timestamps are not on a regular 'D' grid and "
+                       r"fill_missing_steps cannot help: the data's median spacing is 1h but freq 'D' steps 1D"):
+        _frame(_df(100), freq="D", fill_missing_steps=True)
 
 
 def test_schema_compatibility_messages():
