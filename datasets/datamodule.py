@@ -14,7 +14,7 @@ from .errors import DataValidationError
 from .frame import SeriesFrame, harmonize
 from .naive import seasonal_naive_mae, seasonal_naive_mae_per_target
 from .schema import SeriesSchema
-from .windows import SPLIT_NAMES, Splits, WindowDataset, split_by_time
+from .windows import SPLIT_NAMES, Splits, WindowDataset, _positive_int, split_by_time
 
 
 class WindowSampler(DistributedSampler):
@@ -129,6 +129,29 @@ def require_observed_targets(ds: WindowDataset, split: str) -> None:
         )
 
 
+def _check_data_keys(**values: object) -> None:
+    """Settings checked here, where they are the config's `data.<key>`, so messages name the key to set
+    (WindowDataset / split_by_time check them too, under their Python argument names)."""
+    for name in ("context_len", "horizon", "train_stride", "batch_size"):
+        _positive_int(f"data.{name}", values[name])
+    for name in ("val_stride", "test_stride", "min_context"):  # null: a default
+        if values[name] is not None:
+            _positive_int(f"data.{name}", values[name], "a positive integer or null")
+    if values["min_context"] is not None and values["min_context"] > values["context_len"]:
+        raise DataValidationError(
+            f"data.min_context ({values['min_context']}) cannot exceed data.context_len ({values['context_len']}); "
+            "lower data.min_context or set it to null (the whole context)")
+    for name in ("val_fraction", "test_fraction"):
+        f = values[name]
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+            raise DataValidationError(f"data.{name} must be a number in [0, 1) (a share of each series), got {f!r}")
+    for name in ("val_length", "test_length"):
+        n = values[name]
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float, np.integer))
+                              or not float(n).is_integer() or n < 0):
+            raise DataValidationError(f"data.{name} must be a non-negative number of steps or null, got {n!r}")
+
+
 class SeriesDataModule(L.LightningDataModule):
     """Windows of a series collection for training (random), validation and test (rolling).
 
@@ -177,6 +200,7 @@ class SeriesDataModule(L.LightningDataModule):
         self.val_length, self.test_length = val_length, test_length
         self.train_samples_per_epoch = train_samples_per_epoch
         self.train_stride = train_stride
+        self._given_strides = (val_stride, test_stride)  # checked in setup: 0 must not become the default
         self.val_stride = val_stride or horizon
         self.test_stride = test_stride or horizon
         self.min_context = min_context
@@ -194,6 +218,12 @@ class SeriesDataModule(L.LightningDataModule):
         """Load, split and window the data once; later calls do nothing."""
         if self._frames is not None:
             return
+        # Here, not in __init__: Hydra would wrap an error raised while it instantiates the module.
+        _check_data_keys(
+            context_len=self.context_len, horizon=self.horizon, train_stride=self.train_stride,
+            batch_size=self.batch_size, val_stride=self._given_strides[0], test_stride=self._given_strides[1],
+            min_context=self.min_context, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+            val_length=self.val_length, test_length=self.test_length)
         src = self._source
         raw = load_bundled(src) if isinstance(src, str) else (src() if callable(src) else src)
         frames = harmonize(list(raw))

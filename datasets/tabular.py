@@ -84,6 +84,7 @@ def from_pandas(
         with unnamed_series():
             return [SeriesFrame.from_dataframe(df, item_id="0", **kwargs)]
     check_columns_exist(df, [item_id], {item_id: "item_id"})
+    check_item_column(df[item_id], item_id)
     if timestamp is not None and format == "wide":
         # Sort the stacked items here (one warning for the file, not one per item).
         check_columns_exist(df, [timestamp], {timestamp: "timestamp"})
@@ -95,6 +96,21 @@ def from_pandas(
         for key, part in df.groupby(item_id, sort=False, dropna=False)
     ]
     return harmonize(frames)
+
+
+def check_item_column(ids: pd.Series, item_id: str) -> None:
+    """Refuse an item column that gives most series a single row: it holds values (e.g. a temperature),
+    not series ids, and every later message would be about one-step items instead of that column."""
+    sizes = ids.value_counts(dropna=False)  # rows per item
+    single = int((sizes == 1).sum())
+    if len(sizes) >= 3 and single > len(sizes) / 2:
+        example = ", ".join(repr(str(v)) for v in sizes.index[:3])
+        raise DataValidationError(
+            f"{option('item_id')}={item_id!r} looks like a value column, not a series id: {single} of its "
+            f"{len(sizes)} distinct values ({example}, ...) occur on a single row, so most series would have "
+            f"one time step; name the column that tells series apart in {option('item_id')} (a name or code "
+            f"repeated on every row of a series), or set it to null for a single series"
+        )
 
 
 def _long_to_wide(

@@ -82,9 +82,9 @@ def split_by_time(
     return Splits(tuple(train), tuple(val), tuple(test))
 
 
-def _positive_int(name: str, x: object) -> int:
+def _positive_int(name: str, x: object, expected: str = "a positive integer") -> int:
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x <= 0:
-        raise DataValidationError(f"{name} must be a positive integer, got {x!r}")
+        raise DataValidationError(f"{name} must be {expected}, got {x!r}")
     return int(x)
 
 

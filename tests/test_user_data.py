@@ -220,7 +220,8 @@ def test_fill_missing_steps_counts_and_limits():
     assert frame.length == 100 and np.isnan(frame.values[10:15]).all()
     sparse = df.iloc[::3]  # keeps 34 rows on an hourly grid of 100: 66% would be invented
     with pytest.raises(DataValidationError, match=r"insert 66 empty time steps, 66.0% of the 100-step 'h' grid, "
-                       r"more than data.loader.max_fill_fraction=0.1.*data.loader.max_fill_fraction=0.66"):
+                       r"more than data.loader.max_fill_fraction=0.1.*data.loader.max_fill_fraction=0.66.*"
+                       r"\(the data's median spacing is 3h\)$"):
         _load(sparse, fill_missing_steps=True, freq="h")
     with pytest.warns(UserWarning, match=r"inserted 66 missing"):
         [frame] = _load(sparse, fill_missing_steps=True, freq="h", max_fill_fraction=0.7)
@@ -618,3 +619,37 @@ def test_summary_states_the_season_of_daily_data():
     md = summary_markdown(summary)
     assert "| validation MAE, seasonal naive (season 1 step of 1D) | 4 |" in md
     assert "0.500 — the model beats seasonal naive" in md
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.horizon=0", "data.horizon must be a positive integer, got 0"),
+    ("data.context_len=-4", "data.context_len must be a positive integer, got -4"),
+    ("data.val_stride=0", "data.val_stride must be a positive integer or null, got 0"),
+    ("data.min_context=600", "data.min_context (600) cannot exceed data.context_len (512)"),
+    ("data.val_fraction=1.5", "data.val_fraction must be a number in [0, 1) (a share of each series), got 1.5"),
+])
+def test_cli_names_the_data_key_of_a_bad_window_setting(tmp_path, capsys, override, message):
+    path = tmp_path / "wide.csv"
+    _wide(40).to_csv(path, index=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "data=csv", f"data.loader.path={path}", "data.loader.timestamp=date",
+              "data.loader.targets=[load]", override, f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_cli_item_id_naming_a_value_column_says_so(tmp_path, capsys):
+    """item_id=temp (a continuous value, nearly unique per row): not 'item 4.92 has only 1 time steps'."""
+    path = tmp_path / "wide.csv"
+    _wide(60).to_csv(path, index=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "data=csv", f"data.loader.path={path}", "data.loader.timestamp=date",
+              "data.loader.targets=[load]", "data.loader.past_covariates=[]", "data.loader.item_id=temp",
+              f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "data.loader.item_id='temp' looks like a value column, not a series id" in err
+    assert "time steps, too few" not in err
+    # Items with a few rows each still load.
+    frames = _load(pd.concat([_wide(30).assign(site=s) for s in "abc"]), item_id="site")
+    assert [f.item_id for f in frames] == ["a", "b", "c"]
