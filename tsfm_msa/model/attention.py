@@ -150,9 +150,10 @@ class MSAAttention(_QKV):
                 raise ModelConfigError(f"hybrid policy needs 1 <= k_own <= top_k ({top_k}), got k_own={k_own}")
         self.index_dim, self.top_k, self.group_policy, self.k_own = index_dim, top_k, group_policy, k_own
         # dense_support="policy" under the sensor policy: the dense phases (indexer warmup, the dense
-        # teacher) read each group's own sensor group only, as the sparse phase will. Reading every key
-        # there instead, a 512-token probe's loss jumped 5x at the switch to sparse and 2 of 4 seeds
-        # never recovered (benchmarks/results/2026-12-02-probes-sensor-switch.md).
+        # teacher) read each group's own sensor group only, as the sparse phase will. It pays with a dense
+        # model trained the same way: converted from a full dense model whose heads read across sensor
+        # groups, a 512-token probe lost a learned far cause on 3 of 8 seeds at the switch, with the
+        # cause's block selected (benchmarks/results/2026-12-02-probes-sensor-switch.md).
         self.own_group_dense = dense_support == "policy" and group_policy == "sensor"
         self.collect_stats = collect_stats
         if kl_row_stride is not None and (not isinstance(kl_row_stride, int) or kl_row_stride <= 0):
