@@ -49,10 +49,19 @@ def probe_model_config(model_cfg: dict, scenario: ScenarioData, attention: str, 
     """Model node for a scenario: one GQA group per sensor group (so every policy runs on the same
     architecture and ``sensor`` is allowed), ``heads_per_group`` query heads per group."""
     groups = len(scenario.schema.group_names)
-    cfg = dict(model_cfg)
+    cfg = _dense_support_for(dict(model_cfg), policy)
     heads_per_group = int(cfg.pop("heads_per_group", 2))
     return {"_target_": MODEL_TARGET, **cfg, "attention": attention, "group_policy": policy,
             "patch_len": scenario.patch_len, "n_kv_heads": groups, "n_heads": heads_per_group * groups}
+
+
+def _dense_support_for(model_cfg: dict, policy: str) -> dict:
+    """``dense_support=policy`` applies to the sensor-policy models of a scenario only: one probe config
+    runs several policies (e.g. [sensor, hybrid]), and the model refuses ``policy`` elsewhere (it would
+    mean ``all`` there anyway)."""
+    if policy != "sensor" and model_cfg.get("dense_support") == "policy":
+        model_cfg = {**model_cfg, "dense_support": "all"}
+    return model_cfg
 
 
 def window_dataset(frames, scenario: ScenarioData) -> WindowDataset:
@@ -188,7 +197,7 @@ def _mixed_module_class():
 
 def as_msa(model_config: dict, schema: dict, state: dict, policy: str) -> torch.nn.Module:
     """An MSA model of the same shape carrying ``state`` (dense or MSA weights), under ``policy``."""
-    config = {**model_config, "attention": "msa", "group_policy": policy}
+    config = {**_dense_support_for(model_config, policy), "attention": "msa", "group_policy": policy}
     model = build_model(config, schema)
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad = [k for k in missing if "index_" not in k] + list(unexpected)

@@ -246,3 +246,11 @@ def test_an_unquoted_list_split_by_the_shell_is_quoted_whole(capsys):
 def test_an_unknown_top_level_key_names_the_top_level(capsys):
     err = _one_line_error(["train", "nosuchkey=1"], capsys)
     assert "top-level options: model, data" in err and "options of :" not in err
+
+
+def test_dense_support_policy_without_the_sensor_policy_is_one_line(capsys, tmp_path):
+    dense_fast = [o for o in FAST if not o.startswith("model.top_k")]  # dense_small has no top_k
+    err = _one_line_error(["train", *dense_fast, "model=dense_small", "model.dense_support=policy",
+                           "trainer.max_steps=5", f"hydra.run.dir={tmp_path}"], capsys)
+    assert "model.dense_support=policy only changes attention under model.group_policy=sensor (got free)" in err
+    assert "model.dense_support=all" in err

@@ -493,6 +493,28 @@ def test_a_scenario_can_override_model_settings_for_both_models(monkeypatch):
         command.probe_scenario("sensor_starvation", bad, _tiny_probe_cfg(bad))
 
 
+def test_dense_support_policy_reaches_only_the_sensor_policy_models(monkeypatch):
+    """One probe config runs several policies: model.dense_support=policy must not make the hybrid (or
+    free) models fail; they read every key, and the sensor models get `policy`."""
+    from tsfm_msa.probes import command
+
+    seen = []
+    real = command.train_model
+
+    def spy(model_config, *args, **kwargs):
+        seen.append((model_config["attention"], model_config["group_policy"], model_config["dense_support"]))
+        return real(model_config, *args, **kwargs)
+
+    monkeypatch.setattr(command, "train_model", spy)
+    spec = {"policies": ["hybrid", "sensor"], "knobs": {**RUN_KNOBS, "n_distractors": 1}}
+    cfg = _tiny_probe_cfg(spec)
+    cfg["model"]["dense_support"] = "policy"
+    result = command.probe_scenario("sensor_starvation", spec, cfg)
+    assert set(result["policies"]) == {"hybrid", "sensor"}
+    assert seen == [("dense", "hybrid", "all"), ("dense", "hybrid", "all"), ("msa", "hybrid", "all"),
+                    ("msa", "sensor", "policy")]
+
+
 def test_bf16_probe_forwards_keep_the_forecast_head_in_fp32():
     """Under bf16 autocast the encoder runs in bf16 but the compared forecasts come out of an fp32 head."""
     from tsfm_msa.probes.command import eval_autocast
