@@ -394,12 +394,22 @@ def _scenario_knobs(name: str, spec: dict, checkpoint_hp: dict | None, seed: int
 
 
 def _load_checkpoint(path: str) -> "ForecastModule":  # noqa: F821 (imported lazily: Lightning is slow to import)
+    """A checkpoint file, or a `tsfm-msa train` run folder (its best checkpoint, else its last one), as
+    `evaluate checkpoint=` and `convert init_from=` read it."""
+    from tsfm_msa.evaluate.predictor import checkpoint_file
     from tsfm_msa.train.lightning_module import ForecastModule
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    module = ForecastModule.load_from_checkpoint(path, map_location="cpu")
+    module = ForecastModule.load_from_checkpoint(checkpoint_file(path), map_location="cpu")
     return module
+
+
+def no_scenario_matches_message(checkpoint: str, schema: dict) -> str:
+    """Every scenario skipped a zero-shot checkpoint: which variates it has and which scenario takes what."""
+    ck = SeriesSchema.from_dict(schema)
+    return (f"checkpoint={checkpoint} matches no probe scenario (its variates: {', '.join(ck.names)}; freq "
+            f"{ck.freq}), so every scenario was skipped; zero-shot probing of a trained model takes probe=real_background "
+            f"with a checkpoint trained on data=vic_elec (Demand, Temperature, Holiday), the synthetic scenarios only "
+            f"checkpoints of their own variates; leave out checkpoint= to train the probe models per scenario")
 
 
 def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule | None" = None,  # noqa: F821
@@ -624,10 +634,16 @@ def run_probe_in(cfg: dict, out_dir: Path) -> dict:
             print(f"[probe] {name}, seed {seed} ...", flush=True)
             run = probe_scenario(name, dict(spec or {}), cfg, checkpoint, seed)
             run["seconds"] = round(time.perf_counter() - t0, 1)
+            if "skipped" in run and len(results[name]["runs"]) == 0:  # the same reason at every seed: say it once
+                print(f"[probe] {name}: skipped: {run['skipped']}", flush=True)
             results[name]["runs"].append(run)
             results[name]["seconds"] = round(results[name]["seconds"] + run["seconds"], 1)
             print(f"[probe] {name}, seed {seed} done in {run['seconds']} s", flush=True)
             if sum(len(r["runs"]) for r in results.values()) < n_runs:
                 # The report after every (scenario, seed): a long run stopped early keeps what it finished.
                 report()
-    return report()
+    summary = report()
+    if checkpoint is not None and all("skipped" in r for res in results.values() for r in res["runs"]):
+        # An empty report with exit code 0 reads as success; the report stays for the skip reasons.
+        raise ProbeConfigError(no_scenario_matches_message(cfg["checkpoint"], dict(checkpoint.hparams)["schema"]))
+    return summary
