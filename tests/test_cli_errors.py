@@ -254,3 +254,10 @@ def test_dense_support_policy_without_the_sensor_policy_is_one_line(capsys, tmp_
                            "trainer.max_steps=5", f"hydra.run.dir={tmp_path}"], capsys)
     assert "model.dense_support=policy only changes attention under model.group_policy=sensor (got free)" in err
     assert "model.dense_support=all" in err
+
+
+def test_a_model_key_in_evaluate_names_the_models_keys(capsys):
+    err = _one_line_error(["evaluate", "model.patch_len=7"], capsys)
+    assert err.startswith("tsfm-msa: error: unknown option model.patch_len: ")
+    assert "models.dense.patch_len=7 models.msa.patch_len=7" in err
+    assert "with checkpoint= the model settings come from the checkpoint" in err

@@ -364,6 +364,8 @@ def unknown_override_message(config_name: str, overrides: list[str]) -> str | No
         bad = next((o.split("=", 1)[0] for o in overrides if f"'{o.split('=', 1)[0]}'" in text), None)
         if bad is None:
             return None
+        if config_name == "evaluate" and bad.lstrip("+~").startswith("model."):
+            return evaluate_model_key_message(bad, overrides)
         parent, _, leaf = bad.rpartition(".")
         try:
             with initialize_config_module("tsfm_msa.configs", version_base=None):
@@ -380,6 +382,24 @@ def unknown_override_message(config_name: str, overrides: list[str]) -> str | No
     except Exception:  # noqa: BLE001 - anything else: let Hydra report it as usual
         return None
     return None
+
+
+def evaluate_model_key_message(bad: str, overrides: list[str]) -> str:
+    """`evaluate model.patch_len=7`: evaluate has no `model` node but one per evaluated model
+    (models.dense, models.msa, ...); name the override for each of them."""
+    from hydra import compose, initialize_config_module
+
+    key = bad.lstrip("+~").split(".", 1)[1]
+    try:
+        with initialize_config_module("tsfm_msa.configs", version_base=None):
+            node = compose("evaluate", overrides=[o for o in overrides if o.split("=", 1)[0] != bad])
+        names = [str(n) for n in node.models]
+    except Exception:  # noqa: BLE001 - the configs' own names stand in
+        names = ["dense", "msa"]
+    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == bad), "...")
+    per_model = " ".join(f"models.{name}.{key}={value}" for name in names)
+    return (f"unknown option {bad}: evaluate sets each evaluated model on its own, e.g. {per_model}; with "
+            f"checkpoint= the model settings come from the checkpoint")
 
 
 def unreadable_override_message(overrides: list[str]) -> str | None:
