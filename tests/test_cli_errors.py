@@ -261,3 +261,17 @@ def test_a_model_key_in_evaluate_names_the_models_keys(capsys):
     assert err.startswith("tsfm-msa: error: unknown option model.patch_len: ")
     assert "models.dense.patch_len=7 models.msa.patch_len=7" in err
     assert "with checkpoint= the model settings come from the checkpoint" in err
+
+
+def test_convert_from_a_run_on_other_data_names_its_data_overrides(capsys, tmp_path):
+    """A dense run trained on a CSV, converted without its data overrides: the message names them, not model.*."""
+    run = tmp_path / "dense_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- model=dense_small\n- data=csv\n- data.loader.path=my.csv\n")
+    schema = {"variates": [{"name": "load", "role": "target", "group": "target"}], "freq": "h"}
+    torch.save({"state_dict": {}, "hyper_parameters": {"schema": schema, "context_len": 64, "horizon": 16}},
+               run / "checkpoints" / "last.ckpt")
+    err = _one_line_error(["convert", *FAST, f"init_from={run}", f"hydra.run.dir={tmp_path / 'out'}"], capsys)
+    assert f"init_from={run} was trained on other data than this run (the variates differ)" in err
+    assert "its run used data=csv data.loader.path=my.csv" in err and "does not fit" not in err

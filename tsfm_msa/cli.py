@@ -45,7 +45,9 @@ def load_backbone(module, checkpoint_path: str) -> None:
     import torch
 
     path = init_checkpoint(checkpoint_path)
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    check_same_data(module, saved.get("hyper_parameters") or {}, path, f"init_from={checkpoint_path}")
+    state = saved["state_dict"]
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -56,6 +58,29 @@ def load_backbone(module, checkpoint_path: str) -> None:
         raise ConfigError(
             f"init_from={checkpoint_path} does not fit this model: missing {bad_missing[:5]}, unexpected "
             f"{list(unexpected)[:5]}; use the same architecture (model.*) as the checkpoint's run")
+
+
+def run_data_overrides(checkpoint: Path) -> str:
+    """' (its run used data=csv data.loader.path=... per <run>/.hydra/overrides.yaml)' for a checkpoint in a
+    run folder, '' when the folder has no Hydra record."""
+    overrides_file = checkpoint.parent.parent / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return ""
+    data = [str(o) for o in OmegaConf.load(overrides_file) if str(o).lstrip("+~").startswith("data")]
+    used = " ".join(data) if data else "no data overrides (the default data)"
+    return f" (its run used {used}, per {overrides_file})"
+
+
+def check_same_data(module, saved: dict, checkpoint: Path, what: str) -> None:
+    """A checkpoint trained on other variates or windows than this run's data: say so and name that run's
+    data overrides, before the weights fail to load with a size mismatch that points at model.*."""
+    current = dict(module.hparams)
+    differ = [f"data.{k}" for k in ("context_len", "horizon") if k in saved and saved[k] != current[k]]
+    if "schema" in saved and saved["schema"] != current["schema"]:
+        differ.append("the variates")
+    if differ:
+        raise ConfigError(f"{what} was trained on other data than this run ({', '.join(differ)} differ)"
+                          f"{run_data_overrides(checkpoint)}; pass the same data.* overrides as that run")
 
 
 def resume_checkpoint(resume: str) -> Path:
