@@ -275,3 +275,22 @@ def test_convert_from_a_run_on_other_data_names_its_data_overrides(capsys, tmp_p
     err = _one_line_error(["convert", *FAST, f"init_from={run}", f"hydra.run.dir={tmp_path / 'out'}"], capsys)
     assert f"init_from={run} was trained on other data than this run (the variates differ)" in err
     assert "its run used data=csv data.loader.path=my.csv" in err and "does not fit" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "convert", "evaluate"])
+def test_a_refused_run_leaves_no_run_folder_behind(command, capsys, tmp_path):
+    """A run refused before it wrote anything but Hydra's log and record would be an empty "latest run"."""
+    run = tmp_path / "run"
+    bad = "data.batch_size=0" if command != "convert" else "trainer.max_steps=30"  # convert: no init_from
+    _one_line_error([command, bad, f"hydra.run.dir={run}"], capsys)
+    assert not run.exists()
+    assert tmp_path.exists()
+
+
+def test_a_refused_run_keeps_a_folder_that_holds_anything_else(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    _one_line_error(["train", "data.batch_size=0", f"hydra.run.dir={run}"], capsys)
+    assert (run / "notes.txt").read_text() == "mine" and (run / "cli.log").exists()
+    assert not cli.discard_unused_run_dir(run)

@@ -284,7 +284,45 @@ def backend_message(cfg: DictConfig) -> str | None:
     return backend_problem(cuda=on_cuda)
 
 
+# Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written with the log at the start.
+_HYDRA_RECORD = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+# Commands whose run folders are found as "the latest run" (evaluate checkpoint=, convert init_from=).
+_RUN_FOLDER_COMMANDS = ("train", "convert", "evaluate")
+
+
+def discard_unused_run_dir(run_dir: Path) -> bool:
+    """Remove a run folder that holds nothing but Hydra's start-up files (the *.log files and the .hydra
+    record): a command refused before it wrote anything would otherwise leave an empty run that "the latest
+    run" picks. Anything else in the folder keeps all of it; returns whether it was removed."""
+    try:
+        entries = list(run_dir.iterdir())
+        record = run_dir / ".hydra"
+        for entry in entries:
+            if entry == record and entry.is_dir() and {p.name for p in entry.iterdir()} <= _HYDRA_RECORD:
+                continue
+            if not (entry.is_file() and entry.suffix == ".log"):
+                return False
+        for entry in entries:
+            if entry.is_dir():
+                for p in entry.iterdir():
+                    p.unlink()
+                entry.rmdir()
+            else:
+                entry.unlink()
+        run_dir.rmdir()
+    except OSError:  # gone already, or not ours to remove: leave it
+        return False
+    return True
+
+
 def _hydra_app(config_name: str, command):
+    def refuse(message: str) -> None:
+        """The one-line error, exit code 2; an unused run folder of this command goes."""
+        print(f"tsfm-msa: error: {message}", file=sys.stderr)
+        if config_name in _RUN_FOLDER_COMMANDS:
+            discard_unused_run_dir(_run_dir())
+        sys.exit(2)
+
     @hydra.main(version_base=None, config_path=CONFIGS, config_name=config_name)
     def app(cfg: DictConfig) -> None:
         # Lightning's DDP launcher starts the other processes with sys.argv: give it the real command
@@ -295,26 +333,24 @@ def _hydra_app(config_name: str, command):
         _quiet_known_noise()
         no_device = missing_cuda_message(cfg) or backend_message(cfg)
         if no_device:
-            print(f"tsfm-msa: error: {no_device}", file=sys.stderr)
-            sys.exit(2)
+            sys.argv = hydra_argv
+            refuse(no_device)
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             # Hydra would only fail deep inside instantiate with "missing positional argument".
-            print(f"tsfm-msa: error: missing required setting(s) {', '.join(missing)}; give each on the command line, "
-                  f"e.g. {missing[0]}=<value> (configs/ describes every option)", file=sys.stderr)
-            sys.exit(2)
+            sys.argv = hydra_argv
+            refuse(f"missing required setting(s) {', '.join(missing)}; give each on the command line, "
+                   f"e.g. {missing[0]}=<value> (configs/ describes every option)")
         try:
             check_settings(cfg)
             command(cfg)
         except _cuda_out_of_memory() as err:
-            print(f"tsfm-msa: error: {out_of_memory_message(cfg, err)}", file=sys.stderr)
-            sys.exit(2)
+            refuse(out_of_memory_message(cfg, err))
         except (ValueError, FileNotFoundError) as err:
             # Our own errors on bad data or config: one clear line, no traceback.
             if not (isinstance(err, FileNotFoundError) or type(err).__module__.startswith("tsfm_msa")):
                 raise
-            print(f"tsfm-msa: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            refuse(str(err))
         finally:
             sys.argv = hydra_argv
 
