@@ -294,3 +294,9 @@ def test_a_refused_run_keeps_a_folder_that_holds_anything_else(capsys, tmp_path)
     _one_line_error(["train", "data.batch_size=0", f"hydra.run.dir={run}"], capsys)
     assert (run / "notes.txt").read_text() == "mine" and (run / "cli.log").exists()
     assert not cli.discard_unused_run_dir(run)
+
+
+def test_a_mistyped_probe_lists_the_probes_but_not_their_parent(capsys):
+    err = _one_line_error(["probe", "probe=long-ci"], capsys)
+    assert "configs/probe/ has no long-ci.yaml" in err and "long_ci" in err and "rare_event" in err
+    assert "long_common" not in err  # a parent of the long_* probes, not a choice
