@@ -300,3 +300,27 @@ def test_a_mistyped_probe_lists_the_probes_but_not_their_parent(capsys):
     err = _one_line_error(["probe", "probe=long-ci"], capsys)
     assert "configs/probe/ has no long-ci.yaml" in err and "long_ci" in err and "rare_event" in err
     assert "long_common" not in err  # a parent of the long_* probes, not a choice
+
+
+@pytest.mark.parametrize("command", ["train", "convert"])
+def test_an_experiment_run_has_its_own_run_folder_name(command, monkeypatch, tmp_path):
+    """+experiment=vic_elec_sensor runs must not share outputs/<command>/msa_small-vic_elec/ with plain runs."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, command, (command, lambda cfg: seen.append((cli._run_dir(), cli._run_name())),
+                                                "test"))
+    main([command, "+experiment=vic_elec_sensor"])
+    main([command])
+    (experiment_dir, experiment_name), (plain_dir, plain_name) = seen
+    assert experiment_dir.parent == tmp_path / "outputs" / command / "msa_small-vic_elec+vic_elec_sensor"
+    assert plain_dir.parent == tmp_path / "outputs" / command / "msa_small-vic_elec"
+    assert (experiment_name, plain_name) == ("msa_small-vic_elec+vic_elec_sensor", "msa_small-vic_elec")
+
+
+def test_a_refused_run_in_the_default_folder_leaves_no_empty_model_data_folder(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "train" / "dense_small-vic_elec" / "old_run").mkdir(parents=True)
+    _one_line_error(["train", "data.batch_size=0"], capsys)
+    _one_line_error(["train", "model=dense_small", "data.batch_size=0"], capsys)
+    assert [p.name for p in (tmp_path / "outputs" / "train").iterdir()] == ["dense_small-vic_elec"]
+    assert (tmp_path / "outputs" / "train" / "dense_small-vic_elec" / "old_run").is_dir()

@@ -7,6 +7,7 @@ This module is the only reader of Hydra configs: it turns them into objects and 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -21,9 +22,20 @@ CONFIGS = "pkg://tsfm_msa.configs"
 _ORIGINAL_ARGV: list[str] = []  # the command line main() was given, for Lightning's DDP launcher
 
 
+def experiment_tag(choice: str | None = None) -> str:
+    """'+<experiment>' when a `+experiment=` is chosen, else '': the run folder's name then tells an
+    experiment's runs from plain `<model>-<data>` runs (configs/train.yaml, hydra.run.dir)."""
+    return f"+{choice}" if choice else ""
+
+
+# Module level: Hydra resolves hydra.run.dir before the app runs.
+if not OmegaConf.has_resolver("experiment_tag"):
+    OmegaConf.register_new_resolver("experiment_tag", experiment_tag)
+
+
 def _run_name() -> str:
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
-    return f"{choices.get('model')}-{choices.get('data')}"
+    return f"{choices.get('model')}-{choices.get('data')}{experiment_tag(choices.get('experiment'))}"
 
 
 def init_checkpoint(init_from: str) -> Path:
@@ -319,8 +331,12 @@ def _hydra_app(config_name: str, command):
     def refuse(message: str) -> None:
         """The one-line error, exit code 2; an unused run folder of this command goes."""
         print(f"tsfm-msa: error: {message}", file=sys.stderr)
-        if config_name in _RUN_FOLDER_COMMANDS:
-            discard_unused_run_dir(_run_dir())
+        if config_name in _RUN_FOLDER_COMMANDS and discard_unused_run_dir(_run_dir()):
+            overrides = hydra.core.hydra_config.HydraConfig.get().overrides.hydra
+            if not any(str(o).startswith("hydra.run.dir=") for o in overrides):
+                # Our own <model>-<data> folder, now empty if this was its only run; a folder the user named stays.
+                with contextlib.suppress(OSError):
+                    _run_dir().parent.rmdir()
         sys.exit(2)
 
     @hydra.main(version_base=None, config_path=CONFIGS, config_name=config_name)
