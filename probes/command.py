@@ -418,7 +418,16 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     rows per policy, figures' raw material."""
     hp = dict(checkpoint.hparams) if checkpoint is not None else None
     start = time.perf_counter()
-    scenario = make_scenario(name, **_scenario_knobs(name, spec, hp, seed))
+    knobs = _scenario_knobs(name, spec, hp, seed)
+    try:
+        scenario = make_scenario(name, **knobs)
+    except ProbeConfigError as err:
+        if hp is None:
+            raise
+        # The checkpoint, not the scenario config, set the window: say so, or the knob error reads as a typo.
+        window = ", ".join(f"{k}={knobs[k]}" for k in ("context_len", "horizon", "patch_len"))
+        raise ProbeConfigError(f"{name} at the checkpoint's window ({window}): {err}; set the scenario's knobs to "
+                               f"fit it, e.g. probe.scenarios.{name}.knobs.distance=<steps back>") from None
     data = probe_batches(scenario)
     data_seconds = time.perf_counter() - start
     selectors = [s for s in cfg["selectors"] if s in SELECTORS]

@@ -411,6 +411,10 @@ def test_zero_shot_probe_takes_a_run_folder_and_says_what_it_skips(tmp_path, cap
     assert summary["scenarios"]["rare_event"]["runs"][0]["policies"]["sensor"]["rows"]
     out = capsys.readouterr().out
     assert out.count("[probe] exogenous_delay: skipped: checkpoint schema does not match") == 1  # once, not per seed
+    far = {"rare_event": {"knobs": {**RUN_KNOBS, "n_distractors": 1, "distance": 40}}}  # beyond the 32-step window
+    with pytest.raises(ProbeConfigError, match=r"rare_event at the checkpoint's window \(context_len=32, horizon=4, "
+                                               r"patch_len=4\): distance \(40\).*probe.scenarios.rare_event.knobs"):
+        run_probe_in({**cfg, "probe": {"scenarios": far}}, tmp_path / "out3")
     del scenarios_["rare_event"]
     with pytest.raises(ProbeConfigError, match=r"matches no probe scenario \(its variates: target, .*probe=real_background"):
         run_probe_in(cfg, tmp_path / "out2")

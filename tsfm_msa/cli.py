@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -328,7 +329,7 @@ def discard_unused_run_dir(run_dir: Path) -> bool:
 
 
 def _hydra_app(config_name: str, command):
-    def refuse(message: str) -> None:
+    def refuse(message: str) -> NoReturn:
         """The one-line error, exit code 2; an unused run folder of this command goes."""
         print(f"tsfm-msa: error: {message}", file=sys.stderr)
         if config_name in _RUN_FOLDER_COMMANDS and discard_unused_run_dir(_run_dir()):
