@@ -49,10 +49,19 @@ def probe_model_config(model_cfg: dict, scenario: ScenarioData, attention: str, 
     """Model node for a scenario: one GQA group per sensor group (so every policy runs on the same
     architecture and ``sensor`` is allowed), ``heads_per_group`` query heads per group."""
     groups = len(scenario.schema.group_names)
-    cfg = dict(model_cfg)
+    cfg = _dense_support_for(dict(model_cfg), policy)
     heads_per_group = int(cfg.pop("heads_per_group", 2))
     return {"_target_": MODEL_TARGET, **cfg, "attention": attention, "group_policy": policy,
             "patch_len": scenario.patch_len, "n_kv_heads": groups, "n_heads": heads_per_group * groups}
+
+
+def _dense_support_for(model_cfg: dict, policy: str) -> dict:
+    """``dense_support=policy`` applies to the sensor-policy models of a scenario only: one probe config
+    runs several policies (e.g. [sensor, hybrid]), and the model refuses ``policy`` elsewhere (it would
+    mean ``all`` there anyway)."""
+    if policy != "sensor" and model_cfg.get("dense_support") == "policy":
+        model_cfg = {**model_cfg, "dense_support": "all"}
+    return model_cfg
 
 
 def window_dataset(frames, scenario: ScenarioData) -> WindowDataset:
@@ -188,7 +197,7 @@ def _mixed_module_class():
 
 def as_msa(model_config: dict, schema: dict, state: dict, policy: str) -> torch.nn.Module:
     """An MSA model of the same shape carrying ``state`` (dense or MSA weights), under ``policy``."""
-    config = {**model_config, "attention": "msa", "group_policy": policy}
+    config = {**_dense_support_for(model_config, policy), "attention": "msa", "group_policy": policy}
     model = build_model(config, schema)
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad = [k for k in missing if "index_" not in k] + list(unexpected)
@@ -385,12 +394,22 @@ def _scenario_knobs(name: str, spec: dict, checkpoint_hp: dict | None, seed: int
 
 
 def _load_checkpoint(path: str) -> "ForecastModule":  # noqa: F821 (imported lazily: Lightning is slow to import)
+    """A checkpoint file, or a `tsfm-msa train` run folder (its best checkpoint, else its last one), as
+    `evaluate checkpoint=` and `convert init_from=` read it."""
+    from tsfm_msa.evaluate.predictor import checkpoint_file
     from tsfm_msa.train.lightning_module import ForecastModule
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    module = ForecastModule.load_from_checkpoint(path, map_location="cpu")
+    module = ForecastModule.load_from_checkpoint(checkpoint_file(path), map_location="cpu")
     return module
+
+
+def no_scenario_matches_message(checkpoint: str, schema: dict) -> str:
+    """Every scenario skipped a zero-shot checkpoint: which variates it has and which scenario takes what."""
+    ck = SeriesSchema.from_dict(schema)
+    return (f"checkpoint={checkpoint} matches no probe scenario (its variates: {', '.join(ck.names)}; freq "
+            f"{ck.freq}), so every scenario was skipped; zero-shot probing of a trained model takes probe=real_background "
+            f"with a checkpoint trained on data=vic_elec (Demand, Temperature, Holiday), the synthetic scenarios only "
+            f"checkpoints of their own variates; leave out checkpoint= to train the probe models per scenario")
 
 
 def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule | None" = None,  # noqa: F821
@@ -399,7 +418,16 @@ def probe_scenario(name: str, spec: dict, cfg: dict, checkpoint: "ForecastModule
     rows per policy, figures' raw material."""
     hp = dict(checkpoint.hparams) if checkpoint is not None else None
     start = time.perf_counter()
-    scenario = make_scenario(name, **_scenario_knobs(name, spec, hp, seed))
+    knobs = _scenario_knobs(name, spec, hp, seed)
+    try:
+        scenario = make_scenario(name, **knobs)
+    except ProbeConfigError as err:
+        if hp is None:
+            raise
+        # The checkpoint, not the scenario config, set the window: say so, or the knob error reads as a typo.
+        window = ", ".join(f"{k}={knobs[k]}" for k in ("context_len", "horizon", "patch_len"))
+        raise ProbeConfigError(f"{name} at the checkpoint's window ({window}): {err}; set the scenario's knobs to "
+                               f"fit it, e.g. probe.scenarios.{name}.knobs.distance=<steps back>") from None
     data = probe_batches(scenario)
     data_seconds = time.perf_counter() - start
     selectors = [s for s in cfg["selectors"] if s in SELECTORS]
@@ -615,10 +643,16 @@ def run_probe_in(cfg: dict, out_dir: Path) -> dict:
             print(f"[probe] {name}, seed {seed} ...", flush=True)
             run = probe_scenario(name, dict(spec or {}), cfg, checkpoint, seed)
             run["seconds"] = round(time.perf_counter() - t0, 1)
+            if "skipped" in run and len(results[name]["runs"]) == 0:  # the same reason at every seed: say it once
+                print(f"[probe] {name}: skipped: {run['skipped']}", flush=True)
             results[name]["runs"].append(run)
             results[name]["seconds"] = round(results[name]["seconds"] + run["seconds"], 1)
             print(f"[probe] {name}, seed {seed} done in {run['seconds']} s", flush=True)
             if sum(len(r["runs"]) for r in results.values()) < n_runs:
                 # The report after every (scenario, seed): a long run stopped early keeps what it finished.
                 report()
-    return report()
+    summary = report()
+    if checkpoint is not None and all("skipped" in r for res in results.values() for r in res["runs"]):
+        # An empty report with exit code 0 reads as success; the report stays for the skip reasons.
+        raise ProbeConfigError(no_scenario_matches_message(cfg["checkpoint"], dict(checkpoint.hparams)["schema"]))
+    return summary

@@ -246,3 +246,81 @@ def test_an_unquoted_list_split_by_the_shell_is_quoted_whole(capsys):
 def test_an_unknown_top_level_key_names_the_top_level(capsys):
     err = _one_line_error(["train", "nosuchkey=1"], capsys)
     assert "top-level options: model, data" in err and "options of :" not in err
+
+
+def test_dense_support_policy_without_the_sensor_policy_is_one_line(capsys, tmp_path):
+    dense_fast = [o for o in FAST if not o.startswith("model.top_k")]  # dense_small has no top_k
+    err = _one_line_error(["train", *dense_fast, "model=dense_small", "model.dense_support=policy",
+                           "trainer.max_steps=5", f"hydra.run.dir={tmp_path}"], capsys)
+    assert "model.dense_support=policy only changes attention under model.group_policy=sensor (got free)" in err
+    assert "model.dense_support=all" in err
+
+
+def test_a_model_key_in_evaluate_names_the_models_keys(capsys):
+    err = _one_line_error(["evaluate", "model.patch_len=7"], capsys)
+    assert err.startswith("tsfm-msa: error: unknown option model.patch_len: ")
+    assert "models.dense.patch_len=7 models.msa.patch_len=7" in err
+    assert "with checkpoint= the model settings come from the checkpoint" in err
+
+
+def test_convert_from_a_run_on_other_data_names_its_data_overrides(capsys, tmp_path):
+    """A dense run trained on a CSV, converted without its data overrides: the message names them, not model.*."""
+    run = tmp_path / "dense_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- model=dense_small\n- data=csv\n- data.loader.path=my.csv\n")
+    schema = {"variates": [{"name": "load", "role": "target", "group": "target"}], "freq": "h"}
+    torch.save({"state_dict": {}, "hyper_parameters": {"schema": schema, "context_len": 64, "horizon": 16}},
+               run / "checkpoints" / "last.ckpt")
+    err = _one_line_error(["convert", *FAST, f"init_from={run}", f"hydra.run.dir={tmp_path / 'out'}"], capsys)
+    assert f"init_from={run} was trained on other data than this run (the variates differ)" in err
+    assert "its run used data=csv data.loader.path=my.csv" in err and "does not fit" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "convert", "evaluate"])
+def test_a_refused_run_leaves_no_run_folder_behind(command, capsys, tmp_path):
+    """A run refused before it wrote anything but Hydra's log and record would be an empty "latest run"."""
+    run = tmp_path / "run"
+    bad = "data.batch_size=0" if command != "convert" else "trainer.max_steps=30"  # convert: no init_from
+    _one_line_error([command, bad, f"hydra.run.dir={run}"], capsys)
+    assert not run.exists()
+    assert tmp_path.exists()
+
+
+def test_a_refused_run_keeps_a_folder_that_holds_anything_else(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    _one_line_error(["train", "data.batch_size=0", f"hydra.run.dir={run}"], capsys)
+    assert (run / "notes.txt").read_text() == "mine" and (run / "cli.log").exists()
+    assert not cli.discard_unused_run_dir(run)
+
+
+def test_a_mistyped_probe_lists_the_probes_but_not_their_parent(capsys):
+    err = _one_line_error(["probe", "probe=long-ci"], capsys)
+    assert "configs/probe/ has no long-ci.yaml" in err and "long_ci" in err and "rare_event" in err
+    assert "long_common" not in err  # a parent of the long_* probes, not a choice
+
+
+@pytest.mark.parametrize("command", ["train", "convert"])
+def test_an_experiment_run_has_its_own_run_folder_name(command, monkeypatch, tmp_path):
+    """+experiment=vic_elec_sensor runs must not share outputs/<command>/msa_small-vic_elec/ with plain runs."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, command, (command, lambda cfg: seen.append((cli._run_dir(), cli._run_name())),
+                                                "test"))
+    main([command, "+experiment=vic_elec_sensor"])
+    main([command])
+    (experiment_dir, experiment_name), (plain_dir, plain_name) = seen
+    assert experiment_dir.parent == tmp_path / "outputs" / command / "msa_small-vic_elec+vic_elec_sensor"
+    assert plain_dir.parent == tmp_path / "outputs" / command / "msa_small-vic_elec"
+    assert (experiment_name, plain_name) == ("msa_small-vic_elec+vic_elec_sensor", "msa_small-vic_elec")
+
+
+def test_a_refused_run_in_the_default_folder_leaves_no_empty_model_data_folder(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "train" / "dense_small-vic_elec" / "old_run").mkdir(parents=True)
+    _one_line_error(["train", "data.batch_size=0"], capsys)
+    _one_line_error(["train", "model=dense_small", "data.batch_size=0"], capsys)
+    assert [p.name for p in (tmp_path / "outputs" / "train").iterdir()] == ["dense_small-vic_elec"]
+    assert (tmp_path / "outputs" / "train" / "dense_small-vic_elec" / "old_run").is_dir()

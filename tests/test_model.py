@@ -146,6 +146,17 @@ def test_layer_rejects_bad_settings():
         small_model("msa")(random_batch(1, C, H, 2))
 
 
+@pytest.mark.parametrize("attention,policy", [("dense", "free"), ("msa", "free"), ("msa", "hybrid")])
+def test_dense_support_policy_outside_the_sensor_policy_is_refused(attention, policy):
+    """dense_support=policy changes nothing outside group_policy=sensor: refused, not silently `all`."""
+    with pytest.raises(ModelConfigError, match=f"only changes attention under model.group_policy=sensor "
+                                               f"\\(got {policy}\\); set model.group_policy=sensor"):
+        small_model(attention, policy, dense_support="policy")
+    with pytest.raises(ModelConfigError, match="group_policy=sensor"):
+        MSAAttention(16, 4, 2, 8, group_policy=policy, dense_support="policy")
+    small_model(attention, "sensor", dense_support="policy")  # where it has an effect, it builds
+
+
 def test_kernel_input_errors_are_clear():
     qi, ki = torch.randn(1, 2, 20, 4), torch.randn(1, 20, 4)
     t = torch.arange(20, dtype=torch.int32)[None]

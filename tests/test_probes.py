@@ -358,8 +358,12 @@ def test_run_probe_writes_a_parsable_report(tmp_path):
                                                   ["sensor"]["rows"]]
 
 
-def test_zero_shot_probe_of_a_checkpoint(tmp_path):
-    """A saved ForecastModule is probed as is; scenarios whose schema differs are skipped, not failed."""
+ZERO_SHOT_MODEL = {"d_model": 16, "n_layers": 1, "heads_per_group": 1, "head_dim": 4, "block_size": 2, "top_k": 3,
+                   "index_dim": 4}
+
+
+def _rare_event_checkpoint(ckpt) -> None:
+    """A one-step MSA ForecastModule on rare_event (1 distractor) saved at ``ckpt``."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -367,15 +371,19 @@ def test_zero_shot_probe_of_a_checkpoint(tmp_path):
     from tsfm_msa.train.lightning_module import ForecastModule
 
     data = _make("rare_event", n_distractors=1, n_train=4)
-    model_cfg = {"d_model": 16, "n_layers": 1, "heads_per_group": 1, "head_dim": 4, "block_size": 2, "top_k": 3,
-                 "index_dim": 4}
-    module = ForecastModule(probe_model_config(model_cfg, data, "msa", "sensor"), data.schema.to_dict(), 32, 4,
+    module = ForecastModule(probe_model_config(ZERO_SHOT_MODEL, data, "msa", "sensor"), data.schema.to_dict(), 32, 4,
                             indexer_warmup={"steps": 0}, max_steps=1)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(window_dataset(data.train, data), batch_size=2))
-    ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)
+
+
+def test_zero_shot_probe_of_a_checkpoint(tmp_path):
+    """A saved ForecastModule is probed as is; scenarios whose schema differs are skipped, not failed."""
+    model_cfg = ZERO_SHOT_MODEL
+    ckpt = tmp_path / "model.ckpt"
+    _rare_event_checkpoint(ckpt)
     cfg = {"seed": 3, "threads": 1, "checkpoint": str(ckpt), "model": model_cfg, "train": {},
            "selectors": ["dense", "local", "oracle", "learned"], "verdict": {},
            "probe": {"scenarios": {"rare_event": {"knobs": {**RUN_KNOBS, "n_distractors": 1}},
@@ -387,6 +395,29 @@ def test_zero_shot_probe_of_a_checkpoint(tmp_path):
     assert all(r["backbone"] == "checkpoint" for r in rows)
     assert rows[0]["error_ratio"] == 1.0 and rows[0]["recall"] == 1.0 and rows[1]["recall"] == 0.0
     assert "schema" in summary["scenarios"]["exogenous_delay"]["runs"][0]["skipped"]
+
+
+def test_zero_shot_probe_takes_a_run_folder_and_says_what_it_skips(tmp_path, capsys):
+    """checkpoint=<run folder> reads its checkpoint (as evaluate does); each skipped scenario gets a console
+    line, and a checkpoint that fits no scenario ends as an error, not as an empty report."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    _rare_event_checkpoint(run / "checkpoints" / "last.ckpt")
+    scenarios_ = {"rare_event": {"knobs": {**RUN_KNOBS, "n_distractors": 1}},
+                  "exogenous_delay": {"knobs": {**RUN_KNOBS, "n_distractors": 1}}}
+    cfg = {"seeds": [0, 1], "threads": 1, "checkpoint": str(run), "model": ZERO_SHOT_MODEL, "train": {},
+           "selectors": ["dense", "local"], "verdict": {}, "probe": {"scenarios": scenarios_}}
+    summary = run_probe_in(cfg, tmp_path / "out")
+    assert summary["scenarios"]["rare_event"]["runs"][0]["policies"]["sensor"]["rows"]
+    out = capsys.readouterr().out
+    assert out.count("[probe] exogenous_delay: skipped: checkpoint schema does not match") == 1  # once, not per seed
+    far = {"rare_event": {"knobs": {**RUN_KNOBS, "n_distractors": 1, "distance": 40}}}  # beyond the 32-step window
+    with pytest.raises(ProbeConfigError, match=r"rare_event at the checkpoint's window \(context_len=32, horizon=4, "
+                                               r"patch_len=4\): distance \(40\).*probe.scenarios.rare_event.knobs"):
+        run_probe_in({**cfg, "probe": {"scenarios": far}}, tmp_path / "out3")
+    del scenarios_["rare_event"]
+    with pytest.raises(ProbeConfigError, match=r"matches no probe scenario \(its variates: target, .*probe=real_background"):
+        run_probe_in(cfg, tmp_path / "out2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +522,28 @@ def test_a_scenario_can_override_model_settings_for_both_models(monkeypatch):
     bad = {**spec, "model": {"heads": 3}}
     with pytest.raises(ProbeConfigError, match=r"sensor_starvation.model: unknown model keys \['heads'\]"):
         command.probe_scenario("sensor_starvation", bad, _tiny_probe_cfg(bad))
+
+
+def test_dense_support_policy_reaches_only_the_sensor_policy_models(monkeypatch):
+    """One probe config runs several policies: model.dense_support=policy must not make the hybrid (or
+    free) models fail; they read every key, and the sensor models get `policy`."""
+    from tsfm_msa.probes import command
+
+    seen = []
+    real = command.train_model
+
+    def spy(model_config, *args, **kwargs):
+        seen.append((model_config["attention"], model_config["group_policy"], model_config["dense_support"]))
+        return real(model_config, *args, **kwargs)
+
+    monkeypatch.setattr(command, "train_model", spy)
+    spec = {"policies": ["hybrid", "sensor"], "knobs": {**RUN_KNOBS, "n_distractors": 1}}
+    cfg = _tiny_probe_cfg(spec)
+    cfg["model"]["dense_support"] = "policy"
+    result = command.probe_scenario("sensor_starvation", spec, cfg)
+    assert set(result["policies"]) == {"hybrid", "sensor"}
+    assert seen == [("dense", "hybrid", "all"), ("dense", "hybrid", "all"), ("msa", "hybrid", "all"),
+                    ("msa", "sensor", "policy")]
 
 
 def test_bf16_probe_forwards_keep_the_forecast_head_in_fp32():

@@ -276,6 +276,14 @@ def test_long_context_ci_setting_runs_end_to_end_on_the_cpu(tmp_path):
     _check_merge_of_per_scenario_runs(tmp_path)
 
 
+def test_long_ci_probe_runs_with_dense_support_policy(tmp_path):
+    """`tsfm-msa probe probe=long_ci model.dense_support=policy`: its sensor-policy models take it."""
+    cfg = _compose_probe(["probe=long_ci", "device=cpu", "model.dense_support=policy"])
+    summary = run_probe_in(cfg, tmp_path)
+    assert summary["settings"]["model"]["dense_support"] == "policy"
+    assert all("sensor" in res["runs"][0]["policies"] for res in summary["scenarios"].values())
+
+
 def _check_merge_of_per_scenario_runs(run_dir):
     """The GPU script runs one process per scenario and merges their reports: split this run into one
     summary per scenario, merge them back, and get the same rows and target check."""

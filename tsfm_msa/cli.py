@@ -7,8 +7,10 @@ This module is the only reader of Hydra configs: it turns them into objects and 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -21,9 +23,20 @@ CONFIGS = "pkg://tsfm_msa.configs"
 _ORIGINAL_ARGV: list[str] = []  # the command line main() was given, for Lightning's DDP launcher
 
 
+def experiment_tag(choice: str | None = None) -> str:
+    """'+<experiment>' when a `+experiment=` is chosen, else '': the run folder's name then tells an
+    experiment's runs from plain `<model>-<data>` runs (configs/train.yaml, hydra.run.dir)."""
+    return f"+{choice}" if choice else ""
+
+
+# Module level: Hydra resolves hydra.run.dir before the app runs.
+if not OmegaConf.has_resolver("experiment_tag"):
+    OmegaConf.register_new_resolver("experiment_tag", experiment_tag)
+
+
 def _run_name() -> str:
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
-    return f"{choices.get('model')}-{choices.get('data')}"
+    return f"{choices.get('model')}-{choices.get('data')}{experiment_tag(choices.get('experiment'))}"
 
 
 def init_checkpoint(init_from: str) -> Path:
@@ -45,7 +58,9 @@ def load_backbone(module, checkpoint_path: str) -> None:
     import torch
 
     path = init_checkpoint(checkpoint_path)
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    check_same_data(module, saved.get("hyper_parameters") or {}, path, f"init_from={checkpoint_path}")
+    state = saved["state_dict"]
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -56,6 +71,29 @@ def load_backbone(module, checkpoint_path: str) -> None:
         raise ConfigError(
             f"init_from={checkpoint_path} does not fit this model: missing {bad_missing[:5]}, unexpected "
             f"{list(unexpected)[:5]}; use the same architecture (model.*) as the checkpoint's run")
+
+
+def run_data_overrides(checkpoint: Path) -> str:
+    """' (its run used data=csv data.loader.path=... per <run>/.hydra/overrides.yaml)' for a checkpoint in a
+    run folder, '' when the folder has no Hydra record."""
+    overrides_file = checkpoint.parent.parent / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return ""
+    data = [str(o) for o in OmegaConf.load(overrides_file) if str(o).lstrip("+~").startswith("data")]
+    used = " ".join(data) if data else "no data overrides (the default data)"
+    return f" (its run used {used}, per {overrides_file})"
+
+
+def check_same_data(module, saved: dict, checkpoint: Path, what: str) -> None:
+    """A checkpoint trained on other variates or windows than this run's data: say so and name that run's
+    data overrides, before the weights fail to load with a size mismatch that points at model.*."""
+    current = dict(module.hparams)
+    differ = [f"data.{k}" for k in ("context_len", "horizon") if k in saved and saved[k] != current[k]]
+    if "schema" in saved and saved["schema"] != current["schema"]:
+        differ.append("the variates")
+    if differ:
+        raise ConfigError(f"{what} was trained on other data than this run ({', '.join(differ)} differ)"
+                          f"{run_data_overrides(checkpoint)}; pass the same data.* overrides as that run")
 
 
 def resume_checkpoint(resume: str) -> Path:
@@ -259,7 +297,49 @@ def backend_message(cfg: DictConfig) -> str | None:
     return backend_problem(cuda=on_cuda)
 
 
+# Hydra's record of the command (config.yaml, hydra.yaml, overrides.yaml), written with the log at the start.
+_HYDRA_RECORD = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+# Commands whose run folders are found as "the latest run" (evaluate checkpoint=, convert init_from=).
+_RUN_FOLDER_COMMANDS = ("train", "convert", "evaluate")
+
+
+def discard_unused_run_dir(run_dir: Path) -> bool:
+    """Remove a run folder that holds nothing but Hydra's start-up files (the *.log files and the .hydra
+    record): a command refused before it wrote anything would otherwise leave an empty run that "the latest
+    run" picks. Anything else in the folder keeps all of it; returns whether it was removed."""
+    try:
+        entries = list(run_dir.iterdir())
+        record = run_dir / ".hydra"
+        for entry in entries:
+            if entry == record and entry.is_dir() and {p.name for p in entry.iterdir()} <= _HYDRA_RECORD:
+                continue
+            if not (entry.is_file() and entry.suffix == ".log"):
+                return False
+        for entry in entries:
+            if entry.is_dir():
+                for p in entry.iterdir():
+                    p.unlink()
+                entry.rmdir()
+            else:
+                entry.unlink()
+        run_dir.rmdir()
+    except OSError:  # gone already, or not ours to remove: leave it
+        return False
+    return True
+
+
 def _hydra_app(config_name: str, command):
+    def refuse(message: str) -> NoReturn:
+        """The one-line error, exit code 2; an unused run folder of this command goes."""
+        print(f"tsfm-msa: error: {message}", file=sys.stderr)
+        if config_name in _RUN_FOLDER_COMMANDS and discard_unused_run_dir(_run_dir()):
+            overrides = hydra.core.hydra_config.HydraConfig.get().overrides.hydra
+            if not any(str(o).startswith("hydra.run.dir=") for o in overrides):
+                # Our own <model>-<data> folder, now empty if this was its only run; a folder the user named stays.
+                with contextlib.suppress(OSError):
+                    _run_dir().parent.rmdir()
+        sys.exit(2)
+
     @hydra.main(version_base=None, config_path=CONFIGS, config_name=config_name)
     def app(cfg: DictConfig) -> None:
         # Lightning's DDP launcher starts the other processes with sys.argv: give it the real command
@@ -270,26 +350,24 @@ def _hydra_app(config_name: str, command):
         _quiet_known_noise()
         no_device = missing_cuda_message(cfg) or backend_message(cfg)
         if no_device:
-            print(f"tsfm-msa: error: {no_device}", file=sys.stderr)
-            sys.exit(2)
+            sys.argv = hydra_argv
+            refuse(no_device)
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             # Hydra would only fail deep inside instantiate with "missing positional argument".
-            print(f"tsfm-msa: error: missing required setting(s) {', '.join(missing)}; give each on the command line, "
-                  f"e.g. {missing[0]}=<value> (configs/ describes every option)", file=sys.stderr)
-            sys.exit(2)
+            sys.argv = hydra_argv
+            refuse(f"missing required setting(s) {', '.join(missing)}; give each on the command line, "
+                   f"e.g. {missing[0]}=<value> (configs/ describes every option)")
         try:
             check_settings(cfg)
             command(cfg)
         except _cuda_out_of_memory() as err:
-            print(f"tsfm-msa: error: {out_of_memory_message(cfg, err)}", file=sys.stderr)
-            sys.exit(2)
+            refuse(out_of_memory_message(cfg, err))
         except (ValueError, FileNotFoundError) as err:
             # Our own errors on bad data or config: one clear line, no traceback.
             if not (isinstance(err, FileNotFoundError) or type(err).__module__.startswith("tsfm_msa")):
                 raise
-            print(f"tsfm-msa: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            refuse(str(err))
         finally:
             sys.argv = hydra_argv
 
@@ -364,6 +442,8 @@ def unknown_override_message(config_name: str, overrides: list[str]) -> str | No
         bad = next((o.split("=", 1)[0] for o in overrides if f"'{o.split('=', 1)[0]}'" in text), None)
         if bad is None:
             return None
+        if config_name == "evaluate" and bad.lstrip("+~").startswith("model."):
+            return evaluate_model_key_message(bad, overrides)
         parent, _, leaf = bad.rpartition(".")
         try:
             with initialize_config_module("tsfm_msa.configs", version_base=None):
@@ -380,6 +460,24 @@ def unknown_override_message(config_name: str, overrides: list[str]) -> str | No
     except Exception:  # noqa: BLE001 - anything else: let Hydra report it as usual
         return None
     return None
+
+
+def evaluate_model_key_message(bad: str, overrides: list[str]) -> str:
+    """`evaluate model.patch_len=7`: evaluate has no `model` node but one per evaluated model
+    (models.dense, models.msa, ...); name the override for each of them."""
+    from hydra import compose, initialize_config_module
+
+    key = bad.lstrip("+~").split(".", 1)[1]
+    try:
+        with initialize_config_module("tsfm_msa.configs", version_base=None):
+            node = compose("evaluate", overrides=[o for o in overrides if o.split("=", 1)[0] != bad])
+        names = [str(n) for n in node.models]
+    except Exception:  # noqa: BLE001 - the configs' own names stand in
+        names = ["dense", "msa"]
+    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == bad), "...")
+    per_model = " ".join(f"models.{name}.{key}={value}" for name in names)
+    return (f"unknown option {bad}: evaluate sets each evaluated model on its own, e.g. {per_model}; with "
+            f"checkpoint= the model settings come from the checkpoint")
 
 
 def unreadable_override_message(overrides: list[str]) -> str | None:

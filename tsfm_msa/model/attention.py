@@ -23,10 +23,16 @@ GROUP_POLICIES = ("free", "sensor", "hybrid")
 DENSE_SUPPORTS = ("all", "policy")
 
 
-def check_dense_support(dense_support: str) -> None:
+def check_dense_support(dense_support: str, group_policy: str = "sensor") -> None:
+    """``dense_support`` is a known value and has an effect under ``group_policy``."""
     if dense_support not in DENSE_SUPPORTS:
         raise ModelConfigError(f"model.dense_support must be one of {DENSE_SUPPORTS} (dense attention over every visible "
                                f"key, or over the group policy's support), got {dense_support!r}")
+    if dense_support == "policy" and group_policy != "sensor":
+        # Only the sensor policy restricts a group's support; elsewhere `policy` would silently mean `all`.
+        raise ModelConfigError(f"model.dense_support=policy only changes attention under model.group_policy=sensor "
+                               f"(got {group_policy}); set model.group_policy=sensor (with n_kv_heads = number of "
+                               f"sensor groups) or model.dense_support=all")
 # "predict": the sparse path without the indexer loss (forecasting needs only the selection).
 PHASES = ("indexer_warmup", "sparse", "predict")
 # Indexer loss in training: every query row up to this many tokens; beyond, every AUTO_KL_STRIDE-th
@@ -139,9 +145,9 @@ class MSAAttention(_QKV):
         dense_support: str = "all",
     ) -> None:
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, rope_base)
-        check_dense_support(dense_support)
         if group_policy not in GROUP_POLICIES:
             raise ModelConfigError(f"group_policy must be one of {GROUP_POLICIES}, got {group_policy!r}")
+        check_dense_support(dense_support, group_policy)
         if not isinstance(top_k, int) or top_k <= 0:
             raise ModelConfigError(f"top_k must be a positive integer, got {top_k!r}")
         if group_policy == "hybrid":

@@ -86,7 +86,7 @@ class PatchTransformer(nn.Module):
         for kind in kinds:
             if kind not in ("dense", "msa"):
                 raise ModelConfigError(f"attention kind must be 'dense' or 'msa', got {kind!r}")
-        check_dense_support(dense_support)
+        check_dense_support(dense_support, group_policy)
         # Dense layers read only their own sensor group under dense_support=policy + the sensor policy.
         own_group_dense = dense_support == "policy" and group_policy == "sensor"
         if len(roles) > max_variates:
