@@ -286,6 +286,15 @@ def test_progress_bar_follows_the_terminal_unless_set(monkeypatch, tmp_path):
     assert build_trainer(cfg, tmp_path).progress_bar_callback is not None  # an explicit choice wins
 
 
+
+def _validation_metrics(module, dm, tmp_path) -> dict:
+    """One Lightning validation pass of ``module`` on ``dm``: its logged metrics."""
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
+    return metrics
+
+
 def test_validation_mae_is_the_mean_over_observed_values(tmp_path):
     """A validation batch with no observed target adds nothing to val_mae / val_loss (it was averaged in
     as a fake 0); the epoch values are the means over every observed horizon value."""
@@ -303,9 +312,7 @@ def test_validation_mae_is_the_mean_over_observed_values(tmp_path):
     dm = SeriesDataModule(frames=frames, context_len=64, horizon=16, val_fraction=0.12, test_fraction=0.0,
                           batch_size=1)
     module = ForecastModule(TINY_MODEL, frames[0].schema.to_dict(), 64, 16, max_steps=1).eval()
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
-    [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
+    metrics = _validation_metrics(module, dm, tmp_path)
     err = loss = count = 0.0
     batches = list(dm.val_dataloader())
     assert len(batches) == 3 and not batches[1]["horizon_mask"].any()
@@ -341,9 +348,7 @@ def test_validation_logs_each_targets_mae_in_its_own_units(tmp_path):
     dm = SeriesDataModule(frames=frames, context_len=64, horizon=16, val_fraction=0.12, test_fraction=0.0,
                           batch_size=2)
     module = ForecastModule(TINY_MODEL, frames[0].schema.to_dict(), 64, 16, max_steps=1).eval()
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
-    [metrics] = trainer.validate(module, datamodule=dm, verbose=False)
+    metrics = _validation_metrics(module, dm, tmp_path)
     err, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2)
     with torch.no_grad():
         for batch in dm.val_dataloader():
