@@ -1,6 +1,7 @@
 """GluonTS evaluation: predictor round-trip, metrics vs GluonTS and numpy, bad input, estimator, end-to-end."""
 from __future__ import annotations
 
+import json
 import re
 import warnings
 
@@ -199,6 +200,58 @@ def test_evaluate_beats_seasonal_naive_on_known_function(tmp_path):
     assert "tsfm-msa dense" in (tmp_path / "evaluation.md").read_text()
 
 
+def test_evaluate_reports_each_target_of_a_two_target_csv(tmp_path):
+    """Targets of very different scales (~5e3 and ~1e6): every model also gets one row per target, scored by
+    GluonTS on that target's series only. The pooled CRPS (quantile loss over sum |target| of all series) is
+    the |target|-weighted mean of the per-target ones, i.e. almost the large target's; the pooled MASE (scaled
+    per series) is the plain mean of the per-target ones."""
+    from tsfm_msa.evaluate.command import evaluate
+
+    rng = np.random.default_rng(int(np.random.default_rng().integers(1000)))
+    T, windows = 360, 2
+    t = np.arange(T)
+    day = np.sin(2 * np.pi * t / 24)
+    df = pd.DataFrame({"ts": pd.date_range("2024-01-01", periods=T, freq="h").strftime("%Y-%m-%d %H:%M"),
+                       "Leistung_kW": 5e3 + 1e3 * day + rng.normal(0, 200, T),
+                       "Umsatz": 1e6 - 2e5 * day + rng.normal(0, 5e4, T)})
+    path = tmp_path / "plant.csv"
+    df.to_csv(path, index=False)
+    cfg = _compose(["data=csv", f"data.loader.path={path}", "data.loader.timestamp=ts",
+                    "data.loader.targets=[Leistung_kW,Umsatz]", "eval=quick", "eval.models=[dense]",
+                    "eval.seeds=[0]", "eval.max_steps=3", f"eval.windows={windows}", "eval.plot_series=0",
+                    "eval.plot_windows=0", f"data.context_len={C}", f"data.horizon={H}", "data.batch_size=8"])
+    from omegaconf import OmegaConf
+
+    OmegaConf.update(cfg, "models.dense", {**TINY, "attention": "dense"}, merge=False)
+    out = evaluate(cfg, tmp_path / "run", "plant")
+    names = ["Leistung_kW", "Umsatz"]
+    per = {(r["model"], r["target"]): r for r in out["target_rows"]}
+    assert sorted(per) == [(m, n) for m in ("dense", "seasonal_naive") for n in names]
+    assert all(np.isfinite(r[k]) for r in per.values() for k in ("MASE", "CRPS", "MAE", "RMSE", "MASE_rel", "CRPS_rel"))
+    assert all(per[("seasonal_naive", n)]["CRPS_rel"] == pytest.approx(1.0) for n in names)
+    # Weights of the pooled CRPS: sum |target| over the test windows (the last windows x H steps).
+    weight = {n: float(np.abs(df[n].to_numpy()[-windows * H:]).sum()) for n in names}
+    assert weight["Umsatz"] > 100 * weight["Leistung_kW"]
+    for row in out["rows"]:
+        small, large = per[(row["model"], names[0])], per[(row["model"], names[1])]
+        pooled = (small["CRPS"] * weight[names[0]] + large["CRPS"] * weight[names[1]]) / sum(weight.values())
+        assert row["CRPS"] == pytest.approx(pooled, rel=1e-4)
+        assert abs(row["CRPS"] - large["CRPS"]) <= 0.01 * abs(small["CRPS"] - large["CRPS"]) + 1e-12
+        assert row["MASE"] == pytest.approx((small["MASE"] + large["MASE"]) / 2, rel=1e-4)
+    run = tmp_path / "run"
+    record = json.loads((run / "evaluation.json").read_text())
+    assert [r["target"] for r in record["target_rows"]] == [r["target"] for r in out["target_rows"]]
+    assert all("target" not in r for r in record["rows"])  # the pooled rows stay as they were
+    text = (run / "evaluation.md").read_text()
+    assert "## Per target" in text and "dominated by the largest-scale target" in text
+    assert "| plant | Umsatz | tsfm-msa dense |" in text
+    assert len(pd.read_csv(run / "evaluation_targets.csv")) == 4
+    from tsfm_msa.evaluate.collect import collect
+
+    collect(tmp_path / "out" / "c", [run])  # a collected report keeps the per-target table
+    assert "| plant | Umsatz | tsfm-msa dense |" in (tmp_path / "out" / "c-evaluation-plant.md").read_text()
+
+
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_module
 
@@ -218,6 +271,10 @@ def test_evaluate_existing_checkpoint_only(tmp_path, checkpoint):
     text = (tmp_path / "ok" / "evaluation.md").read_text()
     assert f"is scored as it was trained (no refit; its own context of {C} steps)" in text
     assert "Every learned model fits" not in text  # the refit protocol is not what ran
+    # One target: no per-target rows, table or file (the output is as before).
+    assert "target_rows" not in out and "## Per target" not in text
+    assert not (tmp_path / "ok" / "evaluation_targets.csv").exists()
+    assert "target_rows" not in json.loads((tmp_path / "ok" / "evaluation.json").read_text())
     with pytest.raises(CheckpointMismatchError, match="past_cov_1"):
         evaluate(_compose(base + ["data.loader.n_past_covariates=2", "data.loader.covariate_lag=0"]),
                  tmp_path / "bad", "synthetic")

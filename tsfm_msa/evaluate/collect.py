@@ -29,6 +29,7 @@ def collect(prefix: str | Path, run_dirs: list[str | Path]) -> pd.DataFrame:
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     by_dataset: dict[str, tuple[list[dict], dict]] = {}
+    target_rows: dict[str, list[dict]] = {}
     for run in map(Path, run_dirs):
         missing = [n for n in ("evaluation.md", "evaluation.csv", "evaluation_seeds.csv", "evaluation.json")
                    if not (run / n).is_file()]
@@ -39,6 +40,9 @@ def collect(prefix: str | Path, run_dirs: list[str | Path]) -> pd.DataFrame:
         rows, setting = by_dataset.setdefault(dataset, ([], dict(record["setting"])))
         seen = {(r["model"], r["seed"]) for r in rows}
         rows.extend(r for r in record["rows"] if (r["model"], r["seed"]) not in seen)
+        # Several targets: the per-target rows of the same (model, seed) runs.
+        target_rows.setdefault(dataset, []).extend(
+            r for r in record.get("target_rows") or [] if (r["model"], r["seed"]) not in seen)
         for key in ("seeds", "baseline_seeds"):
             setting[key] = sorted(set(setting[key]) | set(record["setting"][key]))
     seeds, tables, names = [], [], []
@@ -46,7 +50,9 @@ def collect(prefix: str | Path, run_dirs: list[str | Path]) -> pd.DataFrame:
         # Re-rendered from the rows and setting, so every table follows the current report format.
         table = report.summarize(rows)
         table.to_csv(f"{prefix}-evaluation-{dataset}.csv", index=False)
-        Path(f"{prefix}-evaluation-{dataset}.md").write_text(report.report_markdown(table, rows, dataset, setting))
+        per_target = report.summarize_targets(target_rows[dataset]) if target_rows.get(dataset) else None
+        Path(f"{prefix}-evaluation-{dataset}.md").write_text(report.report_markdown(table, rows, dataset, setting,
+                                                                                    per_target))
         seeds.append(pd.DataFrame(rows))
         tables.append(table)
         names.append(f"`{prefix.name}-evaluation-{dataset}.md`")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tsfm_msa.evaluate import baselines, report
 from tsfm_msa.evaluate.gluonts_data import (EvalSplit, gift_eval_windows, make_eval_split, split_targets,
                                             standardize_covariates)
-from tsfm_msa.evaluate.metrics import relative_to, score_forecasts
+from tsfm_msa.evaluate.metrics import relative_to, score_forecasts, score_per_target
 from tsfm_msa.evaluate.predictor import TSFMPredictor, check_schema, load_predictor, predictor_from_module
 from tsfm_msa.evaluate.run_measures import (StepTimer, batch_for_tokens, cap_top_k, top_k_at_most, window_facts,
                                              window_layout)
@@ -334,6 +334,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     plot_forecasts: dict[str, list] = {}
     naive_scores: dict[str, float] | None = None
+    # Several targets: each model's metrics on each target's series too (the pooled CRPS mixes their scales).
+    target_rows: list[dict[str, Any]] | None = [] if len(target_names) > 1 else None
+    naive_target_scores: dict[str, dict[str, float]] = {}
     progress = show_progress(cfg)
     bar = tqdm(jobs, desc=f"models [{dataset}]", unit="model", disable=not progress)
     for model, seed in bar:
@@ -378,19 +381,31 @@ def evaluate(cfg: DictConfig, run_dir: Path, dataset: str) -> dict[str, Any]:
         row = {"dataset": dataset, "model": model, "seed": seed, **scores, **relative_to(scores, naive_scores), **info,
                "inputs": inputs}
         rows.append(row)
+        if target_rows is not None:
+            per_target = score_per_target(forecasts, split.uni_test, split.freq, target_names, split.windows)
+            if model == "seasonal_naive":
+                naive_target_scores = per_target
+            target_rows += [{"dataset": dataset, "model": model, "seed": seed, "target": name, **sc,
+                             **relative_to(sc, naive_target_scores[name])} for name, sc in per_target.items()]
         if model not in plot_forecasts:
             plot_forecasts[model] = forecasts
         tqdm.write(f"  {model} seed {seed}: MASE {scores['MASE']:.3f} CRPS {scores['CRPS']:.4f} "
                    f"(x{row['MASE_rel']:.3f} / x{row['CRPS_rel']:.3f} naive), {info['train_seconds']:.0f} s")
-        report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split, predictor_ckpt))
+        report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split, predictor_ckpt),
+                            target_rows=target_rows)
 
-    table = report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split, predictor_ckpt))
+    table = report.write_report(rows, run_dir, dataset=dataset, setting=_setting(cfg, split, predictor_ckpt),
+                                target_rows=target_rows)
     plots = report.plot_forecasts(split.uni_test, plot_forecasts, run_dir / "plots",
                                   n_series=int(cfg.eval.plot_series), n_windows=int(cfg.eval.plot_windows),
                                   history=int(cfg.eval.plot_history) * H)
     print(report.markdown_table(table))
     print(f"results in {run_dir}")
-    return {"rows": rows, "table": table, "plots": plots, "run_dir": str(run_dir)}
+    out = {"rows": rows, "table": table, "plots": plots, "run_dir": str(run_dir)}
+    if target_rows is not None:
+        out["target_rows"] = target_rows
+        out["target_table"] = report.summarize_targets(target_rows)
+    return out
 
 
 def streamed_forecasts(module, frames: list, split: EvalSplit, context_len: int) -> list:

@@ -7,6 +7,7 @@ past covariates -> ``past_feat_dynamic_real`` [P, T], future covariates and acti
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -210,3 +211,17 @@ def split_targets(forecasts: list, n_items: int, windows: int, target_names: lis
                 out.append(QuantileForecast(np.asarray(f.forecast_array)[:, :, d], start_date=f.start_date,
                                             item_id=f"{f.item_id}/{name}", forecast_keys=f.forecast_keys))
     return out
+
+
+def target_test_data(uni_test: TestData, n_targets: int, target: int) -> TestData:
+    """The windows of one target (position ``target`` in the schema's targets) of the univariate test data,
+    whose series run (item, target): the same GluonTS TestData on that target's series only."""
+    entries = list(uni_test.dataset)
+    if len(entries) % n_targets:
+        raise ValueError(f"{len(entries)} univariate series are not a whole number of items x {n_targets} targets")
+    return dataclasses.replace(uni_test, dataset=entries[target::n_targets])
+
+
+def target_forecasts(forecasts: list, n_targets: int, windows: int, target: int) -> list:
+    """The forecasts of one target from forecasts in uni_test's order (item, target, window)."""
+    return [f for j, f in enumerate(forecasts) if (j // windows) % n_targets == target]

@@ -67,6 +67,18 @@ def score_forecasts(forecasts: Iterable[Forecast], test_data: TestData, freq: st
         return _row(evaluate_forecasts(forecasts, test_data=test_data, **gluonts_kwargs(freq)))
 
 
+def score_per_target(forecasts: list[Forecast], uni_test: TestData, freq: str, target_names: list[str],
+                     windows: int) -> dict[str, dict[str, float]]:
+    """{target: {MASE, CRPS, MAE, RMSE}}: GluonTS's metrics on each target's series only (forecasts and
+    uni_test in the order (item, target, window)). The pooled CRPS divides by the sum of |target| over
+    every series, so the largest-scale target dominates it; these do not mix scales."""
+    from tsfm_msa.evaluate.gluonts_data import target_forecasts, target_test_data
+
+    n = len(target_names)
+    return {name: score_forecasts(target_forecasts(forecasts, n, windows, d), target_test_data(uni_test, n, d), freq)
+            for d, name in enumerate(target_names)}
+
+
 def score_predictor(predictor: Predictor, test_data: TestData, freq: str) -> dict[str, float]:
     """{MASE, CRPS, MAE, RMSE} of a GluonTS predictor on test_data."""
     with _no_gluonts_bar():

@@ -37,6 +37,46 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
                              kind="stable").reset_index(drop=True)
 
 
+def summarize_targets(target_rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (dataset, model, target): mean and sample std over seeds of the metrics on that target's
+    series only."""
+    df = pd.DataFrame(target_rows)
+    out = []
+    for (dataset, model, target), g in df.groupby(["dataset", "model", "target"], sort=False):
+        rec: dict[str, Any] = {"dataset": dataset, "model": model, "target": target, "seeds": len(g)}
+        for col in METRICS:
+            vals = g[col].to_numpy(dtype=float)
+            rec[col] = float(np.mean(vals))
+            rec[f"{col}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out.append(rec)
+    table = pd.DataFrame(out)
+    order = {m: i for i, m in enumerate(MODEL_ORDER)}
+    targets = {t: i for i, t in enumerate(dict.fromkeys(df["target"]))}
+    rank = {"model": order, "target": targets}
+    return table.sort_values(["dataset", "target", "model"], kind="stable",
+                             key=lambda s: s.map(rank[s.name]) if s.name in rank else s).reset_index(drop=True)
+
+
+PER_TARGET_NOTE = ("The pooled CRPS above divides the quantile loss of all series by the sum of |target| over all "
+                   "of them, so it is dominated by the largest-scale target; the per-target rows below score each "
+                   "target's series on their own and are not.")
+
+
+def target_markdown_table(table: pd.DataFrame) -> str:
+    """Markdown: one row per target per model, mean ± std over seeds."""
+    lines = ["| dataset | target | model | seeds | MASE | CRPS | MAE | RMSE | MASE / naive | CRPS / naive |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table.to_dict("records"):
+        n = r["seeds"]
+        lines.append("| " + " | ".join([
+            r["dataset"], str(r["target"]), LABELS.get(r["model"], r["model"]), str(n),
+            _pm(r["MASE"], r["MASE_std"], 3, n), _pm(r["CRPS"], r["CRPS_std"], 4, n),
+            _pm(r["MAE"], r["MAE_std"], 1, n), _pm(r["RMSE"], r["RMSE_std"], 1, n),
+            _pm(r["MASE_rel"], r["MASE_rel_std"], 3, n), _pm(r["CRPS_rel"], r["CRPS_rel_std"], 3, n),
+        ]) + " |")
+    return "\n".join(lines)
+
+
 def _pm(mean: float, std: float, digits: int, seeds: int) -> str:
     return f"{mean:.{digits}f}" if seeds <= 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -95,21 +135,34 @@ def comparison(table: pd.DataFrame, rows: list[dict[str, Any]] | None = None) ->
     return notes
 
 
-def write_report(rows: list[dict[str, Any]], run_dir: Path, dataset: str, setting: dict[str, Any]) -> pd.DataFrame:
-    """evaluation.csv (summary), evaluation_seeds.csv (every run), evaluation.md, evaluation.json."""
+def write_report(rows: list[dict[str, Any]], run_dir: Path, dataset: str, setting: dict[str, Any],
+                 target_rows: list[dict[str, Any]] | None = None) -> pd.DataFrame:
+    """evaluation.csv (summary), evaluation_seeds.csv (every run), evaluation.md, evaluation.json; with several
+    targets (``target_rows``: per seed, model and target) also evaluation_targets.csv, a per-target table in
+    evaluation.md and ``target_rows`` in evaluation.json (whose ``rows`` stay the pooled ones)."""
     run_dir = Path(run_dir)
     table = summarize(rows)
     pd.DataFrame(rows).to_csv(run_dir / "evaluation_seeds.csv", index=False)
     table.to_csv(run_dir / "evaluation.csv", index=False)
-    (run_dir / "evaluation.md").write_text(report_markdown(table, rows, dataset, setting))
-    (run_dir / "evaluation.json").write_text(json.dumps({"setting": setting, "rows": rows}, indent=2, default=float))
+    record: dict[str, Any] = {"setting": setting, "rows": rows}
+    target_table = None
+    if target_rows:
+        target_table = summarize_targets(target_rows)
+        target_table.to_csv(run_dir / "evaluation_targets.csv", index=False)
+        record["target_rows"] = target_rows
+    (run_dir / "evaluation.md").write_text(report_markdown(table, rows, dataset, setting, target_table))
+    (run_dir / "evaluation.json").write_text(json.dumps(record, indent=2, default=float))
     return table
 
 
-def report_markdown(table: pd.DataFrame, rows: list[dict[str, Any]], dataset: str, setting: dict[str, Any]) -> str:
-    """evaluation.md: the protocol, the table, each model's inputs and the goal checks."""
-    md = [f"# Evaluation on `{dataset}`", "", protocol_text(setting), "", markdown_table(table), "",
-          "## Inputs of each model", "", *inputs_lines(table), "", "## Goals", "", *comparison(table, rows), ""]
+def report_markdown(table: pd.DataFrame, rows: list[dict[str, Any]], dataset: str, setting: dict[str, Any],
+                    target_table: pd.DataFrame | None = None) -> str:
+    """evaluation.md: the protocol, the table (per target too, with several targets), each model's inputs
+    and the goal checks."""
+    md = [f"# Evaluation on `{dataset}`", "", protocol_text(setting), "", markdown_table(table), ""]
+    if target_table is not None and len(target_table):
+        md += ["## Per target", "", PER_TARGET_NOTE, "", target_markdown_table(target_table), ""]
+    md += ["## Inputs of each model", "", *inputs_lines(table), "", "## Goals", "", *comparison(table, rows), ""]
     return "\n".join(md)
 
 
