@@ -244,6 +244,7 @@ def test_evaluate_reports_each_target_of_a_two_target_csv(tmp_path):
     assert all("target" not in r for r in record["rows"])  # the pooled rows stay as they were
     text = (run / "evaluation.md").read_text()
     assert "## Per target" in text and "dominated by the largest-scale target" in text
+    assert "These checks use the pooled metrics of all targets" in text.split("## Goals")[1]
     assert "| plant | Umsatz | tsfm-msa dense |" in text
     assert len(pd.read_csv(run / "evaluation_targets.csv")) == 4
     from tsfm_msa.evaluate.collect import collect

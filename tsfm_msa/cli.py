@@ -149,8 +149,8 @@ def train_command(cfg: DictConfig) -> dict:
     if module.model.has_msa and warmup is not None and int(warmup) >= int(cfg.trainer.max_steps) and _is_global_zero():
         # Not an error (a dense-only warmup run is legitimate), but easy to miss in the summary.
         print(f"tsfm-msa: note: indexer_warmup.steps={warmup} >= trainer.max_steps={cfg.trainer.max_steps}: this "
-              f"MSA model never routes sparsely in this run (dense attention throughout); lower "
-              f"indexer_warmup.steps or raise trainer.max_steps", flush=True)
+              f"MSA model never routes sparsely in this run (dense attention throughout), but its validation "
+              f"routes through the untrained indexer; lower indexer_warmup.steps or raise trainer.max_steps", flush=True)
     if cfg.get("init_from"):
         load_backbone(module, str(cfg.init_from))
     ckpt_path = resume_checkpoint(str(cfg.resume)) if cfg.get("resume") else None

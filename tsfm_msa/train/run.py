@@ -161,7 +161,7 @@ def summary_markdown(s: dict) -> str:
         f"| validation pinball loss (scaled) | {_fmt(s['val_loss'], '.4g')} |",
         f"| attended share of the visible tokens | {support} |",
         (f"| best checkpoint | `{s['best_checkpoint']}` |" if s.get("best_checkpoint") else
-         "| best checkpoint | none: no validation ran (trainer.max_steps < trainer.val_check_interval) |"),
+         "| best checkpoint | none: no validation during training (trainer.max_steps < trainer.val_check_interval) |"),
         f"| last checkpoint | `{s.get('last_checkpoint')}` |",
         f"| metrics CSV | `{s['metrics_csv']}` |",
         "",
