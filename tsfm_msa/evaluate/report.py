@@ -17,6 +17,16 @@ LABELS = {"seasonal_naive": "Seasonal naive (GluonTS)", "patchtst": "PatchTST (G
           "checkpoint": "checkpoint"}
 
 
+def _mean_and_spread(g: pd.DataFrame, cols: tuple[str, ...]) -> dict[str, float]:
+    """Mean over the seeds' rows ``g`` of each column, and its sample std (0 for a single, deterministic run)."""
+    rec: dict[str, float] = {}
+    for col in cols:
+        vals = g[col].to_numpy(dtype=float)
+        rec[col] = float(np.mean(vals))
+        rec[f"{col}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return rec
+
+
 def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per (dataset, model): mean and sample std (spread) over seeds of every metric and cost."""
     df = pd.DataFrame(rows)
@@ -25,12 +35,7 @@ def summarize(rows: list[dict[str, Any]]) -> pd.DataFrame:
         rec: dict[str, Any] = {"dataset": dataset, "model": model, "seeds": len(g),
                                "inputs": str(g["inputs"].iloc[0]) if "inputs" in g else "",
                                "steps": int(g["steps"].max()), "params": int(g["params"].max())}
-        for col in METRICS + COSTS:
-            vals = g[col].to_numpy(dtype=float)
-            rec[col] = float(np.mean(vals))
-            # Sample std over seeds; 0 for a single (deterministic) run.
-            rec[f"{col}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-        out.append(rec)
+        out.append(rec | _mean_and_spread(g, METRICS + COSTS))
     table = pd.DataFrame(out)
     order = {m: i for i, m in enumerate(MODEL_ORDER)}
     return table.sort_values(["dataset", "model"], key=lambda s: s.map(order) if s.name == "model" else s,
@@ -44,11 +49,7 @@ def summarize_targets(target_rows: list[dict[str, Any]]) -> pd.DataFrame:
     out = []
     for (dataset, model, target), g in df.groupby(["dataset", "model", "target"], sort=False):
         rec: dict[str, Any] = {"dataset": dataset, "model": model, "target": target, "seeds": len(g)}
-        for col in METRICS:
-            vals = g[col].to_numpy(dtype=float)
-            rec[col] = float(np.mean(vals))
-            rec[f"{col}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-        out.append(rec)
+        out.append(rec | _mean_and_spread(g, METRICS))
     table = pd.DataFrame(out)
     order = {m: i for i, m in enumerate(MODEL_ORDER)}
     targets = {t: i for i, t in enumerate(dict.fromkeys(df["target"]))}
