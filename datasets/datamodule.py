@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .bundled import load_bundled
 from .errors import DataValidationError
-from .frame import SeriesFrame, harmonize
+from .frame import SeriesFrame, harmonize, last_observed
 from .naive import seasonal_naive_mae, seasonal_naive_mae_per_target
 from .schema import SeriesSchema
 from .windows import SPLIT_NAMES, Splits, WindowDataset, _positive_int, split_by_time
@@ -120,7 +120,7 @@ def require_observed_targets(ds: WindowDataset, split: str) -> None:
         if observed[j] > 0:
             continue
         name = schema.names[j]
-        last = max((f.timestamps[np.flatnonzero(f.mask[:, j])[-1]] for f in ds.frames), default=None)
+        last = last_observed(ds.frames, j)
         raise DataValidationError(
             f"target {name!r} has no observed value in the {split!r} split (0 of {ds.n_windows * ds.horizon} "
             f"horizon values in its {ds.n_windows} window(s)), so its {split} loss and MAE would be meaningless; "
@@ -307,16 +307,15 @@ class SeriesDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------------
     def seasonal_naive_mae(self, split: str = "val", season: int | None = None) -> float:
         """Seasonal-naive MAE on the unscaled targets of the split's windows (same windows as its loader)."""
-        ds = self.dataset(split)
-        if ds is None:
-            raise DataValidationError(
-                f"split {split!r} is empty; set a positive data.{split}_fraction or {split}_length")
-        return seasonal_naive_mae(ds, season)
+        return seasonal_naive_mae(self._nonempty(split), season)
 
     def seasonal_naive_mae_per_target(self, split: str = "val", season: int | None = None) -> dict[str, float]:
         """{target: seasonal-naive MAE} on the unscaled values of the split's windows (NaN where none)."""
+        return seasonal_naive_mae_per_target(self._nonempty(split), season)
+
+    def _nonempty(self, split: str) -> WindowDataset:
         ds = self.dataset(split)
         if ds is None:
             raise DataValidationError(
                 f"split {split!r} is empty; set a positive data.{split}_fraction or {split}_length")
-        return seasonal_naive_mae_per_target(ds, season)
+        return ds

@@ -64,9 +64,13 @@ def unnamed_series() -> Iterator[None]:
         _UNNAMED_SERIES.reset(token)
 
 
-def item_label(item_id: object) -> str:
-    """How messages name a series: "item 'a'", or "the series (in 'file.csv')" when it has no id of its own."""
+def item_label(item_id: object, n_series: int | None = None) -> str:
+    """How messages name a series: "item 'a'", or "the series (in 'file.csv')" when it has no id of its own:
+    while a table without item column loads, or later as the only series (``n_series`` 1) with the
+    placeholder id "0" such a table gets."""
     label = _UNNAMED_SERIES.get()
+    if label is None and n_series == 1 and str(item_id) == "0":
+        label = "the series"
     return label if label is not None else f"item {str(item_id)!r}"
 
 

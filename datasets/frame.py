@@ -238,6 +238,13 @@ def validate_collection(frames: Sequence[SeriesFrame]) -> SeriesSchema:
     return ref.schema.with_binary(binary)
 
 
+def last_observed(frames: Sequence[SeriesFrame], variate: int) -> pd.Timestamp | None:
+    """The latest time at which ``variate`` is observed in any of ``frames`` (None if it never is): where
+    messages about a split without observed values tell the user to cut the data."""
+    times = [f.timestamps[idx[-1]] for f in frames if len(idx := np.flatnonzero(f.mask[:, variate]))]
+    return max(times, default=None)
+
+
 def harmonize(frames: Sequence[SeriesFrame]) -> list[SeriesFrame]:
     """Validate a collection and give every frame the agreed common schema."""
     schema = validate_collection(frames)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import DataValidationError
+from .errors import DataValidationError, item_label
 from .frame import SeriesFrame, validate_collection
 from .scaling import fit_scaler
 from .schema import SeriesSchema
@@ -41,12 +41,6 @@ class Splits:
         return tuple(len(r) for r in self[name])
 
 
-def _name(frame: SeriesFrame, frames: Sequence[SeriesFrame]) -> str:
-    """How messages name one series of a collection: "item 'a'", but "the series" when it is the only one and
-    has the placeholder id "0" of a table without item column (an item the user never named)."""
-    return "the series" if len(frames) == 1 and frame.item_id == "0" else f"item {frame.item_id!r}"
-
-
 def split_by_time(
     frames: Sequence[SeriesFrame],
     val_fraction: float = 0.1,
@@ -73,7 +67,7 @@ def split_by_time(
         n_train = T - n_val - n_test
         if n_train <= 0:
             raise DataValidationError(
-                f"{_name(f, frames)} has {T} steps, not enough for val ({n_val}) + test ({n_test}) steps "
+                f"{item_label(f.item_id, len(frames))} has {T} steps, not enough for val ({n_val}) + test ({n_test}) steps "
                 "plus a training part; use smaller data.val_fraction / data.test_fraction (or lengths)"
             )
         train.append(range(0, n_train))
@@ -153,7 +147,7 @@ class WindowDataset(Dataset):
         for f in self.frames:
             if f.length < need:
                 raise DataValidationError(
-                    f"{_name(f, self.frames)} has {f.length} steps, but a window needs at least {need} "
+                    f"{item_label(f.item_id, len(self.frames))} has {f.length} steps, but a window needs at least {need} "
                     f"(min_context {self.min_context} + horizon {H}; context_len {C}); use a shorter "
                     "data.context_len / data.horizon, a smaller data.min_context, or drop the item"
                 )
@@ -197,7 +191,7 @@ class WindowDataset(Dataset):
         for f, r in zip(self.frames, ranges):
             if r.step != 1 or r.start < 0 or r.stop > f.length:
                 raise DataValidationError(
-                    f"time range {r} of {_name(f, self.frames)} must be a step-1 range inside [0, {f.length})"
+                    f"time range {r} of {item_label(f.item_id, len(self.frames))} must be a step-1 range inside [0, {f.length})"
                 )
         return ranges
 
@@ -206,7 +200,7 @@ class WindowDataset(Dataset):
         if not empty:
             return
         detail = "; ".join(
-            f"{_name(f, self.frames)}: {len(r)} steps (steps {r.start}..{r.stop - 1}), needs "
+            f"{item_label(f.item_id, len(self.frames))}: {len(r)} steps (steps {r.start}..{r.stop - 1}), needs "
             f"{self.horizon + max(0, self.min_context - r.start)}"
             for f, r in empty[:5]
         )

@@ -91,8 +91,9 @@ def _one_minute_day(tmp_path: Path) -> Path:
 def test_summary_without_seasonal_naive_reference_is_valid_json_and_markdown(tmp_path):
     frames = from_csv(_one_minute_day(tmp_path), timestamp="date", targets=["load"])
     dm = SeriesDataModule(frames=frames, context_len=64, horizon=16)
-    mae, note = seasonal_naive_reference(dm)
-    assert mae is None and "1440 steps at freq 'min'" in note
+    naive, note = seasonal_naive_reference(dm)
+    mae = naive["load"]
+    assert naive == {"load": None} and "1440 steps at freq 'min'" in note
     summary = {"run": "r", "steps": 2, "train_seconds": 0.1, "val_loss": float("nan"), "val_mae": 0.5,
                "seasonal_naive_val_mae": mae, "seasonal_naive_note": note, "mae_ratio_vs_seasonal_naive": None,
                "val_support_frac": None, "best_checkpoint": None, "metrics_csv": None}

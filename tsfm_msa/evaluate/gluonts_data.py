@@ -18,6 +18,7 @@ from gluonts.dataset.field_names import FieldName
 from gluonts.dataset.split import TestData, split
 
 from tsfm_msa.datasets import SeriesFrame, SeriesSchema, fit_scaler, seasonality
+from tsfm_msa.datasets.frame import last_observed
 
 
 class EvaluationSplitError(ValueError):
@@ -186,7 +187,7 @@ def _require_observed_test_targets(frames: list[SeriesFrame], test_len: int, H: 
         if any(f.mask[f.length - test_len + offsets, j].any() for f in frames):
             continue
         name = schema.names[j]
-        last = max(f.timestamps[np.flatnonzero(f.mask[:, j])[-1]] for f in frames)
+        last = last_observed(frames, j)
         raise EvaluationSplitError(
             f"target {name!r} has no observed value in the test windows (0 of {windows * H * len(frames)} values "
             f"in the last {test_len} steps of every series), so every model would score NaN; {name!r} is last "

@@ -160,7 +160,7 @@ class MSAAttention(_QKV):
         # model trained the same way: converted from a full dense model whose heads read across sensor
         # groups, a 512-token probe lost a learned far cause on 3 of 8 seeds at the switch, with the
         # cause's block selected (benchmarks/results/2026-12-02-probes-sensor-switch.md).
-        self.own_group_dense = dense_support == "policy" and group_policy == "sensor"
+        self.own_group_dense = dense_support == "policy"  # check_dense_support: only under the sensor policy
         self.collect_stats = collect_stats
         if kl_row_stride is not None and (not isinstance(kl_row_stride, int) or kl_row_stride <= 0):
             raise ModelConfigError(f"model.kl_row_stride must be a positive integer or null (auto), got {kl_row_stride!r}")

@@ -87,8 +87,7 @@ class PatchTransformer(nn.Module):
             if kind not in ("dense", "msa"):
                 raise ModelConfigError(f"attention kind must be 'dense' or 'msa', got {kind!r}")
         check_dense_support(dense_support, group_policy)
-        # Dense layers read only their own sensor group under dense_support=policy + the sensor policy.
-        own_group_dense = dense_support == "policy" and group_policy == "sensor"
+        own_group_dense = dense_support == "policy"  # own sensor group only (check_dense_support: sensor policy)
         if len(roles) > max_variates:
             raise ModelConfigError(f"{len(roles)} variates exceed max_variates={max_variates}; raise model.max_variates")
         for name, value in (("patch_len", patch_len), ("block_size", block_size)):

@@ -33,8 +33,8 @@ def fit_and_summarize(
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    naive_mae, naive_note = seasonal_naive_reference(datamodule)
-    targets = per_target_comparison(module.target_names(), metrics, datamodule)
+    naive, naive_note = seasonal_naive_reference(datamodule)
+    targets = per_target_comparison(module.target_names(), metrics, naive)
     headline = mean_ratio(targets)
     single = len(targets) == 1
     freq = datamodule.schema.freq
@@ -49,7 +49,7 @@ def fit_and_summarize(
         "val_loss": finite_or_none(metrics.get("val_loss")),
         # Pooled over targets these would mix units (the largest target alone): per target only then.
         "val_mae": targets[0]["val_mae"] if single else None,
-        "seasonal_naive_val_mae": naive_mae if single else None,
+        "seasonal_naive_val_mae": targets[0]["seasonal_naive_val_mae"] if single else None,
         "seasonal_naive_note": naive_note,
         "seasonal_naive_season": seasonality(freq),
         "freq": freq,
@@ -70,43 +70,35 @@ def finite_or_none(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
-def seasonal_naive_reference(datamodule: L.LightningDataModule) -> tuple[float | None, str | None]:
-    """(seasonal-naive validation MAE, None), or (None, why it cannot be computed)."""
+def seasonal_naive_reference(datamodule: L.LightningDataModule) -> tuple[dict[str, float | None], str | None]:
+    """({target: seasonal-naive validation MAE, None where it has no entry}, None), or (that, why no target
+    has one). One pass over the validation windows serves every target."""
     try:
-        mae = finite_or_none(datamodule.seasonal_naive_mae("val"))
+        per_target = {k: finite_or_none(v) for k, v in datamodule.seasonal_naive_mae_per_target("val").items()}
     except DataValidationError as err:  # no validation split
-        return None, f"not computed: {err}"
-    if mae is not None:
-        return mae, None
+        return {}, f"not computed: {err}"
+    if any(v is not None for v in per_target.values()):
+        return per_target, None
     freq = datamodule.schema.freq
-    return None, (
+    return per_target, (
         f"not computed: seasonal naive copies the target one season ({seasonality(freq)} steps at freq "
         f"{freq!r}) earlier, and no validation step has an observed value that far back (the series is "
         "shorter than a season plus the validation start, or those values are missing)"
     )
 
 
-def per_target_comparison(names: list[str], metrics: dict[str, float], datamodule: L.LightningDataModule) -> list[dict]:
+def per_target_comparison(names: list[str], metrics: dict[str, float], naive: dict[str, float | None]) -> list[dict]:
     """[{target, val_mae, seasonal_naive_val_mae, mae_ratio_vs_seasonal_naive}] on the validation windows
-    (``metrics``: trainer.validate's, with the module's ``val_mae/<target>``)."""
-    naive = _naive_per_target(datamodule)
+    (``metrics``: trainer.validate's, with the module's ``val_mae/<target>``; ``naive``: per target, from
+    :func:`seasonal_naive_reference`)."""
     rows = []
     for name in names:
         model = finite_or_none(metrics.get(f"val_mae/{name}"))
-        if model is None and len(names) == 1:
-            model = finite_or_none(metrics.get("val_mae"))  # one target: the pooled value is its own
-        ref = finite_or_none(naive.get(name))
+        ref = naive.get(name)
         ratio = model / ref if model is not None and ref is not None and ref > 0 else None
         rows.append({"target": name, "val_mae": model, "seasonal_naive_val_mae": ref,
                      "mae_ratio_vs_seasonal_naive": ratio})
     return rows
-
-
-def _naive_per_target(datamodule: L.LightningDataModule) -> dict[str, float]:
-    try:
-        return datamodule.seasonal_naive_mae_per_target("val")
-    except DataValidationError:  # no validation split: seasonal_naive_reference says so
-        return {}
 
 
 def mean_ratio(rows: list[dict]) -> float | None:
